@@ -1,0 +1,63 @@
+"""The stable Python API (a contract: tests outside this repo call these names)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from kdreg import losses
+from kdreg.backbone import FlexibleBackbone
+from kdreg.graph import TeacherGraph
+from kdreg.options import bind, call
+from kdreg.registry import get_registry
+
+
+def build_backbone(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    input_size: tuple[int, int] = (32, 32),
+    **options: Any,
+) -> FlexibleBackbone:
+    """Build the registered backbone ``name``; ``forward(x)`` returns sub-model logits, smallest first."""
+    entry = get_registry("backbone").get(name)
+    provided = {"num_classes": num_classes, "in_chans": in_chans, "input_size": tuple(input_size)}
+    kwargs = bind(entry.factory, options, provided=provided, path="backbone", what=f"backbone {name!r}")
+    model = call(entry.factory, kwargs, path="backbone")
+    if not isinstance(model, FlexibleBackbone):
+        raise TypeError(
+            f"backbone {name!r} of plugin {entry.plugin!r} returned {type(model).__name__}, "
+            "not a kdreg.FlexibleBackbone"
+        )
+    model.in_chans = in_chans
+    model.input_size = tuple(input_size)  # type: ignore[assignment]
+    return model
+
+
+def get_teacher_graph(name: str, num_submodels: int, **options: Any) -> TeacherGraph:
+    """Build the registered teacher graph ``name`` over ``num_submodels`` sub-models."""
+    entry = get_registry("graph").get(name)
+    kwargs = bind(entry.factory, options, provided={"num_submodels": num_submodels},
+                  path="graph", what=f"graph {name!r}")
+    g = call(entry.factory, kwargs, path="graph")
+    if not isinstance(g, TeacherGraph):
+        raise TypeError(f"graph {name!r} of plugin {entry.plugin!r} returned {type(g).__name__}, not a TeacherGraph")
+    return g
+
+
+def distillation_loss(
+    logits: Sequence[Tensor],
+    labels: Tensor,
+    graph: TeacherGraph,
+    *,
+    lam: float,
+    tau: float,
+    divergence: str = "kl",
+    external: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """The teacher-graph loss L (design section 1); see :func:`kdreg.losses.distillation_loss`."""
+    return losses.distillation_loss(logits, labels, graph, lam=lam, tau=tau,
+                                    divergence=divergence, external=external)

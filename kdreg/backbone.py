@@ -1,0 +1,156 @@
+"""The flexible backbone: what the engine needs to know about a model and no more.
+
+A flexible model holds ``n`` sub-models ordered by size, index 0 the smallest and ``n - 1`` the
+full model. Slimmable widths are multi-pass (each width needs its own forward); early-exit
+networks are single-pass (one forward yields every exit); a plain network is a flexible model with
+``n = 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdreg.errors import OptionError
+
+
+class FlexibleBackbone(nn.Module):
+    """Base class of every backbone kdreg trains.
+
+    Subclasses set :attr:`submodel_labels` and :attr:`single_pass` and implement
+    :meth:`forward_submodel` (multi-pass models) or :meth:`forward` (single-pass models).
+    ``forward(x)`` always returns the list of sub-model logits, smallest first.
+    """
+
+    #: One label per sub-model, smallest first (``x0.25`` for a width, ``exit3`` for an exit).
+    submodel_labels: tuple[str, ...] = ("full",)
+    #: True when one forward pass yields every sub-model's logits (early exits, plain networks).
+    single_pass: bool = True
+    #: Number of input channels and the input resolution the model was built for.
+    in_chans: int = 3
+    input_size: tuple[int, int] = (32, 32)
+
+    @property
+    def num_submodels(self) -> int:
+        return len(self.submodel_labels)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        """Logits of every sub-model, smallest first."""
+        return [self.forward_submodel(x, i) for i in range(self.num_submodels)]
+
+    def forward_submodel(self, x: Tensor, index: int) -> Tensor:
+        """Logits of sub-model ``index`` alone.
+
+        Single-pass models inherit this default, which runs the whole forward pass; multi-pass
+        models override it to run only the chosen sub-model.
+        """
+        if self.single_pass and type(self).forward is not FlexibleBackbone.forward:
+            return self.forward(x)[self.check_index(index)]
+        raise TypeError(f"{type(self).__name__} must implement forward_submodel or forward")
+
+    def check_index(self, index: int) -> int:
+        if not -self.num_submodels <= index < self.num_submodels:
+            raise IndexError(
+                f"sub-model index {index} out of range: {type(self).__name__} has "
+                f"{self.num_submodels} sub-models (0..{self.num_submodels - 1})"
+            )
+        return index % self.num_submodels
+
+    # ----------------------------------------------------------------- split points (STC, heads)
+    def split_points(self) -> tuple[str, ...]:
+        """Names of the full model's stage boundaries, input side first (``layer1``, ``layer2``).
+
+        A backbone that names split points implements :meth:`forward_segment`; the front, the back
+        and the per-stage features (used by STC and by early-exit heads) derive from it.
+        """
+        return ()
+
+    def check_split(self, split: str) -> str:
+        points = self.split_points()
+        if split not in points:
+            known = ", ".join(points) if points else "none"
+            raise OptionError(
+                f"unknown split point {split!r} for {type(self).__name__}; known: {known}"
+            )
+        return split
+
+    def forward_segment(self, h: Tensor, start: str | None, end: str | None) -> Tensor:
+        """Run the full model from split point ``start`` (None: the input image) to ``end``
+        (None: the logits). ``start`` must come before ``end``."""
+        raise TypeError(f"{type(self).__name__} names no split points")
+
+    def forward_front(self, x: Tensor, split: str) -> Tensor:
+        """Features of the full model at split point ``split``."""
+        return self.forward_segment(x, None, self.check_split(split))
+
+    def forward_back(self, features: Tensor, split: str) -> Tensor:
+        """Logits of the full model computed from the features at ``split`` onwards."""
+        return self.forward_segment(features, self.check_split(split), None)
+
+    def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
+        """Features at each of ``points`` (default: every split point) and the full model's logits,
+        from one forward pass."""
+        order = self.split_points()
+        wanted = list(order if points is None else points)
+        for p in wanted:
+            self.check_split(p)
+        if [order.index(p) for p in wanted] != sorted(order.index(p) for p in wanted):
+            raise OptionError(f"split points {wanted} are not in network order {list(order)}")
+        feats, h, start = [], x, None
+        for p in wanted:
+            h = self.forward_segment(h, start, p)
+            feats.append(h)
+            start = p
+        return feats, self.forward_segment(h, start, None)
+
+    def feature_shapes(self, input_size: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
+        """Shape ``(C, H, W)`` (or ``(tokens, C)``) of the features at every split point."""
+        h, w = input_size or self.input_size
+        x = torch.zeros(2, self.in_chans, h, w, device=_device_of(self))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                feats, _ = self.forward_stages(x)
+        finally:
+            self.train(was_training)
+        return {p: tuple(f.shape[1:]) for p, f in zip(self.split_points(), feats)}
+
+    # ----------------------------------------------------------------- counting
+    def count_params(self) -> list[int]:
+        """Parameters each sub-model uses at inference (for early exits: cumulative).
+
+        The default suits a plain network: every parameter belongs to its only sub-model.
+        """
+        if self.num_submodels != 1:
+            raise TypeError(f"{type(self).__name__} must implement count_params")
+        return [sum(p.numel() for p in self.parameters())]
+
+    def count_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
+        """Multiply-accumulates of one image through each sub-model (cumulative for exits)."""
+        h, w = input_size or self.input_size
+        x = torch.zeros(1, self.in_chans, h, w, device=_device_of(self))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return [count_macs(lambda i=i: self.forward_submodel(x, i)) for i in range(self.num_submodels)]
+        finally:
+            self.train(was_training)
+
+
+def count_macs(fn) -> int:  # type: ignore[no-untyped-def]
+    """Multiply-accumulates of the convolutions and matrix products that ``fn()`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,114 @@
+"""Cross-entropy, knowledge distillation and the teacher-graph loss (design section 1).
+
+    L   = sum_i L_i
+    L_i = CE(a_i, y)                                                   if i has no teachers
+    L_i = (1 - lam) CE(a_i, y) + lam sum_{(t, w) in T_i} w KD(a_i, sg(a_t))   otherwise
+
+``KD_kl = tau^2 KL(softmax(a_t/tau) || softmax(a_s/tau))`` and
+``KD_ce = tau^2 H(softmax(a_t/tau), softmax(a_s/tau))``; every per-sample term is averaged over
+the batch (batch mean), never over classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdreg.graph import TeacherGraph
+
+DIVERGENCES = ("kl", "ce")
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """CE(a, y), batch mean (ipkd-ta eq. 1)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def kd_loss(student: Tensor, teacher: Tensor, *, tau: float, divergence: str = "kl") -> Tensor:
+    """tau^2 KL(p_t || p_s) (``kl``) or tau^2 H(p_t, p_s) (``ce``), batch mean.
+
+    The teacher's logits are used as given; detach them to stop gradients (the graph loss does).
+    """
+    _check_divergence(divergence)
+    log_ps = F.log_softmax(student.float() / tau, dim=-1)
+    log_pt = F.log_softmax(teacher.float() / tau, dim=-1)
+    pt = log_pt.exp()
+    per_sample = (pt * ((log_pt if divergence == "kl" else 0.0) - log_ps)).sum(-1)
+    return tau * tau * per_sample.mean()
+
+
+def submodel_loss(
+    index: int,
+    logits: Tensor,
+    labels: Tensor,
+    graph: TeacherGraph,
+    teachers: Mapping[int | str, Tensor],
+    *,
+    lam: float,
+    tau: float,
+    divergence: str = "kl",
+) -> Tensor:
+    """L_i of one sub-model; ``teachers`` holds (detached) teacher logits by node."""
+    edges = graph.teachers_of(index)
+    ce = cross_entropy(logits, labels)
+    if not edges:
+        return ce
+    kd = sum(w * kd_loss(logits, teachers[t].detach(), tau=tau, divergence=divergence) for t, w in edges)
+    return (1.0 - lam) * ce + lam * kd
+
+
+def distillation_loss(
+    logits: Sequence[Tensor],
+    labels: Tensor,
+    graph: TeacherGraph,
+    *,
+    lam: float,
+    tau: float,
+    divergence: str = "kl",
+    external: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """The scalar L of the teacher graph over all sub-models, vectorised over edges.
+
+    ``logits`` is ordered smallest -> largest, each ``[B, C]``; ``external`` holds the logits of
+    frozen teachers by node name. Teachers are detached: no KD term sends gradient into them.
+    """
+    _check_divergence(divergence)
+    n = len(logits)
+    if n != graph.num_submodels:
+        raise ValueError(f"{n} logits given for a graph over {graph.num_submodels} sub-models")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    a = torch.stack([t.float() for t in logits])                      # [n, B, C]
+    batch = a.shape[1]
+    ce = F.cross_entropy(a.flatten(0, 1), labels.repeat(n), reduction="none").view(n, batch).mean(1)
+    has_teacher = torch.tensor([graph.has_teachers(i) for i in range(n)], device=a.device)
+    total = torch.where(has_teacher, 1.0 - lam, 1.0).mul(ce).sum()
+    if not graph.edges:
+        return total
+    log_ps = F.log_softmax(a / tau, dim=-1)                           # [n, B, C]
+    w = graph.weight_matrix().to(a.device)                            # [n(s), n(t)]
+    if w.any():
+        log_pt = log_ps.detach()
+        pt = log_pt.exp()
+        # cross[s, t] = mean_b sum_c p_t log p_s ; negent[t] = mean_b sum_c p_t log p_t
+        cross = torch.einsum("sbc,tbc->st", log_ps, pt) / batch
+        kd = -cross
+        if divergence == "kl":
+            kd = kd + (pt * log_pt).sum(-1).mean(-1)[None, :]
+        total = total + lam * tau * tau * (w * kd).sum()
+    for e in graph.external_edges():
+        if external is None or e.teacher not in external:
+            raise KeyError(f"external teacher {e.teacher!r} has no logits in `external`")
+        teacher = external[e.teacher].detach()  # type: ignore[index]
+        total = total + lam * e.weight * kd_loss(a[e.student], teacher, tau=tau, divergence=divergence)
+    return total
+
+
+def _check_divergence(divergence: str) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")

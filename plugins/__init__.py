@@ -1,0 +1,1 @@
+"""kdreg's built-in plugins, registered through the entry-point group ``kdreg`` like any other."""
