@@ -126,8 +126,7 @@ def ipkd_ta_1(num_submodels: int) -> TeacherGraph:
 
 
 def ipkd_ta_m(num_submodels: int) -> TeacherGraph:
-    """IPKD with multiple assistants: sub-model i taught by every larger one, each with weight
-    1 / (n - 1 - i) (ipkd-ta eq. 7)."""
+    """IPKD with multiple assistants: i taught by every larger j, weight 1/(n-1-i) (ipkd-ta eq. 7)."""
     n = num_submodels
     edges = tuple(Edge(i, j, 1.0 / (n - 1 - i)) for i in range(n - 1) for j in range(i + 1, n))
     return TeacherGraph(n, edges, name="ipkd-ta-m")

@@ -1,0 +1,165 @@
+"""The command line: ``kdreg run | validate | plugins | list``.
+
+Exit codes: 0 done; 1 the run failed; 2 the recipe, a plugin or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kdreg.errors import KdregError, UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdreg", description="Knowledge distillation for flexible networks, as recipes.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"kdreg {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train a recipe (or --resume a run directory)")
+    run.add_argument("recipe", nargs="?", help="the TOML recipe")
+    run.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key by dotted path, e.g. train.epochs=1 or stages.student.lam=0.5")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    val = sub.add_parser("validate", help="check a recipe without training")
+    val.add_argument("recipe")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("plugins", help="installed plugins and what they register")
+
+    ls = sub.add_parser("list", help="registered backbones, graphs, datasets and bridges")
+    ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges"])
+    ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
+    return p
+
+
+def _version() -> str:
+    from kdreg import __version__
+
+    return __version__
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdreg.engine.run import Run
+
+    if args.resume and (args.recipe or args.overrides or args.out):
+        raise UserError("--resume DIR takes no recipe, --set or --out: the run directory holds its recipe")
+    if not args.resume and not args.recipe:
+        raise UserError("kdreg run needs a RECIPE (or --resume DIR)")
+    progress = not args.no_progress
+    run = Run.resume(args.resume, progress=progress) if args.resume else Run.start(
+        args.recipe, args.out, args.overrides, progress=progress)
+    try:
+        run.execute()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: kdreg run --resume {run.directory}", file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kdreg.engine.build import DataShape, build_model, check_recipe
+    from kdreg.errors import RecipeError
+    from kdreg.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    problems = check_recipe(recipe)
+    if problems:
+        raise RecipeError([f"{args.recipe}: {p}" for p in problems])
+    models: dict = {}
+    for i, stage in enumerate(recipe.stages):
+        model = build_model(stage, i, DataShape(10), models)
+        models[stage.name] = model
+        print(f"stage {stage.name}: {stage.backbone.name} ({model.num_submodels} sub-models: "
+              f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}")
+    print(f"{args.recipe}: ok")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from kdreg import plugins
+    from kdreg.registry import KINDS, get_registry
+
+    pm = plugins.plugin_manager()
+    names: dict[str, dict[str, list[str]]] = {}
+    for kind in KINDS:
+        for entry in get_registry(kind).entries():
+            names.setdefault(entry.plugin, {}).setdefault(kind, []).append(entry.name)
+    for name, plugin in sorted(pm.list_name_plugin()):
+        dist, version = plugins.distribution_of(pm, name)
+        print(f"{name}  ({dist} {version})")
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        for kind, registered in sorted(names.get(name, {}).items()):
+            print(f"    {kind}s: {', '.join(registered)}")
+        events = [h for h in hooks if not h.startswith("kdreg_register_")]
+        if events:
+            print(f"    events: {', '.join(events)}")
+    disabled = plugins.disabled_plugins()
+    if disabled:
+        print(f"disabled by {plugins.DISABLE_ENV}: {', '.join(sorted(disabled))}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from kdreg.registry import get_registry
+
+    kinds = [args.kind[:-1]] if args.kind else ["backbone", "graph", "dataset", "bridge"]
+    for kind in kinds:
+        entries = get_registry(kind).entries()
+        print(f"{kind}s:")
+        if not entries:
+            print("    (none registered)")
+        width = max((len(e.name) for e in entries), default=0)
+        for e in entries:
+            print(f"    {e.name.ljust(width)}  {e.description}")
+            if args.details and kind == "backbone":
+                print(_backbone_details(e.name))
+    return EXIT_OK
+
+
+def _backbone_details(name: str) -> str:
+    from kdreg.api import build_backbone
+
+    try:
+        model = build_backbone(name, num_classes=10)
+    except UserError as exc:
+        return f"{'':8}(needs options: {exc.problems[0]})"
+    params, macs = model.count_params(), model.count_macs()
+    return "\n".join(f"{'':8}{label}: {p:,} params, {m / 1e6:.1f} M MACs"
+                     for label, p, m in zip(model.submodel_labels, params, macs))
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KdregError as exc:
+        if args.debug:
+            raise
+        print(f"failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - no traceback without --debug
+        if args.debug:
+            raise
+        print(f"failed: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Optimizers and learning-rate schedules (set per step, so resuming needs no scheduler state)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdreg.recipe import OptimizerConfig, ScheduleConfig
+
+
+def no_decay_kind(module: nn.Module, param_name: str, param: torch.Tensor) -> str | None:
+    """``depthwise`` / ``norm`` / ``bias`` for parameters that may be exempt from weight decay."""
+    if param_name.endswith("bias"):
+        return "bias"
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        return "norm"
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise"
+    if getattr(module, "depthwise", False):
+        return "depthwise"
+    return None
+
+
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Trainable parameters split into decayed and exempt groups (``cfg.no_decay``)."""
+    decay, exempt, seen = [], [], set()
+    exempt_kinds = set(cfg.no_decay)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (exempt if no_decay_kind(module, name, p) in exempt_kinds else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg)
+    if not any(g["params"] for g in groups):
+        raise ValueError("the model has no trainable parameters")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def lr_factor(cfg: ScheduleConfig, epoch: float, epochs: int) -> float:
+    """The learning-rate multiplier at (fractional) ``epoch`` of ``epochs``."""
+    warm = 1.0
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        warm = (epoch + 1e-8) / cfg.warmup_epochs
+    if cfg.name == "constant":
+        base = 1.0
+    elif cfg.name == "multistep":
+        base = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    elif cfg.name == "cosine":
+        base = 0.5 * (1.0 + math.cos(math.pi * min(epoch / max(epochs, 1), 1.0)))
+    else:
+        raise ValueError(f"unknown schedule {cfg.name!r}")
+    return base * warm
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

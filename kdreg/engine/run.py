@@ -1,0 +1,181 @@
+"""A run: the recipe's stages trained in order into one run directory (design section 4)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kdreg
+from kdreg import plugins
+from kdreg.backbone import FlexibleBackbone
+from kdreg.data import Splits, load_data
+from kdreg.engine.build import DataShape, build_graph, build_model, check_recipe
+from kdreg.engine.device import resolve_device, resolve_precision
+from kdreg.engine.step import LossSettings
+from kdreg.engine.trainer import StageTrainer
+from kdreg.errors import RecipeError, UserError
+from kdreg.recipe import Recipe, dump_recipe, load_recipe
+
+RECIPE_FILE = "recipe.toml"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+
+def default_directory(recipe: Recipe, base: Path = Path("runs")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / f"{recipe.name}-{stamp}"
+    k = 1
+    while path.exists():
+        k += 1
+        path = base / f"{recipe.name}-{stamp}-{k}"
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """Trains a recipe's stages into ``directory``; see :meth:`start` and :meth:`resume`."""
+
+    def __init__(self, recipe: Recipe, directory: Path, *, source: str = "", progress: bool = True):
+        self.recipe = recipe
+        self.directory = directory
+        self.source = source
+        self.progress = progress
+        self.pm = plugins.plugin_manager()
+        self.device = resolve_device(recipe.train.device)
+        self.models: dict[str, FlexibleBackbone] = {}
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def start(cls, recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
+              progress: bool = True) -> Run:
+        recipe = load_recipe(recipe_path, overrides)
+        problems = check_recipe(recipe)
+        if problems:
+            raise RecipeError([f"{recipe_path}: {p}" for p in problems])
+        directory = Path(out) if out else default_directory(recipe)
+        if directory.exists() and any(directory.iterdir()):
+            raise UserError(
+                f"run directory {directory} is not empty; it may hold an earlier run: "
+                f"continue it with `kdreg run --resume {directory}` or choose another --out"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RECIPE_FILE).write_text(dump_recipe(recipe))
+        return cls(recipe, directory, source=str(recipe_path), progress=progress)
+
+    @classmethod
+    def resume(cls, directory: str | Path, progress: bool = True) -> Run:
+        directory = Path(directory)
+        if not (directory / RECIPE_FILE).is_file():
+            raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
+        recipe = load_recipe(directory / RECIPE_FILE)
+        run = cls(recipe, directory, source=str(directory / RECIPE_FILE), progress=progress)
+        if (directory / RESULTS_FILE).is_file():
+            run.results = json.loads((directory / RESULTS_FILE).read_text())
+        return run
+
+    # ------------------------------------------------------------------ execution
+    def execute(self) -> dict[str, Any]:
+        recipe = self.recipe
+        seed_everything(recipe.seed)
+        splits = load_data(recipe.data)
+        shape = DataShape(splits.num_classes, splits.in_chans, tuple(splits.input_size))
+        problems = check_recipe(recipe, shape)
+        if problems:
+            raise RecipeError([f"{self.source}: {p}" for p in problems])
+        done = {s["name"]: s for s in self.results.get("stages", [])}
+        self.results = {
+            "kdreg_version": kdreg.__version__,
+            "recipe": recipe.name,
+            "recipe_file": self.source,
+            "seed": recipe.seed,
+            "device": str(self.device),
+            "plugins": plugins.plugin_versions(self.pm),
+            "stages": [],
+            "finished": False,
+        }
+        self.pm.hook.kdreg_run_started(run=self)
+        for index, stage in enumerate(recipe.stages):
+            seed_everything(recipe.seed + index)
+            model = build_model(stage, index, shape, self.models).to(self.device)
+            trainer = self._trainer(stage, index, model, splits)
+            if stage.name in done:
+                trainer.load_best()
+                result = done[stage.name]
+            else:
+                result = self._train_stage(trainer, stage.name)
+            model.eval()
+            self.models[stage.name] = model
+            self.results["stages"].append(result)
+            self._write_results()
+            if stage.name not in done:
+                self.pm.hook.kdreg_stage_finished(run=self, stage=stage.name, result=result)
+        self.results["finished"] = True
+        self._write_results()
+        self.pm.hook.kdreg_run_finished(run=self, results=self.results)
+        return self.results
+
+    def _trainer(self, stage: Any, index: int, model: FlexibleBackbone, splits: Splits) -> StageTrainer:
+        recipe = self.recipe
+        train_cfg = recipe.stage_train(stage)
+        dtype = resolve_precision(train_cfg.precision, self.device)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and self.device.type == "cuda" else None
+        graph = build_graph(stage, index, model.num_submodels)
+        loss = LossSettings(graph, stage.lam, stage.tau, stage.divergence, dtype=dtype, scaler=scaler)
+        return StageTrainer(
+            name=stage.name, model=model, splits=splits, train_cfg=train_cfg, loss=loss, device=self.device,
+            seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
+            directory=self.directory, on_epoch=self._on_epoch, progress=self.progress,
+        )
+
+    def _train_stage(self, trainer: StageTrainer, name: str) -> dict[str, Any]:
+        if (trainer.checkpoint_dir / "last.pt").is_file():
+            trainer.resume()
+            self._truncate_metrics(name, trainer.state.epoch)
+        state = trainer.fit()
+        trainer.load_best()
+        test = trainer.test()
+        model = trainer.model
+        return {
+            "name": name,
+            "submodels": list(model.submodel_labels),
+            "params": model.count_params(),
+            "macs": model.count_macs(),
+            "epochs": trainer.train_cfg.epochs,
+            "best_epoch": state.best_epoch,
+            "val_accuracy": state.best_val,
+            "test_accuracy": test,
+            "mean_test_accuracy": sum(test) / len(test),
+            "seconds": round(state.seconds, 2),
+        }
+
+    # ------------------------------------------------------------------ files
+    def _on_epoch(self, record: dict[str, Any]) -> None:
+        with open(self.directory / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
+
+    def _truncate_metrics(self, stage: str, epochs_done: int) -> None:
+        path = self.directory / METRICS_FILE
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and not (json.loads(line)["stage"] == stage and json.loads(line)["epoch"] > epochs_done)]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _write_results(self) -> None:
+        tmp = self.directory / (RESULTS_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+        tmp.replace(self.directory / RESULTS_FILE)

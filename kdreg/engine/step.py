@@ -1,0 +1,91 @@
+"""One training step over every sub-model of a flexible backbone (design section 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+from torch import Tensor
+
+from kdreg.backbone import FlexibleBackbone
+from kdreg.engine.device import autocast
+from kdreg.graph import TeacherGraph
+from kdreg.losses import distillation_loss, submodel_loss
+
+
+@attrs.frozen
+class LossSettings:
+    graph: TeacherGraph
+    lam: float
+    tau: float
+    divergence: str = "kl"
+    #: autocast dtype (None: fp32) and an optional fp16 gradient scaler
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def backward(self, value: Tensor) -> None:
+        (self.scaler.scale(value) if self.scaler is not None else value).backward()
+
+
+@attrs.frozen
+class StepOutput:
+    """Detached results of a step, left on the device: the summed loss and correct counts."""
+
+    loss: Tensor
+    correct: Tensor  # [n] correct predictions per sub-model
+
+
+def multi_pass_backward(
+    model: FlexibleBackbone,
+    x: Tensor,
+    y: Tensor,
+    loss: LossSettings,
+    external: Mapping[str, Tensor] | None = None,
+) -> StepOutput:
+    """Sub-models largest first; each loss is backpropagated as soon as it exists, so at most
+    one sub-model's activations are alive. Teachers' detached logits are kept only while a
+    smaller student still needs them. Gradients accumulate: the caller zeroes and steps."""
+    n, g = model.num_submodels, loss.graph
+    needed_until = {t: g.last_student_of(t) for t in g.internal_teachers()}
+    teachers: dict[int | str, Tensor] = dict(external or {})
+    total = torch.zeros((), device=x.device)
+    correct = torch.zeros(n, dtype=torch.long, device=x.device)
+    for i in reversed(range(n)):
+        with autocast(x.device, loss.dtype):
+            logits = model.forward_submodel(x, i)
+            li = submodel_loss(i, logits, y, g, teachers, lam=loss.lam, tau=loss.tau,
+                               divergence=loss.divergence)
+        loss.backward(li)
+        total += li.detach()
+        correct[i] = (logits.detach().argmax(-1) == y).sum()
+        if i in needed_until:
+            teachers[i] = logits.detach()
+        for t, last in list(needed_until.items()):
+            if last == i:
+                teachers.pop(t, None)
+    return StepOutput(total, correct)
+
+
+def single_pass_backward(
+    model: FlexibleBackbone,
+    x: Tensor,
+    y: Tensor,
+    loss: LossSettings,
+    external: Mapping[str, Tensor] | None = None,
+) -> StepOutput:
+    """One forward yields every sub-model; one backward of the summed graph loss."""
+    with autocast(x.device, loss.dtype):
+        logits = model(x)
+        total = distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau,
+                                  divergence=loss.divergence, external=external)
+    loss.backward(total)
+    correct = torch.stack([(a.detach().argmax(-1) == y).sum() for a in logits])
+    return StepOutput(total.detach(), correct)
+
+
+def backward(model: FlexibleBackbone, x: Tensor, y: Tensor, loss: LossSettings,
+             external: Mapping[str, Tensor] | None = None) -> StepOutput:
+    """The step's forward and backward passes, chosen by ``model.single_pass``."""
+    fn = single_pass_backward if model.single_pass else multi_pass_backward
+    return fn(model, x, y, loss, external)

@@ -1,0 +1,167 @@
+"""Training one stage: epochs, evaluation, model selection, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from tqdm import tqdm
+
+from kdreg.backbone import FlexibleBackbone
+from kdreg.data import BatchLoader, Splits
+from kdreg.engine import checkpoint
+from kdreg.engine.evaluate import evaluate
+from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
+from kdreg.engine.step import LossSettings, backward
+from kdreg.errors import KdregError
+from kdreg.recipe import TrainConfig
+
+
+class TrainingFailed(KdregError):
+    """The run itself failed (exit code 1), e.g. the loss diverged."""
+
+
+@attrs.define
+class StageState:
+    """What a stage carries from epoch to epoch (and into its checkpoint)."""
+
+    epoch: int = 0                       # completed epochs
+    best_epoch: int = 0                  # 1-based; 0: none yet
+    best_val: list[float] = attrs.field(factory=list)
+    seconds: float = 0.0
+
+
+@attrs.define(slots=False)
+class StageTrainer:
+    name: str
+    model: FlexibleBackbone
+    splits: Splits
+    train_cfg: TrainConfig
+    loss: LossSettings
+    device: torch.device
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    directory: Path
+    on_epoch: Callable[[dict[str, Any]], None]
+    progress: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        s = self.splits
+        self.optimizer = build_optimizer(self.model, self.train_cfg.optimizer)
+        self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size,
+                                        mean=s.mean, std=s.std, device=self.device, train=True, seed=self.seed)
+        if len(self.train_loader) == 0:
+            raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
+        self.state = StageState()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.directory / "checkpoints" / self.name
+
+    def eval_loader(self, part: str) -> BatchLoader:
+        ts = getattr(self.splits, part)
+        return BatchLoader(ts.images, ts.labels, batch_size=self.eval_batch_size, mean=self.splits.mean,
+                           std=self.splits.std, device=self.device, train=False, seed=self.seed)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_last(self) -> None:
+        checkpoint.save(self.checkpoint_dir / "last.pt", stage=self.name, model=self.model.state_dict(),
+                        optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
+                        rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None)
+
+    def resume(self) -> None:
+        data = checkpoint.load(self.checkpoint_dir / "last.pt")
+        self.model.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.state = StageState(**data["state"])
+        checkpoint.set_rng_state(data["rng"])
+        if self.loss.scaler is not None and data.get("scaler"):
+            self.loss.scaler.load_state_dict(data["scaler"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> StageState:
+        epochs = self.train_cfg.epochs
+        has_val = len(self.splits.val.labels) > 0
+        val_loader = self.eval_loader("val") if has_val else None
+        while self.state.epoch < epochs:
+            epoch = self.state.epoch
+            t0 = time.perf_counter()
+            train = self.train_epoch(epoch, epochs)
+            val = evaluate(self.model, val_loader, device=self.device, dtype=self.loss.dtype) if val_loader else []
+            self.state.seconds += time.perf_counter() - t0
+            self.state.epoch = epoch + 1
+            mean_val = sum(val) / len(val) if val else None
+            improved = mean_val is not None and (not self.state.best_val or mean_val > _mean(self.state.best_val))
+            if improved or not has_val:
+                self.state.best_epoch, self.state.best_val = epoch + 1, val
+                checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=epoch + 1,
+                                model=self.model.state_dict())
+            record = {"stage": self.name, "epoch": epoch + 1, **train, "val_accuracy": val,
+                      "mean_val_accuracy": mean_val, "best_epoch": self.state.best_epoch,
+                      "seconds": round(time.perf_counter() - t0, 3)}
+            self.on_epoch(record)
+            self.save_last()
+        return self.state
+
+    def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
+        model, loader, opt = self.model, self.train_loader, self.optimizer
+        model.train()
+        loader.set_epoch(epoch)
+        steps = len(loader)
+        base_lr = self.train_cfg.optimizer.lr
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros(model.num_submodels, dtype=torch.long, device=self.device)
+        seen = 0
+        bar = tqdm(total=steps, desc=f"{self.name} {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        lr = base_lr
+        for step, (x, y) in enumerate(loader):
+            lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
+            set_lr(opt, lr)
+            opt.zero_grad(set_to_none=True)
+            out = backward(model, x, y, self.loss)
+            if self.loss.scaler is not None:
+                self.loss.scaler.step(opt)
+                self.loss.scaler.update()
+            else:
+                opt.step()
+            loss_sum += out.loss
+            correct += out.correct
+            seen += y.numel()
+            if (step + 1) % self.train_cfg.log_interval == 0 or step + 1 == steps:
+                mean_loss = (loss_sum / (step + 1)).item()
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    raise TrainingFailed(
+                        f"stage {self.name}: the loss became {mean_loss} in epoch {epoch + 1}, step {step + 1}; "
+                        "lower the learning rate or check the data"
+                    )
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        return {
+            "lr": lr,
+            "train_loss": (loss_sum / steps).item(),
+            "train_accuracy": [100.0 * c / seen for c in correct.tolist()],
+            "images_per_second": round(seen / elapsed, 1),
+        }
+
+    def load_best(self) -> None:
+        """Put the selected epoch's weights into the model (what later stages and the test use)."""
+        self.model.load_state_dict(checkpoint.load(self.checkpoint_dir / "best.pt")["model"])
+
+    def test(self) -> list[float]:
+        return evaluate(self.model, self.eval_loader("test"), device=self.device, dtype=self.loss.dtype)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -1,0 +1,313 @@
+"""The recipe: frozen attrs classes, structured from TOML by kdreg's one strict converter.
+
+Every field carries its documentation and range in its metadata; ``docs/recipes.md`` is checked
+against these classes by a test, and :func:`check_ranges` reports values out of range.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import tomli
+import tomli_w
+
+from kdreg.convert import converter, error_lines
+from kdreg.errors import RecipeError
+
+
+def setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, choices: Sequence[Any] | None = None) -> Any:
+    """An attrs field with its documentation and allowed range in the metadata."""
+    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "choices": choices}
+    if isinstance(default, (list, dict)) or attrs.has(type(default)):
+        return attrs.field(factory=lambda: copy.deepcopy(default), metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+@attrs.frozen
+class PluginSpec:
+    """A plugin name and its options: ``{ name = "ipkd-ta-m", ... }`` in TOML."""
+
+    name: str
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+@attrs.frozen
+class OptimizerConfig:
+    name: str = setting("sgd", "Optimizer: `sgd` or `adamw`.", choices=("sgd", "adamw"))
+    lr: float = setting(0.1, "Initial learning rate.", low=0.0, low_open=True)
+    momentum: float = setting(0.9, "SGD momentum.", low=0.0, high=1.0)
+    weight_decay: float = setting(5e-4, "L2 weight decay.", low=0.0)
+    nesterov: bool = setting(True, "Nesterov momentum (SGD).")
+    no_decay: tuple[str, ...] = setting(
+        (), "Parameters exempt from weight decay: any of `bias`, `norm`, `depthwise`.")
+
+
+@attrs.frozen
+class ScheduleConfig:
+    name: str = setting("multistep", "Learning-rate schedule: `multistep`, `cosine` or `constant`.",
+                        choices=("multistep", "cosine", "constant"))
+    milestones: tuple[int, ...] = setting((60, 120, 160), "Epochs at which `multistep` multiplies the rate by `gamma`.")
+    gamma: float = setting(0.2, "Factor of `multistep` at each milestone.", low=0.0, low_open=True)
+    warmup_epochs: int = setting(0, "Epochs of linear warm-up from 0 before the schedule.", low=0)
+
+
+@attrs.frozen
+class DataConfig:
+    dataset: str = setting("cifar10", "Data source: `cifar10`, `cifar100`, `imagefolder`, `cifar10-sample`, `synthetic` or a plugin's.")
+    root: str = setting("~/.cache/kdreg/data", "Folder (or `.tar`/`.tar.gz` archive for `imagefolder`) of the data.")
+    download: bool = setting(False, "Allow `cifar10`/`cifar100` to download when the files are missing.")
+    batch_size: int = setting(128, "Training batch size.", low=1)
+    eval_batch_size: int = setting(500, "Batch size of evaluation.", low=1)
+    val_split: int = setting(5000, "Training images held out (class-balanced) for model selection; 0 selects on nothing.", low=0)
+    train_limit: int = setting(0, "0: all training images; N: a class-balanced random subset of N, the same in every run.", low=0)
+    test_limit: int = setting(0, "0: all test images; N: a class-balanced random subset of N, the same in every run.", low=0)
+    options: dict[str, Any] = setting({}, "Extra options of the data source (e.g. `synthetic`'s `num_classes`).")
+
+
+@attrs.frozen
+class TrainConfig:
+    epochs: int = setting(200, "Training epochs of each stage.", low=1)
+    optimizer: OptimizerConfig = setting(OptimizerConfig(), "The optimizer, `{ name = \"sgd\", lr = 0.1, ... }`.")
+    schedule: ScheduleConfig = setting(ScheduleConfig(), "The learning-rate schedule, `{ name = \"multistep\", ... }`.")
+    device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    precision: str = setting("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`.",
+                             choices=("auto", "fp32", "bf16", "fp16"))
+    log_interval: int = setting(20, "Training steps between progress-bar updates (metrics are read from the device then).", low=1)
+
+
+STAGE_TRAIN_KEYS = ("epochs", "optimizer", "schedule")
+
+
+@attrs.frozen
+class StageConfig:
+    name: str = setting(attrs.NOTHING, "Stage name, unique in the recipe; later stages refer to it.")
+    backbone: PluginSpec = setting(attrs.NOTHING, "The model: `{ name = \"slimmable_mobilenet_v1\", widths = [...] }`.")
+    graph: PluginSpec = setting(PluginSpec("none"), "Teacher graph: `none`, `ipkd`, `ipkd-ta-1`, `ipkd-ta-m`, `subset` or a plugin's.")
+    lam: float = setting(0.8, "Weight of the distillation term (1 - lam weighs CE) for sub-models with teachers.", low=0.0, high=1.0)
+    tau: float = setting(1.0, "Distillation temperature.", low=0.0, low_open=True)
+    divergence: str = setting("kl", "`kl` (tau^2 KL) or `ce` (tau^2 soft-target cross-entropy).", choices=("kl", "ce"))
+    init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage.")
+    epochs: int | None = setting(None, "Overrides `train.epochs` for this stage.", low=1)
+    optimizer: OptimizerConfig | None = setting(None, "Overrides `train.optimizer` (keys merged) for this stage.")
+    schedule: ScheduleConfig | None = setting(None, "Overrides `train.schedule` (keys merged) for this stage.")
+
+
+@attrs.frozen
+class Recipe:
+    name: str = setting("run", "Name of the run.")
+    seed: int = setting(0, "Seed of initialisation, batch order and augmentation.", low=0)
+    data: DataConfig = setting(DataConfig(), "The `[data]` table.")
+    train: TrainConfig = setting(TrainConfig(), "The `[train]` table: defaults every stage inherits.")
+    stages: tuple[StageConfig, ...] = setting((), "The `[[stages]]`, trained in order.")
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def stage_train(self, stage: StageConfig) -> TrainConfig:
+        """The effective training settings of ``stage`` (its overrides on top of ``[train]``)."""
+        return attrs.evolve(
+            self.train,
+            **{k: getattr(stage, k) for k in STAGE_TRAIN_KEYS if getattr(stage, k) is not None},
+        )
+
+
+# ----------------------------------------------------------------------------- converter hooks
+def _structure_plugin(value: Any, _: type) -> PluginSpec:
+    if isinstance(value, str):
+        return PluginSpec(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a table with a `name` or a name string, got {type(value).__name__} {value!r}")
+    if "name" not in value:
+        raise KeyError("name")
+    if not isinstance(value["name"], str):
+        raise TypeError(f"expected a string for `name`, got {value['name']!r}")
+    return PluginSpec(value["name"], {k: v for k, v in value.items() if k != "name"})
+
+
+converter.register_structure_hook(PluginSpec, _structure_plugin)
+converter.register_unstructure_hook(PluginSpec, PluginSpec.to_dict)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override (``key=value`` by dotted path) and structure a TOML recipe."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read the recipe: {exc.strerror or exc}"]) from None
+    return parse_recipe(text, source=str(path), overrides=overrides)
+
+
+def parse_recipe(text: str, *, source: str = "recipe", overrides: Iterable[str] = ()) -> Recipe:
+    try:
+        raw = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        raise RecipeError([f"{source}: broken TOML: {exc}"]) from None
+    return structure_recipe(raw, source=source, overrides=overrides)
+
+
+def structure_recipe(raw: dict[str, Any], *, source: str = "recipe", overrides: Iterable[str] = ()) -> Recipe:
+    raw = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except RecipeError as exc:
+            problems += exc.problems
+    if problems:
+        raise RecipeError([f"{source}: {p}" for p in problems])
+    _inherit_train(raw)
+    try:
+        recipe = converter.structure(raw, Recipe)
+    except Exception as exc:  # noqa: BLE001 - cattrs collects every problem
+        lines = error_lines(exc, "recipe")
+        raise RecipeError([f"{source}: {_named_stage_paths(line, raw)}" for line in lines]) from None
+    problems = check_ranges(recipe)
+    if problems:
+        raise RecipeError([f"{source}: {p}" for p in problems])
+    return recipe
+
+
+def _inherit_train(raw: dict[str, Any]) -> None:
+    """A stage's partial ``optimizer``/``schedule`` table is completed from ``[train]``'s."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    for stage in raw.get("stages", []) if isinstance(raw.get("stages"), list) else []:
+        if not isinstance(stage, dict):
+            continue
+        for key in ("optimizer", "schedule"):
+            if isinstance(stage.get(key), dict) and isinstance(train.get(key), dict):
+                stage[key] = {**train[key], **stage[key]}
+
+
+def _named_stage_paths(line: str, raw: dict[str, Any]) -> str:
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name.isidentifier() and names.count(name) == 1:
+            line = line.replace(f"recipe.stages[{i}]", f"recipe.stages.{name}")
+    return line
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``dotted.key=value`` to the raw recipe; the value is read as TOML, else as a string.
+
+    Stages are addressed by name: ``stages.student.lam=0.5``.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError([f"override {item!r} is not KEY=VALUE @ --set"])
+    try:
+        value = tomli.loads(f"v = {text.strip()}")["v"]
+    except tomli.TOMLDecodeError:
+        value = text.strip()
+    parts = key.split(".")
+    node: Any = raw
+    walked = []
+    for i, part in enumerate(parts[:-1]):
+        walked.append(part)
+        if part == "stages" and i == 0:
+            stages = node.setdefault("stages", [])
+            if i + 1 >= len(parts) - 1:
+                raise RecipeError([f"override {item!r}: name a stage and a key, e.g. stages.student.lam @ --set"])
+            stage_name = parts[i + 1]
+            match = [s for s in stages if isinstance(s, dict) and s.get("name") == stage_name]
+            if not match:
+                known = ", ".join(str(s.get("name")) for s in stages if isinstance(s, dict)) or "none"
+                raise RecipeError([f"override {item!r}: no stage named {stage_name!r}; stages: {known} @ --set"])
+            node = match[0]
+            rest = parts[i + 2:]
+            for sub in rest[:-1]:
+                node = _child(node, sub, item)
+            node[rest[-1]] = value
+            return
+        node = _child(node, part, item)
+    node[parts[-1]] = value
+
+
+def _child(node: Any, part: str, item: str) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        raise RecipeError([f"override {item!r}: {part!r} is not inside a table @ --set"])
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+        raise RecipeError([f"override {item!r}: {part!r} is not a table @ --set"])
+    return child
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as TOML (written into every run directory)."""
+    return tomli_w.dumps(_drop_none(converter.unstructure(recipe)))
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- ranges
+def check_ranges(recipe: Recipe) -> list[str]:
+    """Values outside their documented range, as ``what @ recipe.path`` lines."""
+    problems: list[str] = []
+    _walk(recipe, "recipe", problems)
+    names = [s.name for s in recipe.stages]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stage name {name!r} is used more than once @ recipe.stages")
+    if not recipe.stages:
+        problems.append("a recipe needs at least one [[stages]] table @ recipe.stages")
+    if recipe.train.schedule.name == "multistep":
+        ms = recipe.train.schedule.milestones
+        if list(ms) != sorted(ms):
+            problems.append(f"milestones must increase, got {list(ms)} @ recipe.train.schedule.milestones")
+    bad = set(recipe.train.optimizer.no_decay) - {"bias", "norm", "depthwise"}
+    if bad:
+        problems.append(f"unknown no_decay kinds {sorted(bad)}; allowed: bias, norm, depthwise @ recipe.train.optimizer.no_decay")
+    dev = recipe.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        problems.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r} @ recipe.train.device")
+    return problems
+
+
+def _walk(obj: Any, path: str, problems: list[str]) -> None:
+    if isinstance(obj, tuple) and obj and attrs.has(type(obj[0])):
+        for i, item in enumerate(obj):
+            name = getattr(item, "name", None)
+            sub = f"{path}.{name}" if isinstance(obj[0], StageConfig) and isinstance(name, str) and name.isidentifier() else f"{path}[{i}]"
+            _walk(item, sub, problems)
+        return
+    if not attrs.has(type(obj)) or isinstance(obj, PluginSpec):
+        return
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        where = f"{path}.{f.name}"
+        meta = f.metadata
+        if meta.get("choices") is not None and value is not None and value not in meta["choices"]:
+            problems.append(f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r} @ {where}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = meta.get("low"), meta.get("high")
+            too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+            too_high = high is not None and value > high
+            if too_low or too_high:
+                problems.append(f"{f.name} must be {_range_text(meta)}, got {value} @ {where}")
+        _walk(value, where, problems)
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if high is not None:
+        return f"in [{low:g}, {high:g}]"
+    return f"> {low:g}" if meta.get("low_open") else f">= {low:g}"

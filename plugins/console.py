@@ -1,0 +1,57 @@
+"""Console output of a run, as a run-event plugin: a line per epoch and a table per stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm import tqdm
+
+from kdreg.hookspecs import hookimpl
+
+
+def _accs(values: list[float] | None) -> str:
+    return " ".join(f"{v:5.1f}" for v in values or [])
+
+
+@hookimpl
+def kdreg_run_started(run: Any) -> None:
+    tqdm.write(f"kdreg run {run.recipe.name!r} on {run.device} -> {run.directory}")
+
+
+@hookimpl
+def kdreg_epoch_finished(run: Any, stage: str, record: dict[str, Any]) -> None:
+    epochs = run.recipe.stage_train(run.recipe.stage(stage)).epochs
+    val = f"  val {_accs(record['val_accuracy'])} (mean {record['mean_val_accuracy']:.2f})" if record["val_accuracy"] else ""
+    tqdm.write(
+        f"{stage} epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+        f"train {_accs(record['train_accuracy'])}{val}  {record['images_per_second']:.0f} img/s  "
+        f"{record['seconds']:.1f} s"
+    )
+
+
+def stage_table(result: dict[str, Any]) -> str:
+    """Accuracy per sub-model as an aligned text table."""
+    rows = [("sub-model", "params", "MMACs", "val acc", "test acc")]
+    for i, label in enumerate(result["submodels"]):
+        val = result["val_accuracy"][i] if result["val_accuracy"] else float("nan")
+        rows.append((label, f"{result['params'][i]:,}", f"{result['macs'][i] / 1e6:.1f}", f"{val:.2f}",
+                     f"{result['test_accuracy'][i]:.2f}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@hookimpl
+def kdreg_stage_finished(run: Any, stage: str, result: dict[str, Any]) -> None:
+    tqdm.write(
+        f"\nstage {stage}: best epoch {result['best_epoch']}/{result['epochs']}, "
+        f"mean test accuracy {result['mean_test_accuracy']:.2f}%, {result['seconds']:.0f} s\n"
+        + stage_table(result) + "\n"
+    )
+
+
+@hookimpl
+def kdreg_run_finished(run: Any, results: dict[str, Any]) -> None:
+    tqdm.write(f"results: {run.directory / 'results.json'}")
