@@ -141,6 +141,21 @@ class FlexibleBackbone(nn.Module):
             self.train(was_training)
 
 
+def segment_range(points: Sequence[str], start: str | None, end: str | None) -> tuple[int, int]:
+    """Stage indices ``[i, j)`` to run from split point ``start`` to ``end`` (None: input/logits).
+
+    Stage ``k`` produces the features at ``points[k]``; ``start`` must come before ``end``.
+    """
+    for p in (start, end):
+        if p is not None and p not in points:
+            raise OptionError(f"unknown split point {p!r}; known: {', '.join(points)}")
+    i = 0 if start is None else points.index(start) + 1
+    j = len(points) if end is None else points.index(end) + 1
+    if end is not None and j <= i:
+        raise OptionError(f"split point {start!r} does not come before {end!r}")
+    return i, j
+
+
 def count_macs(fn) -> int:  # type: ignore[no-untyped-def]
     """Multiply-accumulates of the convolutions and matrix products that ``fn()`` runs."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -75,7 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise RecipeError([f"{args.recipe}: {p}" for p in problems])
     models: dict = {}
     for i, stage in enumerate(recipe.stages):
-        model = build_model(stage, i, DataShape(10), models)
+        model = build_model(stage, i, DataShape(10), models, load_init=False)
         models[stage.name] = model
         print(f"stage {stage.name}: {stage.backbone.name} ({model.num_submodels} sub-models: "
               f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}")

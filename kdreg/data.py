@@ -368,8 +368,7 @@ class BatchLoader:
         shard = len(self.images) // world_size if self.train else self._eval_index().numel()
         self.drop_last = (self.train and shard >= batch_size) if drop_last is None else drop_last
         self._shard = shard
-        scale = torch.tensor([255.0 * m for m in mean]).view(1, -1, 1, 1)
-        self._shift = scale.to(self.device)
+        self._shift = torch.tensor([255.0 * m for m in mean]).view(1, -1, 1, 1).to(self.device)
         self._scale = torch.tensor([255.0 * s for s in std]).view(1, -1, 1, 1).to(self.device)
         self.padding = max(0, min(int(padding), height - 1, width - 1))
         self._rows = _reflect_table(height, self.padding).to(self.device)
@@ -408,7 +407,8 @@ class BatchLoader:
         usable = len(perm) - len(perm) % self.world_size
         perm, offsets, flips = (t[:usable][self.rank::self.world_size]
                                 for t in (perm, offsets, flips))
-        perm, offsets, flips = (t.to(self.device) for t in (perm, offsets, flips))
+        perm, offsets, flips = (t.to(self.device, non_blocking=True)
+                                for t in (perm, offsets, flips))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             sl = slice(start, start + self.batch_size)
             yield self._augment(perm[sl], offsets[sl], flips[sl]), self.labels[perm[sl]]

@@ -7,6 +7,7 @@ against these classes by a test, and :func:`check_ranges` reports values out of 
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,11 @@ def structure_recipe(raw: dict[str, Any], *, source: str = "recipe", overrides: 
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
     _inherit_train(raw)
+    problems = [_named_stage_paths(p, raw) for p in check_ranges(raw)]
     try:
         recipe = converter.structure(raw, Recipe)
     except Exception as exc:  # noqa: BLE001 - cattrs collects every problem
-        lines = error_lines(exc, "recipe")
-        raise RecipeError([f"{source}: {_named_stage_paths(line, raw)}" for line in lines]) from None
-    problems = check_ranges(recipe)
+        problems = [_named_stage_paths(line, raw) for line in error_lines(exc, "recipe")] + problems
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
     return recipe
@@ -260,42 +260,45 @@ def _drop_none(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- ranges
-def check_ranges(recipe: Recipe) -> list[str]:
-    """Values outside their documented range, as ``what @ recipe.path`` lines."""
+def check_ranges(raw: Mapping[str, Any]) -> list[str]:
+    """Values of the raw recipe outside their documented range, as ``what @ recipe.path`` lines.
+
+    Works on the raw tables so that range problems are reported beside type problems.
+    """
     problems: list[str] = []
-    _walk(recipe, "recipe", problems)
-    names = [s.name for s in recipe.stages]
+    _walk(raw, Recipe, "recipe", problems)
+    stages = [s for s in raw.get("stages", []) if isinstance(s, Mapping)] if isinstance(raw.get("stages"), list) else []
+    names = [s.get("name") for s in stages if isinstance(s.get("name"), str)]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"stage name {name!r} is used more than once @ recipe.stages")
-    if not recipe.stages:
+    if not raw.get("stages"):
         problems.append("a recipe needs at least one [[stages]] table @ recipe.stages")
-    if recipe.train.schedule.name == "multistep":
-        ms = recipe.train.schedule.milestones
-        if list(ms) != sorted(ms):
-            problems.append(f"milestones must increase, got {list(ms)} @ recipe.train.schedule.milestones")
-    bad = set(recipe.train.optimizer.no_decay) - {"bias", "norm", "depthwise"}
-    if bad:
-        problems.append(f"unknown no_decay kinds {sorted(bad)}; allowed: bias, norm, depthwise @ recipe.train.optimizer.no_decay")
-    dev = recipe.train.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+    train = raw.get("train") if isinstance(raw.get("train"), Mapping) else {}
+    for where, table in [("recipe.train", train)] + [(f"recipe.stages[{i}]", s) for i, s in enumerate(stages)]:
+        sched = table.get("schedule") if isinstance(table.get("schedule"), Mapping) else {}
+        ms = sched.get("milestones")
+        if isinstance(ms, list) and all(isinstance(m, int) for m in ms) and ms != sorted(ms):
+            problems.append(f"milestones must increase, got {ms} @ {where}.schedule.milestones")
+        opt = table.get("optimizer") if isinstance(table.get("optimizer"), Mapping) else {}
+        nd = opt.get("no_decay")
+        if isinstance(nd, list):
+            bad = sorted(set(map(str, nd)) - {"bias", "norm", "depthwise"})
+            if bad:
+                problems.append(f"unknown no_decay kinds {bad}; allowed: bias, norm, depthwise @ {where}.optimizer.no_decay")
+    dev = train.get("device")
+    if isinstance(dev, str) and not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r} @ recipe.train.device")
     return problems
 
 
-def _walk(obj: Any, path: str, problems: list[str]) -> None:
-    if isinstance(obj, tuple) and obj and attrs.has(type(obj[0])):
-        for i, item in enumerate(obj):
-            name = getattr(item, "name", None)
-            sub = f"{path}.{name}" if isinstance(obj[0], StageConfig) and isinstance(name, str) and name.isidentifier() else f"{path}[{i}]"
-            _walk(item, sub, problems)
+def _walk(raw: Any, cls: type, path: str, problems: list[str]) -> None:
+    if not isinstance(raw, Mapping):
         return
-    if not attrs.has(type(obj)) or isinstance(obj, PluginSpec):
-        return
-    for f in attrs.fields(type(obj)):
-        value = getattr(obj, f.name)
-        where = f"{path}.{f.name}"
-        meta = f.metadata
-        if meta.get("choices") is not None and value is not None and value not in meta["choices"]:
+    for f in attrs.fields(cls):
+        if f.name not in raw:
+            continue
+        value, where, meta = raw[f.name], f"{path}.{f.name}", f.metadata
+        if meta.get("choices") is not None and isinstance(value, str) and value not in meta["choices"]:
             problems.append(f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r} @ {where}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high = meta.get("low"), meta.get("high")
@@ -303,11 +306,27 @@ def _walk(obj: Any, path: str, problems: list[str]) -> None:
             too_high = high is not None and value > high
             if too_low or too_high:
                 problems.append(f"{f.name} must be {_range_text(meta)}, got {value} @ {where}")
-        _walk(value, where, problems)
+        for sub in _attrs_classes(f.type):
+            if sub is StageConfig and isinstance(value, list):
+                for i, item in enumerate(value):
+                    _walk(item, StageConfig, f"{where}[{i}]", problems)
+            elif sub is not PluginSpec:
+                _walk(value, sub, where, problems)
 
+
+def _attrs_classes(tp: Any) -> list[type]:
+    """The attrs classes a field annotation mentions (``X``, ``X | None``, ``tuple[X, ...]``)."""
+    if attrs.has(tp):
+        return [tp]
+    return [c for arg in typing.get_args(tp) for c in _attrs_classes(arg)]
 
 def _range_text(meta: Mapping[str, Any]) -> str:
     low, high = meta.get("low"), meta.get("high")
     if high is not None:
         return f"in [{low:g}, {high:g}]"
     return f"> {low:g}" if meta.get("low_open") else f">= {low:g}"
+
+
+
+for _cls in (PluginSpec, OptimizerConfig, ScheduleConfig, DataConfig, TrainConfig, StageConfig, Recipe):
+    attrs.resolve_types(_cls)

@@ -38,8 +38,11 @@ def _resolve_refs(spec: PluginSpec, factory, kwargs: dict, models: Mapping[str, 
 
 
 def build_model(stage: StageConfig, index: int, shape: DataShape,
-                models: Mapping[str, FlexibleBackbone]) -> FlexibleBackbone:
-    """The stage's backbone; options naming earlier stages get those stages' models."""
+                models: Mapping[str, FlexibleBackbone], *, load_init: bool = True) -> FlexibleBackbone:
+    """The stage's backbone; options naming earlier stages get those stages' models.
+
+    ``load_init=False`` only checks that the ``init`` checkpoint is readable (the data's shape,
+    which the classifier's weights depend on, is not known yet)."""
     path = f"{stage_path(stage, index)}.backbone"
     registry = get_registry("backbone")
     if stage.backbone.name not in registry:
@@ -56,7 +59,10 @@ def build_model(stage: StageConfig, index: int, shape: DataShape,
     model.in_chans, model.input_size = shape.in_chans, tuple(shape.input_size)  # type: ignore[assignment]
     if stage.init is not None:
         try:
-            checkpoint.load_weights(model, stage.init)
+            if load_init:
+                checkpoint.load_weights(model, stage.init)
+            else:
+                checkpoint.load(stage.init)
         except CheckpointError as exc:
             raise RecipeError([f"{p} @ {stage_path(stage, index)}.init" for p in exc.problems]) from None
     return model
@@ -93,11 +99,12 @@ def check_recipe(recipe: Recipe, shape: DataShape | None = None) -> list[str]:
                  path="recipe.data.options", what=f"dataset {entry.name!r}")
         except UserError as exc:
             problems += exc.problems
+    known_shape = shape is not None
     shape = shape or DataShape(10)
     models: dict[str, FlexibleBackbone] = {}
     for i, stage in enumerate(recipe.stages):
         try:
-            model = build_model(stage, i, shape, models)
+            model = build_model(stage, i, shape, models, load_init=known_shape)
         except UserError as exc:
             problems += exc.problems
             continue

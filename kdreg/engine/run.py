@@ -137,13 +137,13 @@ class Run:
         return StageTrainer(
             name=stage.name, model=model, splits=splits, train_cfg=train_cfg, loss=loss, device=self.device,
             seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
-            directory=self.directory, on_epoch=self._on_epoch, progress=self.progress,
+            directory=self.directory, on_epoch=self._write_metrics, notify=self._notify, progress=self.progress,
         )
 
     def _train_stage(self, trainer: StageTrainer, name: str) -> dict[str, Any]:
         if (trainer.checkpoint_dir / "last.pt").is_file():
             trainer.resume()
-            self._truncate_metrics(name, trainer.state.epoch)
+        self._truncate_metrics(name, trainer.state.epoch)
         state = trainer.fit()
         trainer.load_best()
         test = trainer.test()
@@ -162,9 +162,11 @@ class Run:
         }
 
     # ------------------------------------------------------------------ files
-    def _on_epoch(self, record: dict[str, Any]) -> None:
+    def _write_metrics(self, record: dict[str, Any]) -> None:
         with open(self.directory / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _notify(self, record: dict[str, Any]) -> None:
         self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
 
     def _truncate_metrics(self, stage: str, epochs_done: int) -> None:

@@ -49,7 +49,8 @@ class StageTrainer:
     batch_size: int
     eval_batch_size: int
     directory: Path
-    on_epoch: Callable[[dict[str, Any]], None]
+    on_epoch: Callable[[dict[str, Any]], None]   # writes the record (before the checkpoint)
+    notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
     progress: bool = True
 
     def __attrs_post_init__(self) -> None:
@@ -108,6 +109,7 @@ class StageTrainer:
                       "seconds": round(time.perf_counter() - t0, 3)}
             self.on_epoch(record)
             self.save_last()
+            self.notify(record)
         return self.state
 
     def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:

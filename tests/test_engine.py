@@ -1,0 +1,192 @@
+"""The training step, the stage loop, the run directory and resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdreg
+from kdreg import plugins
+from kdreg.engine.optim import build_optimizer, lr_factor, parameter_groups
+from kdreg.engine.run import Run
+from kdreg.engine.step import LossSettings, multi_pass_backward, single_pass_backward
+from kdreg.hookspecs import hookimpl
+from kdreg.recipe import OptimizerConfig, ScheduleConfig
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("graph", ["none", "ipkd", "ipkd-ta-1", "ipkd-ta-m"])
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+def test_per_submodel_backward_equals_one_backward_of_the_summed_loss(graph: str, divergence: str) -> None:
+    torch.manual_seed(0)
+    model = kdreg.build_backbone("tiny_slimmable", num_classes=5, widths=[0.25, 0.5, 0.75, 1.0])
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
+    g = kdreg.get_teacher_graph(graph, model.num_submodels)
+    settings = LossSettings(g, lam=0.7, tau=3.0, divergence=divergence)
+    model.train()
+    out = multi_pass_backward(model, x, y, settings)
+    step_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    total = kdreg.distillation_loss(model(x), y, g, lam=0.7, tau=3.0, divergence=divergence)
+    total.backward()
+    ref = _grads(model)
+    assert step_grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(step_grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert out.loss.item() == pytest.approx(total.item(), rel=1e-5)
+    assert out.correct.shape == (4,)
+
+
+def test_multi_pass_runs_largest_first_and_keeps_only_needed_teachers() -> None:
+    model = kdreg.build_backbone("tiny_slimmable", num_classes=3, widths=[0.25, 0.5, 1.0])
+    order = []
+    original = model.forward_submodel
+
+    def spy(x, i):  # type: ignore[no-untyped-def]
+        order.append(i)
+        return original(x, i)
+
+    model.forward_submodel = spy  # type: ignore[method-assign]
+    g = kdreg.get_teacher_graph("ipkd-ta-1", 3)
+    multi_pass_backward(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), LossSettings(g, 0.5, 1.0))
+    assert order == [2, 1, 0]
+
+
+def test_single_pass_step_backpropagates_every_exit() -> None:
+    torch.manual_seed(0)
+    model = kdreg.build_backbone("tiny_exits", num_classes=4, exits=3)
+    g = kdreg.get_teacher_graph("ipkd-ta-m", 3)
+    out = single_pass_backward(model, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), LossSettings(g, 0.8, 5.0))
+    assert out.correct.shape == (3,)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_weight_decay_exemptions() -> None:
+    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=10)
+    groups = parameter_groups(model, OptimizerConfig(no_decay=("bias", "norm", "depthwise")))
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = [names[i] for i in decayed]
+    assert groups[1]["weight_decay"] == 0.0
+    assert not any(n.endswith("bias") for n in decayed_names)
+    assert not any(".bn" in n or "norm" in n for n in decayed_names), decayed_names[:5]
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in groups for p in g["params"]) == total
+    plain = parameter_groups(model, OptimizerConfig())
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))
+    opt = build_optimizer(model, OptimizerConfig(nesterov=True))
+    assert opt.defaults["nesterov"] is True
+
+
+def test_schedules() -> None:
+    ms = ScheduleConfig(name="multistep", milestones=(60, 120, 160), gamma=0.2)
+    assert lr_factor(ms, 59.99, 200) == 1.0
+    assert lr_factor(ms, 60.0, 200) == pytest.approx(0.2)
+    assert lr_factor(ms, 161.0, 200) == pytest.approx(0.2**3)
+    cos = ScheduleConfig(name="cosine")
+    assert lr_factor(cos, 0, 10) == pytest.approx(1.0)
+    assert lr_factor(cos, 5, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 10, 10) == pytest.approx(0.0)
+    warm = ScheduleConfig(name="constant", warmup_epochs=2)
+    assert lr_factor(warm, 1.0, 10) == pytest.approx(0.5)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backbone,n", [("tiny_slimmable", 4), ("tiny_exits", 3)])
+def test_a_run_writes_its_directory(smoke_recipe, tmp_path: Path, backbone: str, n: int) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    run = Run.start(smoke_recipe(epochs=2, backbone=backbone), out, progress=False)
+    results = run.execute()
+    assert (out / "recipe.toml").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["finished"] is True and saved["seed"] == 0 and saved["recipe"] == "smoke"
+    assert saved["plugins"]["kdreg"] == kdreg.__version__
+    stage = saved["stages"][0]
+    assert stage["name"] == "student" and stage["epochs"] == 2
+    for key in ("submodels", "params", "macs", "val_accuracy", "test_accuracy"):
+        assert len(stage[key]) == n, key
+    assert stage["params"] == sorted(stage["params"]) and stage["macs"] == sorted(stage["macs"])
+    metrics = _read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    best = max(metrics, key=lambda m: m["mean_val_accuracy"])
+    assert stage["best_epoch"] == best["epoch"]
+    assert stage["val_accuracy"] == best["val_accuracy"]
+    assert stage["mean_test_accuracy"] == pytest.approx(sum(stage["test_accuracy"]) / n)
+    assert (out / "checkpoints" / "student" / "best.pt").is_file()
+    assert (out / "checkpoints" / "student" / "last.pt").is_file()
+
+
+def test_a_run_learns_above_chance(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    results = Run.start(smoke_recipe(epochs=4), tmp_path / "run", progress=False).execute()
+    assert min(results["stages"][0]["test_accuracy"]) > 40.0  # 4 classes: chance is 25 %
+
+
+def test_val_split_zero_reports_the_last_epoch(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = smoke_recipe(epochs=2)
+    run = Run.start(path, tmp_path / "run", overrides=["data.val_split=0"], progress=False)
+    stage = run.execute()["stages"][0]
+    assert stage["best_epoch"] == 2 and stage["val_accuracy"] == []
+
+
+class Interrupt:
+    """A real plugin that stops the run after the first epoch, as Ctrl-C would."""
+
+    @hookimpl
+    def kdreg_epoch_finished(self, run, stage, record):  # type: ignore[no-untyped-def]
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_exactly(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = smoke_recipe(epochs=3)
+    full = Run.start(path, tmp_path / "full", progress=False).execute()
+
+    pm = plugins.make_plugin_manager(extra=[Interrupt()])
+    plugins.reset(pm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Run.start(path, tmp_path / "cut", progress=False).execute()
+    finally:
+        plugins.reset()
+    assert [m["epoch"] for m in _read_metrics(tmp_path / "cut")] == [1]
+    resumed = Run.resume(tmp_path / "cut", progress=False).execute()
+    assert [m["epoch"] for m in _read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    a, b = full["stages"][0], resumed["stages"][0]
+    assert a["test_accuracy"] == b["test_accuracy"] and a["val_accuracy"] == b["val_accuracy"]
+    la = _read_metrics(tmp_path / "full")
+    lb = _read_metrics(tmp_path / "cut")
+    assert [m["train_loss"] for m in la] == pytest.approx([m["train_loss"] for m in lb], rel=1e-6)
+
+
+def test_a_run_never_overwrites_an_earlier_one(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    Run.start(smoke_recipe(epochs=1), out, progress=False).execute()
+    before = (out / "results.json").read_text()
+    with pytest.raises(kdreg.errors.UserError, match="not empty"):
+        Run.start(smoke_recipe(epochs=1), out, progress=False)
+    assert (out / "results.json").read_text() == before
+
+
+def test_init_loads_weights_and_mismatch_is_a_recipe_error(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "first"
+    Run.start(smoke_recipe(epochs=1), out, progress=False).execute()
+    ckpt = out / "checkpoints" / "student" / "best.pt"
+    recipe = smoke_recipe(epochs=1, graph="ipkd")
+    run = Run.start(recipe, tmp_path / "second", overrides=[f"stages.student.init='{ckpt}'"], progress=False)
+    assert run.recipe.stages[0].init == str(ckpt)
+    run.execute()
+    bad = smoke_recipe(epochs=1, backbone="tiny_exits")
+    with pytest.raises(kdreg.errors.RecipeError, match=r"lacks .* @ recipe.stages.student.init"):
+        Run.start(bad, tmp_path / "third", overrides=[f"stages.student.init='{ckpt}'"], progress=False).execute()
+    with pytest.raises(kdreg.errors.RecipeError, match=r"checkpoint .*missing.pt does not exist @ recipe.stages.student.init"):
+        Run.start(bad, tmp_path / "fourth", overrides=[f"stages.student.init='{tmp_path}/missing.pt'"], progress=False)
