@@ -9,7 +9,6 @@ normalises with tensor operations on the training device.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from kdreg.errors import DataError, OptionError, UserError
+from kdreg.errors import DataError, UserError
 
 CACHE_ENV = "KDREG_CACHE"
 
@@ -276,24 +275,20 @@ def _resolve_registry(pm_registry: Any) -> Any:
     return registry.collect("dataset", pm_registry)  # a plugin manager
 
 
-def _call_factory(factory: Any, name: str, kwargs: dict[str, Any]) -> Any:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = None
-    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        if "download" not in params and kwargs.pop("download"):
-            raise UserError(f"dataset {name!r} cannot download; set data.download = false")
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            accepted = sorted(set(params) - {"root", "download"})
-            raise UserError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; "
-                            f"its options: {', '.join(accepted) or 'none'}")
-    try:
-        return factory(**kwargs)
-    except OptionError as exc:
-        key = f"data.options.{exc.key}" if exc.key else "data.options"
-        raise UserError(f"dataset {name!r}: {exc} @ {key}") from None
+def _call_factory(factory: Any, name: str, options: dict[str, Any], root: Path,
+                  download: bool) -> Any:
+    """Check ``options`` against the factory's signature and types, then call it."""
+    from kdreg.options import bind, call
+
+    for reserved in ("root", "download"):
+        if reserved in options:
+            raise UserError(f"data.options may not set {reserved!r}; use data.{reserved}")
+    what = f"dataset {name!r}"
+    kwargs = bind(factory, options, provided={"root": root, "download": download},
+                  path="recipe.data.options", what=what)
+    if download and "download" not in kwargs:
+        raise UserError(f"{what} cannot download; set data.download = false")
+    return call(factory, kwargs, path="recipe.data.options")
 
 
 def load_data(config: Any, *, pm_registry: Any = None) -> Splits:
@@ -304,13 +299,10 @@ def load_data(config: Any, *, pm_registry: Any = None) -> Splits:
     or a plugin manager to use instead of the process-wide one.
     """
     entry = _resolve_registry(pm_registry).get(config.dataset)
-    kwargs: dict[str, Any] = dict(getattr(config, "options", None) or {})
-    for reserved in ("root", "download"):
-        if reserved in kwargs:
-            raise UserError(f"data.options may not set {reserved!r}; use data.{reserved}")
-    kwargs["root"] = Path(str(config.root)).expanduser()
-    kwargs["download"] = bool(config.download)
-    data = check_image_data(_call_factory(entry.factory, config.dataset, kwargs), config.dataset)
+    options = dict(getattr(config, "options", None) or {})
+    root = Path(str(config.root)).expanduser()
+    raw = _call_factory(entry.factory, config.dataset, options, root, bool(config.download))
+    data = check_image_data(raw, config.dataset)
     return prepare_splits(data, val_split=config.val_split, train_limit=config.train_limit,
                           test_limit=config.test_limit, seed=getattr(config, "data_seed", 0))
 

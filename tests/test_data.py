@@ -8,15 +8,13 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import kdreg_plugins.datasets as builtin
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from kdreg_plugins.datasets import folder as folder_mod
-from kdreg_plugins.datasets.synthetic import synthetic
 from PIL import Image
 
+import kdreg_plugins.datasets as builtin
 from kdreg import plugins
 from kdreg.data import (
     BatchLoader,
@@ -29,6 +27,8 @@ from kdreg.data import (
 )
 from kdreg.errors import DataError, OptionError, UserError
 from kdreg.registry import Entry, Registry, get_registry
+from kdreg_plugins.datasets import folder as folder_mod
+from kdreg_plugins.datasets.synthetic import synthetic
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -592,10 +592,17 @@ def test_load_data_passes_options_and_reports_bad_ones(monkeypatch: pytest.Monke
     assert (len(s.train), len(s.val), len(s.test)) == (24, 6, 9)
     with pytest.raises(UserError) as exc:
         load_data(data_config(options={"colours": 3}), pm_registry=pm)
-    one_line_error(exc, "no option 'colours'", "num_classes")
+    one_line_error(exc, "unknown option 'colours' for dataset 'synthetic'", "num_classes",
+                   "@ recipe.data.options.colours")
     with pytest.raises(UserError) as exc:
         load_data(data_config(options={"num_classes": 1}), pm_registry=pm)
-    one_line_error(exc, "num_classes must be", "data.options.num_classes")
+    one_line_error(exc, "num_classes must be", "@ recipe.data.options.num_classes")
+    with pytest.raises(UserError) as exc:
+        load_data(data_config(options={"num_classes": "three"}), pm_registry=pm)
+    one_line_error(exc, "recipe.data.options.num_classes")
+    with pytest.raises(UserError) as exc:
+        load_data(data_config(options={"root": "/x"}), pm_registry=pm)
+    one_line_error(exc, "may not set 'root'")
     with pytest.raises(UserError) as exc:
         load_data(data_config(dataset="cifar11"), pm_registry=pm)
     assert "cifar10" in str(exc.value)

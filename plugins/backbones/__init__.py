@@ -15,6 +15,8 @@ MODULES = [
     "vgg",
     "slimmable_resnet",
     "msdnet",
+    "timm_adapter",
+    "exits",
 ]
 
 
