@@ -36,7 +36,7 @@ class FlexibleBackbone(nn.Module):
     def num_submodels(self) -> int:
         return len(self.submodel_labels)
 
-    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of every sub-model, smallest first."""
         return [self.forward_submodel(x, i) for i in range(self.num_submodels)]
 
@@ -156,7 +156,7 @@ def segment_range(points: Sequence[str], start: str | None, end: str | None) -> 
     return i, j
 
 
-def count_macs(fn) -> int:  # type: ignore[no-untyped-def]
+def count_macs(fn) -> int:
     """Multiply-accumulates of the convolutions and matrix products that ``fn()`` runs."""
     from torch.utils.flop_counter import FlopCounterMode
 

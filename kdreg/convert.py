@@ -11,7 +11,7 @@ from typing import Any
 import cattrs
 
 
-def _strict(kind: type, accepts: tuple[type, ...], name: str):  # type: ignore[no-untyped-def]
+def _strict(kind: type, accepts: tuple[type, ...], name: str):
     def structure(value: Any, _: type) -> Any:
         if isinstance(value, bool) and kind is not bool:
             raise TypeError(f"expected {name}, got a boolean")

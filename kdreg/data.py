@@ -29,6 +29,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/kdreg").expanduser()
 
 
+def _str_tuple(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
 def _floats(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
@@ -45,7 +49,7 @@ class ImageData:
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
-    classes: tuple[str, ...] = attrs.field(converter=tuple)
+    classes: tuple[str, ...] = attrs.field(converter=_str_tuple)
     mean: tuple[float, ...] = attrs.field(converter=_floats)
     std: tuple[float, ...] = attrs.field(converter=_floats)
 
@@ -72,7 +76,7 @@ class Splits:
     train: TensorSet
     val: TensorSet
     test: TensorSet
-    classes: tuple[str, ...] = attrs.field(converter=tuple)
+    classes: tuple[str, ...] = attrs.field(converter=_str_tuple)
     mean: tuple[float, ...] = attrs.field(converter=_floats)
     std: tuple[float, ...] = attrs.field(converter=_floats)
 

@@ -86,7 +86,7 @@ def call(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, path: str) -
 
 
 def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         return typing.get_type_hints(target)
     except Exception:  # noqa: BLE001 - unresolvable annotations are not checked

@@ -182,8 +182,8 @@ def structure_recipe(raw: dict[str, Any], *, source: str = "recipe", overrides: 
 
 def _inherit_train(raw: dict[str, Any]) -> None:
     """A stage's partial ``optimizer``/``schedule`` table is completed from ``[train]``'s."""
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    for stage in raw.get("stages", []) if isinstance(raw.get("stages"), list) else []:
+    train: Any = _table(raw, "train")
+    for stage in _list(raw, "stages"):
         if not isinstance(stage, dict):
             continue
         for key in ("optimizer", "schedule"):
@@ -192,8 +192,7 @@ def _inherit_train(raw: dict[str, Any]) -> None:
 
 
 def _named_stage_paths(line: str, raw: dict[str, Any]) -> str:
-    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+    names = [s.get("name") if isinstance(s, dict) else None for s in _list(raw, "stages")]
     for i, name in enumerate(names):
         if isinstance(name, str) and name.isidentifier() and names.count(name) == 1:
             line = line.replace(f"recipe.stages[{i}]", f"recipe.stages.{name}")
@@ -267,20 +266,18 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
     """
     problems: list[str] = []
     _walk(raw, Recipe, "recipe", problems)
-    stages = [s for s in raw.get("stages", []) if isinstance(s, Mapping)] if isinstance(raw.get("stages"), list) else []
-    names = [s.get("name") for s in stages if isinstance(s.get("name"), str)]
+    stages = [s for s in _list(raw, "stages") if isinstance(s, Mapping)]
+    names: list[str] = [s["name"] for s in stages if isinstance(s.get("name"), str)]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"stage name {name!r} is used more than once @ recipe.stages")
     if not raw.get("stages"):
         problems.append("a recipe needs at least one [[stages]] table @ recipe.stages")
-    train = raw.get("train") if isinstance(raw.get("train"), Mapping) else {}
+    train = _table(raw, "train")
     for where, table in [("recipe.train", train)] + [(f"recipe.stages[{i}]", s) for i, s in enumerate(stages)]:
-        sched = table.get("schedule") if isinstance(table.get("schedule"), Mapping) else {}
-        ms = sched.get("milestones")
+        ms = _table(table, "schedule").get("milestones")
         if isinstance(ms, list) and all(isinstance(m, int) for m in ms) and ms != sorted(ms):
             problems.append(f"milestones must increase, got {ms} @ {where}.schedule.milestones")
-        opt = table.get("optimizer") if isinstance(table.get("optimizer"), Mapping) else {}
-        nd = opt.get("no_decay")
+        nd = _table(table, "optimizer").get("no_decay")
         if isinstance(nd, list):
             bad = sorted(set(map(str, nd)) - {"bias", "norm", "depthwise"})
             if bad:
@@ -289,6 +286,17 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
     if isinstance(dev, str) and not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r} @ recipe.train.device")
     return problems
+
+
+def _table(raw: Any, key: str) -> Any:
+    """``raw[key]`` when it is a table, else an empty one (a type problem reported elsewhere)."""
+    value = raw.get(key) if isinstance(raw, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(raw: Any, key: str) -> list[Any]:
+    value = raw.get(key) if isinstance(raw, Mapping) else None
+    return value if isinstance(value, list) else []
 
 
 def _walk(raw: Any, cls: type, path: str, problems: list[str]) -> None:

@@ -10,7 +10,14 @@ from typing import Any
 
 import attrs
 
-from kdreg.recipe import DataConfig, OptimizerConfig, Recipe, ScheduleConfig, StageConfig, TrainConfig
+from kdreg.recipe import (
+    DataConfig,
+    OptimizerConfig,
+    Recipe,
+    ScheduleConfig,
+    StageConfig,
+    TrainConfig,
+)
 
 SECTIONS = [
     ("Top level", "", Recipe),
@@ -54,15 +61,17 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "table"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _default(field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+def _default(field: Any) -> str:
     if field.default is attrs.NOTHING:
         return "required"
-    default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[call-arg]
+    default: Any = field.default
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        default = default.factory()
     if default is None:
         return "unset"
     if attrs.has(type(default)):

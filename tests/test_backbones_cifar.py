@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kdreg_plugins.backbones.slimmable import SwitchableBatchNorm2d
 from torch import nn
 
 import kdreg
 from kdreg.errors import OptionError, RecipeError
+from kdreg_plugins.backbones.slimmable import SwitchableBatchNorm2d
 
 # reference.md, "CIFAR ResNets and WRNs": (name, CIFAR-10, CIFAR-100)
 REFERENCE_COUNTS = [

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+import kdreg
+from kdreg.backbone import FlexibleBackbone
+from kdreg.errors import OptionError, RecipeError
+from kdreg.registry import get_registry
 from kdreg_plugins.backbones.mobilenet_v1 import SlimmableMobileNetV1, build_slimmable_mobilenet_v1
 from kdreg_plugins.backbones.slimmable import (
     SlimmableConv2d,
@@ -16,12 +22,6 @@ from kdreg_plugins.backbones.slimmable import (
     width_label,
 )
 from kdreg_plugins.backbones.tiny import TinyExits, TinySlimmable
-from torch import nn
-
-import kdreg
-from kdreg.backbone import FlexibleBackbone
-from kdreg.errors import OptionError, RecipeError
-from kdreg.registry import get_registry
 
 # weiaicunzai/pytorch-cifar100 MobileNet, CIFAR-100, one network per width multiplier.
 REFERENCE_PARAMS_C100 = {0.25: 240_260, 0.5: 872_868, 0.75: 1_897_924, 1.0: 3_315_428}

@@ -28,7 +28,7 @@ def stage_path(stage: StageConfig, index: int) -> str:
     return f"recipe.stages.{stage.name}" if stage.name.isidentifier() else f"recipe.stages[{index}]"
 
 
-def _resolve_refs(spec: PluginSpec, factory, kwargs: dict, models: Mapping[str, FlexibleBackbone],  # type: ignore[no-untyped-def]
+def _resolve_refs(spec: PluginSpec, factory, kwargs: dict, models: Mapping[str, FlexibleBackbone],
                   path: str) -> None:
     for key, ref in stage_refs(factory, spec.options).items():
         if ref not in models:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +24,11 @@ def no_decay_kind(module: nn.Module, param_name: str, param: torch.Tensor) -> st
     return None
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
     """Trainable parameters split into decayed and exempt groups (``cfg.no_decay``)."""
-    decay, exempt, seen = [], [], set()
+    decay: list[torch.Tensor] = []
+    exempt: list[torch.Tensor] = []
+    seen: set[int] = set()
     exempt_kinds = set(cfg.no_decay)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):

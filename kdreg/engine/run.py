@@ -91,7 +91,7 @@ class Run:
         recipe = self.recipe
         seed_everything(recipe.seed)
         splits = load_data(recipe.data)
-        shape = DataShape(splits.num_classes, splits.in_chans, tuple(splits.input_size))
+        shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
         problems = check_recipe(recipe, shape)
         if problems:
             raise RecipeError([f"{self.source}: {p}" for p in problems])

@@ -48,7 +48,8 @@ def multi_pass_backward(
     smaller student still needs them. Gradients accumulate: the caller zeroes and steps."""
     n, g = model.num_submodels, loss.graph
     needed_until = {t: g.last_student_of(t) for t in g.internal_teachers()}
-    teachers: dict[int | str, Tensor] = dict(external or {})
+    teachers: dict[int | str, Tensor] = {}
+    teachers.update(external or {})
     total = torch.zeros((), device=x.device)
     correct = torch.zeros(n, dtype=torch.long, device=x.device)
     for i in reversed(range(n)):

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from torch import Tensor, nn
+
+from kdreg.errors import OptionError
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     SlimmableBackbone,
@@ -32,9 +35,6 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableLinear,
     SwitchableBatchNorm2d,
 )
-from torch import Tensor, nn
-
-from kdreg.errors import OptionError
 
 STEM_CHANNELS = 32
 #: (stage name, ((output channels, stride) per depthwise-separable block)).

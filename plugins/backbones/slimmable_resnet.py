@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdreg.errors import OptionError
 from kdreg_plugins.backbones.cifar_resnet import (
     DEPTHS,
     STAGE_CHANNELS,
@@ -29,9 +32,6 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableLinear,
     SwitchableBatchNorm2d,
 )
-from torch import Tensor, nn
-
-from kdreg.errors import OptionError
 
 
 class SlimmableBasicBlock(nn.Module):

@@ -16,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor, nn
+
+from kdreg.backbone import FlexibleBackbone, count_macs, segment_range
+from kdreg.errors import OptionError
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     SlimmableBackbone,
@@ -23,10 +27,6 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableLinear,
     SwitchableBatchNorm2d,
 )
-from torch import Tensor, nn
-
-from kdreg.backbone import FlexibleBackbone, count_macs, segment_range
-from kdreg.errors import OptionError
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -27,13 +27,14 @@ The back from ``layer5`` is global average pooling and the classifier.
 
 from __future__ import annotations
 
+from torch import nn
+
 from kdreg_plugins.backbones.cifar_resnet import (
     PoolLinear,
     StagedBackbone,
     check_num_classes,
     init_weights,
 )
-from torch import nn
 
 #: Output channels of each conv, per group.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {

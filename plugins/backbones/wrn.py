@@ -27,15 +27,15 @@ Being pre-activation, every feature is a residual sum before BN - ReLU (RepDisti
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdreg.errors import OptionError
 from kdreg_plugins.backbones.cifar_resnet import (
     PoolLinear,
     StagedBackbone,
     check_num_classes,
     init_weights,
 )
-from torch import Tensor, nn
-
-from kdreg.errors import OptionError
 
 #: (depth, widen factor) of the registered ``wrn{d}_{k}`` names.
 VARIANTS = ((16, 1), (16, 2), (40, 1), (40, 2), (28, 2), (46, 4))

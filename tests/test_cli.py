@@ -1,0 +1,117 @@
+"""The command line, run as a user runs it: exit codes, messages, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdreg.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kdreg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kdreg.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_validate_accepts_a_good_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(ROOT / "recipes" / "quickstart.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "stage student: slimmable_resnet8 (4 sub-models: x0.25, x0.5, x0.75, x1.0), graph ipkd-ta-m" in out
+    assert out.rstrip().endswith(": ok")
+
+
+BAD = {
+    "unknown key": ("[data]\nbatchsize = 3\n", "unknown key(s) batchsize @ recipe.data"),
+    "wrong type": ("[data]\nbatch_size = 'big'\n", "expected an integer, got str 'big' @ recipe.data.batch_size"),
+    "unknown plugin": ("", "unknown graph 'ipkd-tm'"),
+    "lam out of range": ("", "lam must be in [0, 1], got 1.2 @ recipe.stages.student.lam"),
+    "subset teacher smaller": ("", "teacher 0 is smaller than its student 1 @ recipe.stages.student.graph.teachers"),
+    "broken toml": ("[data\n", "broken TOML"),
+}
+STAGE = """
+[[stages]]
+name = "student"
+backbone = {{ name = "tiny_slimmable", widths = [0.25, 0.5, 1.0] }}
+graph = {graph}
+lam = {lam}
+"""
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_validate_rejects_a_bad_recipe_with_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head, expected = BAD[case]
+    graph = {"unknown plugin": '{ name = "ipkd-tm" }',
+             "subset teacher smaller": '{ name = "subset", teachers = { "1" = [0] } }'}.get(case, '"ipkd"')
+    lam = "1.2" if case == "lam out of range" else "0.5"
+    path = tmp_path / "bad.toml"
+    path.write_text(head + STAGE.format(graph=graph, lam=lam))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert all(line.startswith(f"error: {path}: ") for line in err.splitlines()), err
+    assert "Traceback" not in err
+    if case == "unknown plugin":
+        assert "registered: ipkd, ipkd-ta-1, ipkd-ta-m, none, subset" in err
+
+
+def test_run_of_a_bad_recipe_exits_2_without_traceback_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(STAGE.format(graph='"ipkd"', lam="7"))
+    proc = kdreg("run", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "lam must be in [0, 1], got 7 @ recipe.stages.student.lam" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_end_to_end_and_refuse_to_overwrite(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    proc = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "sub-model  params  MMACs  val acc  test acc" in proc.stdout
+    assert "student epoch 2/2" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["stages"][0]["epochs"] == 2
+    again = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr and "--resume" in again.stderr
+    assert json.loads((out / "results.json").read_text()) == results
+    resumed = kdreg("run", "--resume", str(out), "--no-progress")   # nothing left to do
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "results.json").read_text())["stages"] == results["stages"]
+
+
+def test_command_line_errors_exit_2(tmp_path: Path) -> None:
+    assert kdreg("run").returncode == 2
+    assert kdreg("frobnicate").returncode == 2
+    proc = kdreg("run", "--resume", str(tmp_path))
+    assert proc.returncode == 2 and "is not a kdreg run directory" in proc.stderr
+    proc = kdreg("run", str(tmp_path / "missing.toml"))
+    assert proc.returncode == 2 and "cannot read the recipe" in proc.stderr
+    proc = kdreg("run", str(ROOT / "recipes" / "quickstart.toml"), "--set", "train.epochs")
+    assert proc.returncode == 2 and "is not KEY=VALUE" in proc.stderr
+
+
+def test_a_failing_run_exits_1_with_a_message(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(tmp_path / "nan"), "--no-progress",
+                 "--set", "train.optimizer.lr=1e30")
+    assert proc.returncode == 1, proc.stderr
+    assert "the loss became nan" in proc.stderr.lower() or "the loss became inf" in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+
+
+def test_list_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "graphs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graphs:") and "ipkd-ta-m" in out and "(ipkd-ta eq. 7)" in out
+    assert main(["list", "backbones", "--details"]) == 0
+    out = capsys.readouterr().out
+    assert "slimmable_mobilenet_v1" in out and "x1.0: 3,223,178 params, 46.4 M MACs" in out
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "graphs  (kdreg 0.1.0)" in out and "graphs: ipkd, ipkd-ta-1, ipkd-ta-m, none, subset" in out
+    assert "events: kdreg_epoch_finished" in out
