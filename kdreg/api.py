@@ -61,3 +61,10 @@ def distillation_loss(
     """The teacher-graph loss L (design section 1); see :func:`kdreg.losses.distillation_loss`."""
     return losses.distillation_loss(logits, labels, graph, lam=lam, tau=tau,
                                     divergence=divergence, external=external)
+
+
+def capacity_ratio(teacher: FlexibleBackbone, student: FlexibleBackbone) -> dict[str, float]:
+    """How much larger the teacher's full model is than the student's: parameters and MACs."""
+    tp, sp = teacher.count_params()[-1], student.count_params()[-1]
+    tm, sm = teacher.count_macs()[-1], student.count_macs()[-1]
+    return {"params": tp / sp, "macs": tm / sm}

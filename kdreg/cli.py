@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered backbones, graphs, datasets and bridges")
     ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges"])
     ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
+    rep = sub.add_parser("report", help="plot a run directory's curves and accuracies to report.png")
+    rep.add_argument("directory")
+    rep.add_argument("--out", help="image file (default: DIR/report.png)")
+
+    cap = sub.add_parser("capacity", help="parameter and MAC ratio of a teacher-student pair")
+    cap.add_argument("teacher", help="a registered backbone name")
+    cap.add_argument("student", help="a registered backbone name")
+    cap.add_argument("--num-classes", type=int, default=10)
     return p
 
 
@@ -136,7 +144,30 @@ def _backbone_details(name: str) -> str:
                      for label, p, m in zip(model.submodel_labels, params, macs))
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list}
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdreg.report import plot_run
+
+    path = plot_run(Path(args.directory), Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from kdreg.api import build_backbone, capacity_ratio
+
+    teacher = build_backbone(args.teacher, num_classes=args.num_classes)
+    student = build_backbone(args.student, num_classes=args.num_classes)
+    for role, name, model in (("teacher", args.teacher, teacher), ("student", args.student, student)):
+        print(f"{role} {name}: {model.count_params()[-1]:,} params, {model.count_macs()[-1] / 1e6:.1f} M MACs")
+    ratio = capacity_ratio(teacher, student)
+    print(f"capacity ratio (teacher / student): {ratio['params']:.2f}x params, {ratio['macs']:.2f}x MACs")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
+            "capacity": cmd_capacity, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

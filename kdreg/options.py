@@ -130,4 +130,6 @@ def _structure(value: Any, hint: Any) -> Any:
         if not isinstance(value, Mapping):
             raise TypeError(f"expected a table, got {type(value).__name__} {value!r}")
         return dict(value)
+    if isinstance(hint, type) and hint not in (int, float, str, bool) and isinstance(value, hint):
+        return value  # an object given from Python, e.g. a backbone instance
     return converter.structure(value, hint)

@@ -65,8 +65,8 @@ class Registry:
 
     def unknown_message(self, name: object) -> str:
         close = difflib.get_close_matches(str(name), self.names(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} registered: {', '.join(self.names()) or 'none'}"
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(self.names()) or 'none'}"
 
 
 _registries: dict[str, Registry] = {}

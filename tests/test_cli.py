@@ -115,3 +115,22 @@ def test_list_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "graphs  (kdreg 0.1.0)" in out and "graphs: ipkd, ipkd-ta-1, ipkd-ta-m, none, subset" in out
     assert "events: kdreg_epoch_finished" in out
+
+
+def test_capacity_ratio_of_a_teacher_student_pair(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["capacity", "resnet110", "resnet8"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher resnet110: 1,730,714 params" in out and "student resnet8: 78,042 params" in out
+    assert f"{1730714 / 78042:.2f}x params" in out
+    assert main(["capacity", "resnet110", "resnet9"]) == 2
+    assert "unknown backbone 'resnet9' (did you mean" in capsys.readouterr().err
+
+
+def test_report_plots_a_run(smoke_recipe, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert main(["run", str(smoke_recipe(epochs=2)), "--out", str(out), "--no-progress"]) == 0
+    assert main(["report", str(out)]) == 0
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a kdreg run directory" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_round_trip_of_the_resolved_recipe() -> None:
         (BASE.replace("tau = 1.0", "tau = 0"), [], "tau must be > 0, got 0 @ recipe.stages.student.tau"),
         (BASE.replace('divergence = "ce"', 'divergence = "js"'), [], "expected one of kl, ce, got 'js' @ recipe.stages.student.divergence"),
         (BASE.replace("[train]", "[train]\nbatch = 3"), [], "unknown key(s) batch @ recipe.train"),
-        (BASE.replace('"ipkd-ta-m"', '"ipkd-tam"'), [], "unknown graph 'ipkd-tam'; did you mean ipkd-ta-m"),
+        (BASE.replace('"ipkd-ta-m"', '"ipkd-tam"'), [], "unknown graph 'ipkd-tam' (did you mean ipkd-ta-m"),
         (BASE.replace('"slimmable_mobilenet_v1"', '"mobilenet"'), [], "@ recipe.stages.student.backbone.name"),
         (BASE.replace('"synthetic"', '"cifar11"'), [], "unknown dataset 'cifar11'"),
         (BASE.replace("widths = [0.25, 0.5, 0.75, 1.0]", "widths = [0.5, 0.25]"), [], "@ recipe.stages.student.backbone.widths"),
