@@ -8,12 +8,15 @@ networks are single-pass (one forward yields every exit); a plain network is a f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from kdreg.errors import OptionError
+
+T = TypeVar("T")
 
 
 class FlexibleBackbone(nn.Module):
@@ -107,16 +110,21 @@ class FlexibleBackbone(nn.Module):
 
     def feature_shapes(self, input_size: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
         """Shape ``(C, H, W)`` (or ``(tokens, C)``) of the features at every split point."""
+        feats = self.probe(lambda x: self.forward_stages(x)[0], input_size, batch=2)
+        return {p: tuple(f.shape[1:]) for p, f in zip(self.split_points(), feats)}
+
+    def probe(self, fn: Callable[[Tensor], T], input_size: Sequence[int] | None = None, batch: int = 1) -> T:
+        """``fn(zeros)`` on a zero batch at ``input_size`` (default: the model's), in eval mode
+        without gradients, restoring the training mode after; for counting and shape checks."""
         h, w = input_size or self.input_size
-        x = torch.zeros(2, self.in_chans, h, w, device=_device_of(self))
+        x = torch.zeros(batch, self.in_chans, h, w, device=_device_of(self))
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                feats, _ = self.forward_stages(x)
+                return fn(x)
         finally:
             self.train(was_training)
-        return {p: tuple(f.shape[1:]) for p, f in zip(self.split_points(), feats)}
 
     # ----------------------------------------------------------------- counting
     def count_params(self) -> list[int]:
@@ -130,15 +138,8 @@ class FlexibleBackbone(nn.Module):
 
     def count_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
         """Multiply-accumulates of one image through each sub-model (cumulative for exits)."""
-        h, w = input_size or self.input_size
-        x = torch.zeros(1, self.in_chans, h, w, device=_device_of(self))
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return [count_macs(lambda i=i: self.forward_submodel(x, i)) for i in range(self.num_submodels)]
-        finally:
-            self.train(was_training)
+        return self.probe(lambda x: [count_macs(lambda i=i: self.forward_submodel(x, i))
+                                     for i in range(self.num_submodels)], input_size)
 
 
 def segment_range(points: Sequence[str], start: str | None, end: str | None) -> tuple[int, int]:

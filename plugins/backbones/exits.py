@@ -298,25 +298,20 @@ class ExitsBackbone(FlexibleBackbone):
         return counts
 
     def count_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
-        h, w = input_size or self.input_size
-        x = torch.zeros(1, self.in_chans, h, w, device=_device_of(self))
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                fronts, heads = [], []
-                for p, head in zip(self.points, self.heads):
-                    fronts.append(count_macs(lambda p=p: self.trunk.forward_front(x, p)))
-                    f = self.trunk.forward_front(x, p)
-                    heads.append(count_macs(lambda head=head, f=f: head(f)))
-                counts = [m + sum(heads[: i + 1]) for i, m in enumerate(fronts)]
-                if self.include_final:
-                    last = self.trunk.num_submodels - 1
-                    full = count_macs(lambda: self.trunk.forward_submodel(x, last))
-                    counts.append(full + sum(heads))
-                return counts
-        finally:
-            self.train(was_training)
+        def measure(x: Tensor) -> list[int]:
+            fronts, heads = [], []
+            for p, head in zip(self.points, self.heads):
+                fronts.append(count_macs(lambda p=p: self.trunk.forward_front(x, p)))
+                f = self.trunk.forward_front(x, p)
+                heads.append(count_macs(lambda head=head, f=f: head(f)))
+            counts = [m + sum(heads[: i + 1]) for i, m in enumerate(fronts)]
+            if self.include_final:
+                last = self.trunk.num_submodels - 1
+                full = count_macs(lambda: self.trunk.forward_submodel(x, last))
+                counts.append(full + sum(heads))
+            return counts
+
+        return self.probe(measure, input_size)
 
 
 def trunk_params_up_to(trunk: FlexibleBackbone, points: Sequence[str]) -> list[int]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from kdreg.errors import OptionError
+from kdreg_plugins.backbones.cifar_resnet import init_weights
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     SlimmableBackbone,
@@ -104,17 +105,7 @@ class SlimmableMobileNetV1(SlimmableBackbone):
 
     def reset_parameters(self) -> None:
         """He (fan-out) init for convs, N(0, 0.01) for the classifier, zero biases, unit BN."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def classify(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(x).flatten(1))

@@ -269,7 +269,7 @@ class MSDNet(FlexibleBackbone):
 
     def scale_shapes(self, input_size: Sequence[int] | None = None) -> dict[str, list[tuple[int, ...]]]:
         """Shapes ``(C, H, W)`` of every scale (finest first) at each block."""
-        feats = self._probe(input_size, 2, lambda x: self.forward_stages(x)[0])
+        feats = self.probe(lambda x: self.forward_stages(x)[0], input_size, batch=2)
         return {p: [tuple(t.shape[1:]) for t in f] for p, f in zip(self.split_points(), feats)}
 
     # ----------------------------------------------------------------- counting
@@ -307,19 +307,7 @@ class MSDNet(FlexibleBackbone):
                 head_macs.append(_counted(head, h)[1])
             return block_macs, head_macs
 
-        return self._probe(input_size, 1, measure)
-
-    def _probe(self, input_size: Sequence[int] | None, batch: int, fn):  # type: ignore[no-untyped-def]
-        """``fn(zeros)`` in eval mode without gradients, restoring the training mode after."""
-        h, w = input_size or self.input_size
-        x = torch.zeros(batch, self.in_chans, h, w, device=next(self.parameters()).device)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return fn(x)
-        finally:
-            self.train(was_training)
+        return self.probe(measure, input_size)
 
 
 def _counted(module: nn.Module, h: Tensor | Features) -> tuple[Tensor | Features, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone, count_macs, segment_range
@@ -143,16 +142,8 @@ class TinyExits(FlexibleBackbone):
 
     def count_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
         """Cumulative per exit, like :meth:`count_params` (every head up to exit ``k``)."""
-        h, w = input_size or self.input_size
-        x = torch.zeros(1, self.in_chans, h, w, device=next(self.parameters()).device)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return [count_macs(lambda k=k: self._run(x, k, every_head=True))
-                        for k in range(self.num_submodels)]
-        finally:
-            self.train(was_training)
+        return self.probe(lambda x: [count_macs(lambda k=k: self._run(x, k, every_head=True))
+                                     for k in range(self.num_submodels)], input_size)
 
 
 def build_tiny_slimmable(
