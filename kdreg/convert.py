@@ -6,8 +6,10 @@ bool, and unknown keys of a table are errors.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
+import attrs
 import cattrs
 
 
@@ -46,8 +48,11 @@ def _format(exc: BaseException, type_: Any) -> str:
         return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}"
     if isinstance(exc, KeyError):
         return "required key missing"
-    if isinstance(exc, TypeError | ValueError) and str(exc).startswith("expected"):
+    if isinstance(exc, TypeError | ValueError | AttributeError) and not str(exc).startswith("expected"):
+        if type_ is not None and attrs.has(type_):
+            return "expected a table"
+        if typing.get_origin(type_) in (tuple, list):
+            return "expected a list"
+    if isinstance(exc, TypeError | ValueError) and str(exc):
         return str(exc)
-    if isinstance(exc, ValueError) and type_ is not None:
-        return f"invalid value for {getattr(type_, '__name__', type_)}: {exc}"
     return f"{type(exc).__name__}: {exc}" if type_ is None else cattrs.v.format_exception(exc, type_)

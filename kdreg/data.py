@@ -175,20 +175,20 @@ def prepare_splits(data: ImageData, *, val_split: int, train_limit: int, test_li
     for name, value in (("val_split", val_split), ("train_limit", train_limit),
                         ("test_limit", test_limit)):
         if int(value) != value or value < 0:
-            raise UserError(f"data.{name} must be an integer >= 0, got {value!r}")
+            raise UserError(f"data.{name} must be an integer >= 0, got {value!r} @ recipe.data.{name}")
     present = int(torch.bincount(data.train_labels, minlength=num_classes).gt(0).sum())
     if val_split and val_split > n_train - present:
         raise DataError(
             f"data.val_split = {val_split} leaves no training image for some class: the data set "
             f"has {n_train} training images in {present} classes, so at most "
-            f"{n_train - present} can be held out")
+            f"{n_train - present} can be held out @ recipe.data.val_split")
     remaining = n_train - val_split
     if train_limit > remaining:
         raise DataError(
             f"data.train_limit = {train_limit} is more than the {remaining} training images "
-            f"available ({n_train} minus data.val_split = {val_split})")
+            f"available ({n_train} minus data.val_split = {val_split}) @ recipe.data.train_limit")
     if test_limit > n_test:
-        raise DataError(f"data.test_limit = {test_limit} is more than the {n_test} test images")
+        raise DataError(f"data.test_limit = {test_limit} is more than the {n_test} test images @ recipe.data.test_limit")
 
     train_index = torch.arange(n_train)
     val_index = torch.zeros(0, dtype=torch.long)

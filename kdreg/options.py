@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kdreg.convert import converter, error_lines
@@ -126,6 +126,19 @@ def _structure(value: Any, hint: Any) -> Any:
         if value not in allowed:
             raise ValueError(f"expected one of {', '.join(map(repr, allowed))}, got {value!r}")
         return value
+    if origin in (list, Sequence, Iterable) or hint in (list, Sequence, Iterable):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(hint)
+        if not args:
+            return list(value)
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_structure(v, args[0]))
+            except Exception as exc:  # noqa: BLE001
+                raise TypeError(f"item {i}: {exc}") from None
+        return out
     if hint in (dict, Mapping) or origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise TypeError(f"expected a table, got {type(value).__name__} {value!r}")

@@ -106,3 +106,9 @@ def test_every_problem_is_reported_on_its_own_line() -> None:
 def test_an_unknown_plugin_lists_the_registered_names() -> None:
     problems = problems_of(BASE.replace('"ipkd-ta-m"', '"teacher-assistant"'))
     assert any("registered: ipkd, ipkd-ta-1, ipkd-ta-m, none, subset" in p for p in problems), problems
+
+
+def test_tables_and_lists_of_the_wrong_kind() -> None:
+    problems = problems_of('data = 3\nstages = 5\n[train]\noptimizer = "sgd"\n')
+    assert problems == ["r.toml: expected a table @ recipe.data", "r.toml: expected a table @ recipe.train.optimizer",
+                        "r.toml: expected a list @ recipe.stages"]
