@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
-
-from kdreg import losses
 from kdreg.backbone import FlexibleBackbone
 from kdreg.graph import TeacherGraph
+from kdreg.losses import distillation_loss
 from kdreg.options import bind, call
 from kdreg.registry import get_registry
+
+__all__ = ["build_backbone", "capacity_ratio", "distillation_loss", "get_teacher_graph"]
 
 
 def build_backbone(
@@ -46,21 +45,6 @@ def get_teacher_graph(name: str, num_submodels: int, **options: Any) -> TeacherG
     if not isinstance(g, TeacherGraph):
         raise TypeError(f"graph {name!r} of plugin {entry.plugin!r} returned {type(g).__name__}, not a TeacherGraph")
     return g
-
-
-def distillation_loss(
-    logits: Sequence[Tensor],
-    labels: Tensor,
-    graph: TeacherGraph,
-    *,
-    lam: float,
-    tau: float,
-    divergence: str = "kl",
-    external: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """The teacher-graph loss L (design section 1); see :func:`kdreg.losses.distillation_loss`."""
-    return losses.distillation_loss(logits, labels, graph, lam=lam, tau=tau,
-                                    divergence=divergence, external=external)
 
 
 def capacity_ratio(teacher: FlexibleBackbone, student: FlexibleBackbone) -> dict[str, float]:

@@ -92,15 +92,20 @@ class FlexibleBackbone(nn.Module):
         """Logits of the full model computed from the features at ``split`` onwards."""
         return self.forward_segment(features, self.check_split(split), None)
 
-    def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
-        """Features at each of ``points`` (default: every split point) and the full model's logits,
-        from one forward pass."""
+    def ordered_points(self, points: Sequence[str] | None = None) -> list[str]:
+        """``points`` (default: every split point), checked to be known and in network order."""
         order = self.split_points()
         wanted = list(order if points is None else points)
         for p in wanted:
             self.check_split(p)
         if [order.index(p) for p in wanted] != sorted(order.index(p) for p in wanted):
             raise OptionError(f"split points {wanted} are not in network order {list(order)}")
+        return wanted
+
+    def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
+        """Features at each of ``points`` (default: every split point) and the full model's logits,
+        from one forward pass."""
+        wanted = self.ordered_points(points)
         feats, h, start = [], x, None
         for p in wanted:
             h = self.forward_segment(h, start, p)

@@ -285,12 +285,7 @@ class TimmBackbone(FlexibleBackbone):
         return out
 
     def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
-        order = self.split_points()
-        wanted = list(order if points is None else points)
-        for p in wanted:
-            self.check_split(p)
-        if [order.index(p) for p in wanted] != sorted(order.index(p) for p in wanted):
-            raise OptionError(f"split points {wanted} are not in network order {list(order)}")
+        wanted = self.ordered_points(points)
         with self._capturing(wanted) as feats:
             logits = self.net(x)
         return [feats[p] for p in wanted], logits
