@@ -67,3 +67,14 @@ def test_paper_recipes_use_the_papers_hyperparameters(path: Path) -> None:
         assert train.schedule.milestones == (150, 225) and train.schedule.gamma == 0.1
         assert r.data.batch_size == 64 and train.optimizer.weight_decay == 1e-4
     assert r.data.dataset == path.stem.split("-")[2]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("python3 -m pip install")]
+    assert len(commands) == 2, commands
+    install_and_run, install_and_test = commands
+    assert install_and_run.endswith("kdreg run recipes/quickstart.toml")
+    install, test = install_and_test.split(" && ")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install in ci and test in ci
