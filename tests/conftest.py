@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("KDREG_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kdreg"))
 
@@ -41,3 +42,12 @@ def smoke_recipe(tmp_path: Path):  # type: ignore[no-untyped-def]
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny tensors: one intra-op thread is faster, and is not slowed down by a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

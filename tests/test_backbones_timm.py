@@ -13,13 +13,7 @@ from kdreg_plugins.backbones.timm_adapter import TimmBackbone, build_timm
 C = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one intra-op thread is faster, and is not slowed down by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = (32, 32)
 
 # Ten families, smallest variants; every one trained as an early-exit model at 32x32.

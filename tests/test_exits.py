@@ -12,13 +12,7 @@ from kdreg_plugins.backbones.exits import ExitsBackbone, MSDNetConvHead, build_e
 C = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one intra-op thread is faster, and is not slowed down by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exits(trunk, **options) -> ExitsBackbone:  # type: ignore[no-untyped-def]
