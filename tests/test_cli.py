@@ -134,3 +134,13 @@ def test_report_plots_a_run(smoke_recipe, tmp_path: Path, capsys: pytest.Capture
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a kdreg run directory" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_exits_2_and_leaves_no_run_directory(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(f'[data]\ndataset = "imagefolder"\nroot = "{tmp_path}/nowhere"\n'
+                    + STAGE.format(graph='"ipkd"', lam="0.5"))
+    proc = kdreg("run", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

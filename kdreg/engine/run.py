@@ -71,8 +71,6 @@ class Run:
                 f"run directory {directory} is not empty; it may hold an earlier run: "
                 f"continue it with `kdreg run --resume {directory}` or choose another --out"
             )
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / RECIPE_FILE).write_text(dump_recipe(recipe))
         return cls(recipe, directory, source=str(recipe_path), progress=progress)
 
     @classmethod
@@ -91,6 +89,9 @@ class Run:
         recipe = self.recipe
         seed_everything(recipe.seed)
         splits = load_data(recipe.data)
+        if not (self.directory / RECIPE_FILE).is_file():  # created once the data is there
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / RECIPE_FILE).write_text(dump_recipe(recipe))
         shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
         problems = check_recipe(recipe, shape)
         if problems:
