@@ -190,3 +190,45 @@ def test_init_loads_weights_and_mismatch_is_a_recipe_error(smoke_recipe, tmp_pat
         Run.start(bad, tmp_path / "third", overrides=[f"stages.student.init='{ckpt}'"], progress=False).execute()
     with pytest.raises(kdreg.errors.RecipeError, match=r"checkpoint .*missing.pt does not exist @ recipe.stages.student.init"):
         Run.start(bad, tmp_path / "fourth", overrides=[f"stages.student.init='{tmp_path}/missing.pt'"], progress=False)
+
+
+TWO_STAGES = """
+name = "heads"
+[data]
+dataset = "synthetic"
+batch_size = 32
+val_split = 64
+options = { train_size = 320, test_size = 64, num_classes = 4, image_size = 16 }
+[train]
+epochs = 1
+optimizer = { lr = 0.05 }
+[[stages]]
+name = "teacher"
+backbone = { name = "resnet8" }
+[[stages]]
+name = "heads"
+backbone = { name = "exits", trunk = "teacher", points = ["layer1", "layer2", "layer3"], head = "flatten_linear", freeze_trunk = true }
+graph = { name = "none" }
+"""
+
+
+def test_a_later_stage_builds_on_a_frozen_earlier_one(tmp_path: Path) -> None:
+    """EKD's second stage: heads on the trained, frozen teacher; the teacher's weights stay."""
+    path = tmp_path / "two.toml"
+    path.write_text(TWO_STAGES)
+    run = Run.start(path, tmp_path / "run", progress=False)
+    results = run.execute()
+    teacher, heads = results["stages"]
+    assert teacher["submodels"] == ["full"] and heads["submodels"] == ["exit1", "exit2", "exit3", "final"]
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "teacher" / "best.pt", weights_only=False)["model"]
+    after = run.models["heads"].trunk.state_dict()
+    for key, value in trained.items():
+        torch.testing.assert_close(after[key], value, msg=key)  # BN statistics included
+    assert heads["test_accuracy"][-1] == pytest.approx(teacher["test_accuracy"][0])
+    assert heads["params"][-1] == teacher["params"][0] + sum(
+        p.numel() for p in run.models["heads"].heads.parameters())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TWO_STAGES.replace('trunk = "teacher"', 'trunk = "teachr"'))
+    with pytest.raises(kdreg.errors.RecipeError,
+                       match=r"trunk = 'teachr' names no earlier stage; earlier stages: teacher @ recipe.stages.heads.backbone.trunk"):
+        Run.start(bad, tmp_path / "bad", progress=False)
