@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered backbones, graphs, datasets and bridges")
     ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges"])
     ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
+    ev = sub.add_parser("eval", help="test accuracy of a run's selected weights (data keys may be overridden)")
+    ev.add_argument("directory")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="e.g. data.test_limit=1000 or data.root=/other/copy")
+
     rep = sub.add_parser("report", help="plot a run directory's curves and accuracies to report.png")
     rep.add_argument("directory")
     rep.add_argument("--out", help="image file (default: DIR/report.png)")
@@ -144,6 +149,17 @@ def _backbone_details(name: str) -> str:
                      for label, p, m in zip(model.submodel_labels, params, macs))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdreg.engine.run import Run
+
+    run = Run.resume(args.directory, progress=False, overrides=args.overrides)
+    for stage in run.evaluate():
+        accs = ", ".join(f"{label} {a:.2f}" for label, a in zip(stage["submodels"], stage["test_accuracy"]))
+        print(f"stage {stage['name']} ({stage['test_images']} test images): {accs} "
+              f"(mean {stage['mean_test_accuracy']:.2f})")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -167,7 +183,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
-            "capacity": cmd_capacity, "report": cmd_report}
+            "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

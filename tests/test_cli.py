@@ -144,3 +144,17 @@ def test_a_missing_data_folder_exits_2_and_leaves_no_run_directory(tmp_path: Pat
     assert proc.returncode == 2, proc.stderr
     assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_reproduces_the_reported_test_accuracy(smoke_recipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    stage = json.loads((out / "results.json").read_text())["stages"][0]
+    assert main(["eval", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    expected = ", ".join(f"{label} {a:.2f}" for label, a in zip(stage["submodels"], stage["test_accuracy"]))
+    assert line == f"stage student (64 test images): {expected} (mean {stage['mean_test_accuracy']:.2f})"
+    assert main(["eval", str(out), "--set", "data.test_limit=32"]) == 0
+    assert "(32 test images)" in capsys.readouterr().out

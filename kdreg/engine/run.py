@@ -15,9 +15,11 @@ import torch
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
-from kdreg.data import Splits, load_data
+from kdreg.data import BatchLoader, Splits, load_data
+from kdreg.engine import checkpoint
 from kdreg.engine.build import DataShape, build_graph, build_model, check_recipe
 from kdreg.engine.device import resolve_device, resolve_precision
+from kdreg.engine.evaluate import evaluate
 from kdreg.engine.step import LossSettings
 from kdreg.engine.trainer import StageTrainer
 from kdreg.errors import RecipeError, UserError
@@ -74,11 +76,11 @@ class Run:
         return cls(recipe, directory, source=str(recipe_path), progress=progress)
 
     @classmethod
-    def resume(cls, directory: str | Path, progress: bool = True) -> Run:
+    def resume(cls, directory: str | Path, progress: bool = True, overrides: Iterable[str] = ()) -> Run:
         directory = Path(directory)
         if not (directory / RECIPE_FILE).is_file():
             raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
-        recipe = load_recipe(directory / RECIPE_FILE)
+        recipe = load_recipe(directory / RECIPE_FILE, overrides)
         run = cls(recipe, directory, source=str(directory / RECIPE_FILE), progress=progress)
         if (directory / RESULTS_FILE).is_file():
             run.results = json.loads((directory / RESULTS_FILE).read_text())
@@ -127,6 +129,29 @@ class Run:
         self._write_results()
         self.pm.hook.kdreg_run_finished(run=self, results=self.results)
         return self.results
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Test accuracy per sub-model of the selected weights of every trained stage."""
+        splits = load_data(self.recipe.data)
+        shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
+        test = BatchLoader(splits.test.images, splits.test.labels, batch_size=self.recipe.data.eval_batch_size,
+                           mean=splits.mean, std=splits.std, device=self.device, train=False, seed=0)
+        out = []
+        for index, stage in enumerate(self.recipe.stages):
+            best = self.directory / "checkpoints" / stage.name / "best.pt"
+            if not best.is_file():
+                break
+            model = build_model(stage, index, shape, self.models, load_init=False).to(self.device)
+            checkpoint.load_weights(model, best)
+            self.models[stage.name] = model.eval()
+            dtype = resolve_precision(self.recipe.stage_train(stage).precision, self.device)
+            acc = evaluate(model, test, device=self.device, dtype=dtype)
+            out.append({"name": stage.name, "submodels": list(model.submodel_labels),
+                        "test_accuracy": acc, "mean_test_accuracy": sum(acc) / len(acc),
+                        "test_images": len(splits.test)})
+        if not out:
+            raise UserError(f"{self.directory} holds no trained stage yet (no checkpoints/<stage>/best.pt)")
+        return out
 
     def _trainer(self, stage: Any, index: int, model: FlexibleBackbone, splits: Splits) -> StageTrainer:
         recipe = self.recipe
