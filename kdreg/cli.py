@@ -78,18 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kdreg.engine.build import DataShape, build_model, check_recipe
+    from kdreg.engine.build import check_recipe
     from kdreg.errors import RecipeError
     from kdreg.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    problems = check_recipe(recipe)
+    models: dict = {}
+    problems = check_recipe(recipe, models=models)
     if problems:
         raise RecipeError([f"{args.recipe}: {p}" for p in problems])
-    models: dict = {}
-    for i, stage in enumerate(recipe.stages):
-        model = build_model(stage, i, DataShape(10), models, load_init=False)
-        models[stage.name] = model
+    for stage in recipe.stages:
+        model = models[stage.name]
         print(f"stage {stage.name}: {stage.backbone.name} ({model.num_submodels} sub-models: "
               f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}")
     print(f"{args.recipe}: ok")

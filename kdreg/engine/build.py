@@ -82,11 +82,12 @@ def build_graph(stage: StageConfig, index: int, num_submodels: int) -> TeacherGr
     return graph
 
 
-def check_recipe(recipe: Recipe, shape: DataShape | None = None) -> list[str]:
+def check_recipe(recipe: Recipe, shape: DataShape | None = None,
+                 models: dict[str, FlexibleBackbone] | None = None) -> list[str]:
     """Every problem that can be found without training, one ``what @ key.path`` line each.
 
-    Models are built (untrained) to learn their sub-model counts; without the data's shape,
-    10 classes of 3x32x32 images are assumed.
+    Models are built (untrained) to learn their sub-model counts, into ``models`` when given;
+    without the data's shape, 10 classes of 3x32x32 images are assumed.
     """
     problems: list[str] = []
     datasets = get_registry("dataset")
@@ -101,7 +102,7 @@ def check_recipe(recipe: Recipe, shape: DataShape | None = None) -> list[str]:
             problems += exc.problems
     known_shape = shape is not None
     shape = shape or DataShape(10)
-    models: dict[str, FlexibleBackbone] = {}
+    models = {} if models is None else models
     for i, stage in enumerate(recipe.stages):
         try:
             model = build_model(stage, i, shape, models, load_init=known_shape)

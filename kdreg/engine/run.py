@@ -15,13 +15,13 @@ import torch
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
-from kdreg.data import BatchLoader, Splits, load_data
+from kdreg.data import Splits, load_data
 from kdreg.engine import checkpoint
 from kdreg.engine.build import DataShape, build_graph, build_model, check_recipe
 from kdreg.engine.device import resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.step import LossSettings
-from kdreg.engine.trainer import StageTrainer
+from kdreg.engine.trainer import StageTrainer, eval_loader
 from kdreg.errors import RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 
@@ -134,8 +134,7 @@ class Run:
         """Test accuracy per sub-model of the selected weights of every trained stage."""
         splits = load_data(self.recipe.data)
         shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
-        test = BatchLoader(splits.test.images, splits.test.labels, batch_size=self.recipe.data.eval_batch_size,
-                           mean=splits.mean, std=splits.std, device=self.device, train=False, seed=0)
+        test = eval_loader(splits, "test", self.recipe.data.eval_batch_size, self.device)
         out = []
         for index, stage in enumerate(self.recipe.stages):
             best = self.directory / "checkpoints" / stage.name / "best.pt"

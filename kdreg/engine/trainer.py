@@ -67,9 +67,7 @@ class StageTrainer:
         return self.directory / "checkpoints" / self.name
 
     def eval_loader(self, part: str) -> BatchLoader:
-        ts = getattr(self.splits, part)
-        return BatchLoader(ts.images, ts.labels, batch_size=self.eval_batch_size, mean=self.splits.mean,
-                           std=self.splits.std, device=self.device, train=False, seed=self.seed)
+        return eval_loader(self.splits, part, self.eval_batch_size, self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save_last(self) -> None:
@@ -163,6 +161,13 @@ class StageTrainer:
 
     def test(self) -> list[float]:
         return evaluate(self.model, self.eval_loader("test"), device=self.device, dtype=self.loss.dtype)
+
+
+def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device) -> BatchLoader:
+    """Fixed-order, unaugmented batches of ``splits.<part>`` (``val`` or ``test``) on ``device``."""
+    ts = getattr(splits, part)
+    return BatchLoader(ts.images, ts.labels, batch_size=batch_size, mean=splits.mean, std=splits.std,
+                       device=device, train=False, seed=0)
 
 
 def _mean(values: list[float]) -> float:
