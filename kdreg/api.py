@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge
+from kdreg.create import create
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss
-from kdreg.options import bind, call
-from kdreg.registry import get_registry
 
-__all__ = ["build_backbone", "capacity_ratio", "distillation_loss", "get_teacher_graph"]
+__all__ = ["build_backbone", "build_bridge", "capacity_ratio", "distillation_loss", "get_teacher_graph"]
 
 
 def build_backbone(
@@ -22,29 +22,28 @@ def build_backbone(
     **options: Any,
 ) -> FlexibleBackbone:
     """Build the registered backbone ``name``; ``forward(x)`` returns sub-model logits, smallest first."""
-    entry = get_registry("backbone").get(name)
     provided = {"num_classes": num_classes, "in_chans": in_chans, "input_size": tuple(input_size)}
-    kwargs = bind(entry.factory, options, provided=provided, path="backbone", what=f"backbone {name!r}")
-    model = call(entry.factory, kwargs, path="backbone")
-    if not isinstance(model, FlexibleBackbone):
-        raise TypeError(
-            f"backbone {name!r} of plugin {entry.plugin!r} returned {type(model).__name__}, "
-            "not a kdreg.FlexibleBackbone"
-        )
+    model = create("backbone", name, options, provided=provided, path="backbone")
     model.in_chans = in_chans
-    model.input_size = tuple(input_size)  # type: ignore[assignment]
+    model.input_size = (int(input_size[0]), int(input_size[1]))
     return model
 
 
 def get_teacher_graph(name: str, num_submodels: int, **options: Any) -> TeacherGraph:
-    """Build the registered teacher graph ``name`` over ``num_submodels`` sub-models."""
-    entry = get_registry("graph").get(name)
-    kwargs = bind(entry.factory, options, provided={"num_submodels": num_submodels},
-                  path="graph", what=f"graph {name!r}")
-    g = call(entry.factory, kwargs, path="graph")
-    if not isinstance(g, TeacherGraph):
-        raise TypeError(f"graph {name!r} of plugin {entry.plugin!r} returned {type(g).__name__}, not a TeacherGraph")
-    return g
+    """Build the registered teacher graph ``name`` over ``num_submodels`` sub-models.
+
+    Options naming an earlier stage (``teacher`` of ``kd`` and ``cohort``) take a
+    :class:`kdreg.TeacherStage` here."""
+    graph: TeacherGraph = create("graph", name, options, provided={"num_submodels": num_submodels},
+                                 path="graph")
+    return graph
+
+
+def build_bridge(name: str, *, student: FlexibleBackbone, **options: Any) -> Bridge:
+    """Build the registered collaboration bridge ``name`` for ``student``; its ``teacher`` option
+    takes a :class:`kdreg.TeacherStage`."""
+    bridge: Bridge = create("bridge", name, options, provided={"student": student}, path="bridge")
+    return bridge
 
 
 def capacity_ratio(teacher: FlexibleBackbone, student: FlexibleBackbone) -> dict[str, float]:

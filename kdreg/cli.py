@@ -78,19 +78,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kdreg.engine.build import check_recipe
+    from kdreg.engine.assemble import assemble, static_problems, validation_shape
     from kdreg.errors import RecipeError
     from kdreg.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    models: dict = {}
-    problems = check_recipe(recipe, models=models)
+    problems = static_problems(recipe)
+    shape, how = (None, "") if problems else validation_shape(recipe)
+    plans = []
+    if shape is not None:
+        try:
+            plans = assemble(recipe, shape)
+        except RecipeError as exc:
+            problems += exc.problems
     if problems:
         raise RecipeError([f"{args.recipe}: {p}" for p in problems])
-    for stage in recipe.stages:
-        model = models[stage.name]
+    if shape is None:
+        print(f"models not built: {how}; names, options and stage references are fine")
+    else:
+        print(f"models built for {shape.num_classes} classes of {shape.in_chans}x"
+              f"{shape.input_size[0]}x{shape.input_size[1]} images ({how})")
+    for plan in plans:
+        stage, model = plan.config, plan.model
+        extra = f", teachers {', '.join(sorted(plan.teachers))}" if plan.teachers else ""
+        extra += f", bridge {stage.bridge.name}" if stage.bridge is not None else ""
         print(f"stage {stage.name}: {stage.backbone.name} ({model.num_submodels} sub-models: "
-              f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}")
+              f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}{extra}, "
+              f"{plan.train.epochs} epochs")
     print(f"{args.recipe}: ok")
     return EXIT_OK
 

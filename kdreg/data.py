@@ -272,43 +272,47 @@ def _shape(shape: tuple[int, ...]) -> str:
 def _resolve_registry(pm_registry: Any) -> Any:
     from kdreg import registry
 
-    if pm_registry is None:
-        return registry.get_registry("dataset")
-    if isinstance(pm_registry, registry.Registry):
+    if pm_registry is None or isinstance(pm_registry, registry.Registry):
         return pm_registry
     return registry.collect("dataset", pm_registry)  # a plugin manager
-
-
-def _call_factory(factory: Any, name: str, options: dict[str, Any], root: Path,
-                  download: bool) -> Any:
-    """Check ``options`` against the factory's signature and types, then call it."""
-    from kdreg.options import bind, call
-
-    for reserved in ("root", "download"):
-        if reserved in options:
-            raise UserError(f"data.options may not set {reserved!r}; use data.{reserved}")
-    what = f"dataset {name!r}"
-    kwargs = bind(factory, options, provided={"root": root, "download": download},
-                  path="recipe.data.options", what=what)
-    if download and "download" not in kwargs:
-        raise UserError(f"{what} cannot download; set data.download = false")
-    return call(factory, kwargs, path="recipe.data.options")
 
 
 def load_data(config: Any, *, pm_registry: Any = None) -> Splits:
     """Build the splits described by a recipe's data section.
 
     ``config`` has ``dataset``, ``root``, ``val_split``, ``train_limit``, ``test_limit``,
-    ``download`` and ``options``. ``pm_registry`` is a dataset :class:`kdreg.registry.Registry`
-    or a plugin manager to use instead of the process-wide one.
+    ``download``, ``data_seed`` and ``options``. ``pm_registry`` is a dataset
+    :class:`kdreg.registry.Registry` or a plugin manager to use instead of the process-wide one.
     """
-    entry = _resolve_registry(pm_registry).get(config.dataset)
-    options = dict(getattr(config, "options", None) or {})
-    root = Path(str(config.root)).expanduser()
-    raw = _call_factory(entry.factory, config.dataset, options, root, bool(config.download))
-    data = check_image_data(raw, config.dataset)
+    data = read_data(config, pm_registry=pm_registry)
     return prepare_splits(data, val_split=config.val_split, train_limit=config.train_limit,
-                          test_limit=config.test_limit, seed=getattr(config, "data_seed", 0))
+                          test_limit=config.test_limit, seed=config.data_seed)
+
+
+def read_data(config: Any, *, pm_registry: Any = None) -> ImageData:
+    """The data source's images as it returns them (checked), before any split."""
+    from kdreg.create import create
+
+    options = dict(getattr(config, "options", None) or {})
+    for reserved in ("root", "download"):
+        if reserved in options:
+            raise UserError(f"data.options may not set {reserved!r}; use data.{reserved} "
+                            f"@ recipe.data.options.{reserved}")
+    download = bool(config.download)
+    registry = _resolve_registry(pm_registry)
+    provided = {"root": Path(str(config.root)).expanduser(), "download": download}
+    if download:
+        from kdreg.options import accepted_options
+        from kdreg.registry import get_registry
+
+        entry = (registry or get_registry("dataset")).get(config.dataset)
+        if "download" not in accepted_options(entry.factory):
+            raise UserError(f"dataset {config.dataset!r} cannot download; set data.download = false "
+                            "@ recipe.data.download")
+    data: ImageData = create("dataset", config.dataset, options, provided=provided,
+                             path="recipe.data.options", registry=registry,
+                             name_key="recipe.data.dataset")
+    return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Teacher graphs: who teaches whom, with what weight.
 
 Nodes are the sub-models ``0..n-1`` of the model being trained (0 the smallest) plus named
-external teachers (outputs of frozen models from earlier stages). An edge ``student <- teacher``
-with weight ``w`` adds ``w * KD(a_student, sg(a_teacher))`` to that student's loss.
+external teachers: outputs of frozen models from earlier stages, named ``"<stage>:<label>"``
+(``"teacher:full"``, ``"heads:exit2"``; a bare ``"<stage>"`` is that stage's full output). An edge
+``student <- teacher`` with weight ``w`` adds ``w * KD(a_student, sg(a_teacher))`` to that student's
+loss. The built-in graphs live in the built-in graphs plugin; the core knows no method.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Mapping
 
 import attrs
 import torch
@@ -107,73 +107,13 @@ class TeacherGraph:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- built-in graphs
-def no_distillation(num_submodels: int) -> TeacherGraph:
-    """Every sub-model trained on labels alone (ipkd-ta eq. 4)."""
-    return TeacherGraph(num_submodels, (), name="none")
+def external_node(stage: str, label: str) -> str:
+    """The node name of output ``label`` of the frozen stage ``stage``: ``"teacher:full"``."""
+    return f"{stage}:{label}"
 
 
-def ipkd(num_submodels: int) -> TeacherGraph:
-    """Inplace distillation: every sub-model taught by the largest (ipkd-ta eq. 5)."""
-    n = num_submodels
-    return TeacherGraph(n, tuple(Edge(i, n - 1, 1.0) for i in range(n - 1)), name="ipkd")
-
-
-def ipkd_ta_1(num_submodels: int) -> TeacherGraph:
-    """IPKD with one teacher assistant: sub-model i taught by i + 1 (ipkd-ta eq. 6)."""
-    n = num_submodels
-    return TeacherGraph(n, tuple(Edge(i, i + 1, 1.0) for i in range(n - 1)), name="ipkd-ta-1")
-
-
-def ipkd_ta_m(num_submodels: int) -> TeacherGraph:
-    """IPKD with multiple assistants: i taught by every larger j, weight 1/(n-1-i) (ipkd-ta eq. 7)."""
-    n = num_submodels
-    edges = tuple(Edge(i, j, 1.0 / (n - 1 - i)) for i in range(n - 1) for j in range(i + 1, n))
-    return TeacherGraph(n, edges, name="ipkd-ta-m")
-
-
-def subset(num_submodels: int, teachers: Mapping[str, Iterable[int]] | Iterable[Iterable[int]] = (),
-           weights: Mapping[str, Iterable[float]] | None = None) -> TeacherGraph:
-    """Teachers listed per student (ipkd-ta footnote 4); weights default to 1 / len(T_i).
-
-    ``teachers`` maps a student index (a TOML key, so a string: ``{ "0" = [2, 3], "1" = [3] }``)
-    to its teachers, or is a list with one teacher list per student, smallest first.
-    """
-    n = num_submodels
-    table = _per_student(teachers, n, "teachers")
-    wtable = _per_student(weights or {}, n, "weights")
-    edges = []
-    for s, ts in sorted(table.items()):
-        ts = [int(t) for t in ts]
-        if not ts:
-            continue
-        ws = [float(w) for w in wtable.get(s, [1.0 / len(ts)] * len(ts))]
-        if len(ws) != len(ts):
-            raise OptionError(f"student {s} has {len(ts)} teachers but {len(ws)} weights", key="weights")
-        edges += [Edge(s, t, w) for t, w in zip(ts, ws)]
-    extra = set(wtable) - set(table)
-    if extra:
-        raise OptionError(f"weights given for students without teachers: {sorted(extra)}", key="weights")
-    try:
-        return TeacherGraph(n, tuple(edges), name="subset")
-    except OptionError as exc:
-        raise OptionError(str(exc), key="teachers") from None
-
-
-def _per_student(spec: Mapping[str, Iterable] | Iterable[Iterable], n: int, key: str) -> dict[int, list]:
-    if isinstance(spec, Mapping):
-        out = {}
-        for k, v in spec.items():
-            try:
-                s = int(k)
-            except (TypeError, ValueError):
-                raise OptionError(f"student key {k!r} is not a sub-model index", key=key) from None
-            if not 0 <= s < n:
-                raise OptionError(f"student {s} does not exist (sub-models 0..{n - 1})", key=key)
-            out[s] = list(v)
-        return out
-    rows = [list(r) for r in spec]
-    if len(rows) > n:
-        raise OptionError(f"{len(rows)} rows given for {n} sub-models", key=key)
-    return dict(enumerate(rows))
-
+def parse_external_node(node: str) -> tuple[str, str | None]:
+    """``(stage, label)`` of an external node name; a bare stage name means its full output
+    (label ``None``)."""
+    stage, sep, label = node.rpartition(":")
+    return (stage, label) if sep else (node, None)

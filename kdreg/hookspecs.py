@@ -42,7 +42,9 @@ def kdreg_register_backbones(register: Any) -> None:
 
     A factory that builds on a model trained in an earlier stage of the same recipe (for example an
     early-exit wrapper around a frozen teacher) declares a parameter annotated as
-    ``kdreg.StageRef``; the engine passes that stage's trained backbone.
+    ``kdreg.StageRef``; the engine passes a trainable copy of that stage's backbone, whose weights
+    it sets to the stage's trained ones before the new stage trains (freeze it yourself if it must
+    stay fixed).
     """
 
 
@@ -53,6 +55,14 @@ def kdreg_register_graphs(register: Any) -> None:
     ``register(name, factory, description="")`` where ``factory(num_submodels: int, **options) ->
     kdreg.TeacherGraph``. The graph says which sub-model teaches which, with what weight; see
     ``kdreg.graph.TeacherGraph``. Options come from the recipe's ``graph = { name = ..., ... }``.
+
+    A graph may be taught by frozen earlier stages: declare the option annotated as
+    ``kdreg.StageRef`` (or ``list[kdreg.StageRef]``); the recipe gives the stage's name and the
+    factory receives a ``kdreg.TeacherStage`` (``name``, ``model``, ``submodel_labels``). Its
+    outputs are external nodes named by ``stage.node(index)`` (``"teacher:full"``); list them in
+    ``TeacherGraph(..., external=...)`` and use them as edge teachers. The engine runs those stages
+    in eval mode under ``no_grad`` on the same augmented batch as the student, once per batch, and
+    passes their logits to the loss.
     """
 
 
@@ -60,9 +70,17 @@ def kdreg_register_graphs(register: Any) -> None:
 def kdreg_register_bridges(register: Any) -> None:
     """Register collaboration bridges (student-teacher collaboration, STC).
 
-    ``register(name, factory, description="")`` where ``factory(*, student, teacher, **options)``
-    returns an ``nn.Module`` whose ``forward(x, student_features)`` returns the bridge's extra loss
-    terms. ``student`` and ``teacher`` are ``FlexibleBackbone`` instances; the teacher is frozen.
+    ``register(name, factory, description="")`` where ``factory(*, student, teacher, **options)
+    -> kdreg.Bridge``. ``student`` is the stage's ``FlexibleBackbone`` (one sub-model); declare
+    ``teacher`` annotated as ``kdreg.StageRef``: it receives the frozen earlier stage as a
+    ``kdreg.TeacherStage``. The bridge sets ``teacher`` (the stage's name), ``student_split`` (a
+    split point of the student) and ``alpha``; each step the engine takes the student's features
+    at ``student_split`` from the forward pass that gives its logits, calls
+    ``bridge(features, kdreg.BridgeBatch(labels, teacher_logits, tau))`` for the bridge's loss
+    term and trains on ``alpha * L_bridge + (1 - alpha) * L_graph``. The bridge's own parameters
+    (an adapter) are trained with the student's; never register the teacher as a submodule.
+    Raise ``kdreg.errors.OptionError`` (with ``key``) for an unknown split point or for feature
+    shapes no adapter can join: ``kdreg validate`` reports it.
     """
 
 
@@ -75,6 +93,10 @@ def kdreg_register_datasets(register: Any) -> None:
     labels, the class names and the normalisation statistics. kdreg does the validation split,
     subsetting, batching and augmentation. A missing or malformed folder should raise
     ``kdreg.errors.DataError`` saying what was expected where.
+
+    A data source whose images always have the same shape declares it,
+    ``register(name, factory, description, shape=(num_classes, channels, height, width))``, so that
+    ``kdreg validate`` can build the recipe's models when the data itself cannot be read.
     """
 
 

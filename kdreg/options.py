@@ -15,7 +15,9 @@ from kdreg.errors import OptionError, RecipeError
 class StageRef(str):
     """Annotation for a factory option that names an earlier stage of the recipe.
 
-    The recipe writes the stage's name; the engine passes that stage's trained backbone.
+    The recipe writes the stage's name (or, annotated ``list[StageRef]``, a list of names). A
+    backbone factory receives a trainable copy of that stage's trained backbone; a graph or bridge
+    factory receives a :class:`kdreg.TeacherStage` (the stage's name and its frozen model).
     """
 
 
@@ -28,10 +30,19 @@ def accepted_options(factory: Callable[..., Any], provided: Mapping[str, Any] = 
     }
 
 
-def stage_refs(factory: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, str]:
-    """``{option: stage name}`` for the options annotated as :class:`StageRef` given a string."""
+def stage_refs(factory: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, str | list[str]]:
+    """``{option: stage name(s)}`` for the options annotated as :class:`StageRef` (or a list of
+    them) that the recipe gives as names."""
     hints = _hints(factory)
-    return {k: v for k, v in options.items() if isinstance(v, str) and _mentions_stageref(hints.get(k))}
+    out: dict[str, str | list[str]] = {}
+    for key, value in options.items():
+        if not _mentions_stageref(hints.get(key)):
+            continue
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out[key] = list(value)
+    return out
 
 
 def bind(
@@ -103,9 +114,9 @@ def _structure(value: Any, hint: Any) -> Any:
     if hint is Any or hint is inspect.Parameter.empty:
         return value
     if hint is StageRef:
-        if not isinstance(value, str):
+        if isinstance(value, (int, float, bool, list, dict)) or value is None:
             raise TypeError(f"expected the name of an earlier stage, got {value!r}")
-        return value
+        return value  # a name, or (from Python) the resolved object itself
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)

@@ -70,6 +70,7 @@ class DataConfig:
     val_split: int = setting(5000, "Training images held out (class-balanced) for model selection; 0 selects on nothing.", low=0)
     train_limit: int = setting(0, "0: all training images; N: a class-balanced random subset of N, the same in every run.", low=0)
     test_limit: int = setting(0, "0: all test images; N: a class-balanced random subset of N, the same in every run.", low=0)
+    data_seed: int = setting(0, "Seed of the validation split and the `train_limit`/`test_limit` subsets (kept apart from `seed`, so runs of a comparison see the same images).", low=0)
     options: dict[str, Any] = setting({}, "Extra options of the data source (e.g. `synthetic`'s `num_classes`).")
 
 
@@ -91,14 +92,16 @@ STAGE_TRAIN_KEYS = ("epochs", "optimizer", "schedule")
 class StageConfig:
     name: str = setting(attrs.NOTHING, "Stage name, unique in the recipe; later stages refer to it.")
     backbone: PluginSpec = setting(attrs.NOTHING, "The model: `{ name = \"slimmable_mobilenet_v1\", widths = [...] }`.")
-    graph: PluginSpec = setting(PluginSpec("none"), "Teacher graph: `none`, `ipkd`, `ipkd-ta-1`, `ipkd-ta-m`, `subset` or a plugin's.")
+    graph: PluginSpec = setting(PluginSpec("none"), "Teacher graph: `none`, `ipkd`, `ipkd-ta-1`, `ipkd-ta-m`, `subset`, `kd` (`teacher = \"stage\"`), `cohort` or a plugin's.")
+    bridge: PluginSpec | None = setting(None, "Collaboration bridge to a frozen earlier stage: `{ name = \"stc\", teacher = \"teacher\", student_split = \"layer2\", teacher_split = \"layer2\", alpha = 0.3 }`.")
     lam: float = setting(0.8, "Weight of the distillation term (1 - lam weighs CE) for sub-models with teachers.", low=0.0, high=1.0)
     tau: float = setting(1.0, "Distillation temperature.", low=0.0, low_open=True)
     divergence: str = setting("kl", "`kl` (tau^2 KL) or `ce` (tau^2 soft-target cross-entropy).", choices=("kl", "ce"))
-    init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage.")
-    epochs: int | None = setting(None, "Overrides `train.epochs` for this stage.", low=1)
+    init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage (with `epochs = 0`: a trained model, evaluated and used as a teacher, not trained).")
+    epochs: int | None = setting(None, "Overrides `train.epochs` for this stage; 0 (with `init`) loads the stage instead of training it.", low=0)
     optimizer: OptimizerConfig | None = setting(None, "Overrides `train.optimizer` (keys merged) for this stage.")
     schedule: ScheduleConfig | None = setting(None, "Overrides `train.schedule` (keys merged) for this stage.")
+    link_of: str | None = setting(None, "Set by chain expansion: the name of the `chain` stage this stage is a link of.")
 
 
 @attrs.frozen
@@ -169,6 +172,9 @@ def structure_recipe(raw: dict[str, Any], *, source: str = "recipe", overrides: 
             problems += exc.problems
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
+    problems = expand_chains(raw)
+    if problems:
+        raise RecipeError([f"{source}: {p}" for p in problems])
     _inherit_train(raw)
     problems = [_named_stage_paths(p, raw) for p in check_ranges(raw)]
     try:
@@ -178,6 +184,64 @@ def structure_recipe(raw: dict[str, Any], *, source: str = "recipe", overrides: 
     if problems:
         raise RecipeError([f"{source}: {p}" for p in problems])
     return recipe
+
+
+CHAIN_EXCLUDES = ("backbone", "graph", "bridge", "init", "link_of")
+
+
+def expand_chains(raw: dict[str, Any]) -> list[str]:
+    """Replace every ``chain = [...]`` stage of the raw recipe by one stage per link (TAKD).
+
+    ``chain`` lists backbones (names or tables), teacher first. Each link after the first is
+    distilled with graph ``kd`` from the link before it, frozen; the first is trained on labels,
+    unless it names an earlier stage, which then is the chain's teacher. The links are named
+    ``<chain>_<backbone>`` and inherit the chain stage's other keys (``lam``, ``tau``, ``epochs``...).
+    """
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return []
+    problems: list[str] = []
+    out: list[Any] = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or "chain" not in stage:
+            out.append(stage)
+            continue
+        where = f"recipe.stages[{i}]"
+        name, chain = stage.get("name"), stage["chain"]
+        if not isinstance(name, str):
+            problems.append(f"a chain stage needs a name @ {where}.name")
+            continue
+        where = f"recipe.stages.{name}" if name.isidentifier() else where
+        bad = [k for k in CHAIN_EXCLUDES if k in stage]
+        if bad:
+            problems.append(f"a chain stage takes no {', '.join(bad)}: each link's backbone comes from "
+                            "`chain` and is distilled with graph kd; give a loaded teacher its own "
+                            f"stage and start the chain with its name @ {where}.{bad[0]}")
+        if not isinstance(chain, list) or len(chain) < 2:
+            problems.append(f"chain needs a list of at least two links, teacher first, got {chain!r} "
+                            f"@ {where}.chain")
+            continue
+        earlier = [s.get("name") for s in out if isinstance(s, dict)]
+        links = list(chain)
+        teacher = links.pop(0) if isinstance(links[0], str) and links[0] in earlier else None
+        base = {k: v for k, v in stage.items() if k not in ("chain", "name", *CHAIN_EXCLUDES)}
+        used: set[str] = {n for n in earlier if isinstance(n, str)}
+        for k, link in enumerate(links):
+            label = link if isinstance(link, str) else link.get("name") if isinstance(link, dict) else None
+            if not isinstance(label, str):
+                problems.append(f"link {k} must be a backbone name or table, got {link!r} @ {where}.chain")
+                continue
+            link_name = f"{name}_{label}".replace("-", "_")
+            n = 2
+            while link_name in used:
+                link_name, n = f"{name}_{label}_{n}".replace("-", "_"), n + 1
+            used.add(link_name)
+            new = {"name": link_name, **base, "backbone": link, "link_of": name}
+            new["graph"] = {"name": "kd", "teacher": teacher} if teacher else {"name": "none"}
+            out.append(new)
+            teacher = link_name
+    raw["stages"] = out
+    return problems
 
 
 def _inherit_train(raw: dict[str, Any]) -> None:

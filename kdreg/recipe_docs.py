@@ -41,10 +41,49 @@ A stage's `epochs`, `optimizer` and `schedule` override `[train]`; a partial `op
 plus the plugin's own options: `kdreg list --details` shows the registered names, and a wrong option
 is reported with the options the plugin accepts.
 
-The distillation rule every graph uses (design section 1): a sub-model without teachers is trained
-on `CE`; one with teachers `T_i` on `(1 - lam) * CE + lam * sum_(t,w) w * KD(a_i, sg(a_t))`, with
+The distillation rule every graph uses: a sub-model without teachers is trained on `CE`; one with
+teachers `T_i` on `(1 - lam) * CE + lam * sum_(t,w) w * KD(a_i, sg(a_t))`, with
 `KD = tau^2 * KL(p_t || p_s)` (`divergence = "kl"`) or `tau^2 * H(p_t, p_s)` (`"ce"`), averaged over
 the batch (not over classes; TAKD's reference also divided by the number of classes).
+
+## Stages that learn from earlier stages
+
+Stages are trained in order; a stage refers to an earlier one by its name and finds it trained
+(its selected epoch's weights) and frozen: in eval mode, under `no_grad`, in no optimizer, never
+changed. Its outputs are computed once per batch, on the same augmented batch the student sees.
+
+- `graph = { name = "kd", teacher = "teacher" }`: every sub-model of this stage is taught by the
+  teacher stage's full output with weight 1 (Hinton's KD; one TAKD link). `teacher = ["a", "b"]`
+  is an ensemble of frozen teachers, each with weight 1/2 (for the student's gradient, KD against
+  the teachers' averaged soft targets).
+- `graph = { name = "cohort", teacher = "heads" }`: taught by every output of a frozen multi-exit
+  stage (K heads and the main output), each with weight 1/(K+1): EKD (ekd-thesis eq. 4.6-4.7).
+  The thesis's reference code sums the K+1 terms instead of averaging them; kdreg follows the
+  equation. The thesis writes its weight `alpha` on the distillation side (eq. 4.7) and on the CE
+  side (eq. 4.5); here `lam` always weighs distillation, so the thesis's `alpha = 0.1` on CE is
+  `lam = 0.9`.
+- `backbone = { name = "exits", trunk = "teacher", freeze_trunk = true, head = "flatten_linear" }`
+  with `graph = "none"`: EKD's heads, trained on labels on the frozen teacher's features (the
+  trunk runs once per batch for every head).
+- `bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split =
+  "layer2", alpha = 0.3, target = "output" }`: student-teacher collaboration (STC). The student's
+  front part up to `student_split` feeds the frozen teacher's back part from `teacher_split` (an
+  adapter, 1x1 conv + BN and resampling, joins other shapes); the stage trains on
+  `alpha * CE(O_c, target) + (1 - alpha) * L_graph`, where `target` is `output` (the teacher's
+  softmax), `soft` (at temperature `tau`, times `tau^2`) or `label`. With a `kd` graph on the same
+  teacher this is STC "+KD". Gradients flow through the teacher's back part into the student; the
+  teacher's weights never change; inference uses the student alone.
+- `chain = ["resnet110", "resnet20", "resnet8"]` (instead of `backbone` and `graph`): a TAKD
+  chain. It expands into one stage per link, named `<chain>_<backbone>`; the first link is trained
+  on labels (or, when it names an earlier stage, is that stage), every later one with `kd` from the
+  link before it. Links inherit the chain stage's other keys (`lam`, `tau`, `epochs`, ...);
+  `--set stages.<chain>.lam=...` sets them for every link.
+- A stage with `init = "teacher.pt"` and `epochs = 0` is a loaded, trained model: it is evaluated,
+  not trained, and later stages can learn from it.
+
+Every stage inherits `epochs` from `[train]` unless it sets its own, so `--set train.epochs=1`
+shortens every trained stage of a recipe. `results.json` has an entry per stage (teachers and every
+chain link too) with its sub-models, parameters, MACs, accuracies and the stages it learned from.
 
 This file is generated from the recipe classes (`python -m kdreg.recipe_docs > docs/recipes.md`);
 a test fails when it is out of date.

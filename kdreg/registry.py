@@ -32,6 +32,9 @@ class Entry:
     plugin: str
     distribution: str
     description: str = ""
+    #: datasets: the declared ``(num_classes, channels, height, width)`` of their images, which
+    #: ``kdreg validate`` uses when the data itself cannot be read
+    shape: tuple[int, int, int, int] | None = None
 
 
 class UnknownNameError(UserError, KeyError):
@@ -88,7 +91,8 @@ def collect(kind: str, pm: Any = None) -> Registry:
         plugin_name = impl.plugin_name
         dist = plugins.distribution_of(pm, plugin_name)[0]
 
-        def register(name: str, factory: Callable[..., Any], description: str = "",
+        def register(name: str, factory: Callable[..., Any], description: str = "", *,
+                     shape: tuple[int, int, int, int] | None = None,
                      _plugin: str = plugin_name, _dist: str = dist) -> None:
             if not isinstance(name, str) or not name:
                 problems.append(f"plugin {_plugin!r} ({_dist}) registered a {kind} with a bad name {name!r}")
@@ -103,7 +107,14 @@ def collect(kind: str, pm: Any = None) -> Registry:
                     f"({other.distribution}) and by plugin {_plugin!r} ({_dist})"
                 )
                 return
-            entries[name] = Entry(name, factory, _plugin, _dist, description or _first_line(factory))
+            if shape is not None and (kind != "dataset" or len(shape) != 4
+                                      or not all(isinstance(v, int) and v > 0 for v in shape)):
+                problems.append(f"plugin {_plugin!r} ({_dist}) registered {kind} {name!r} with shape "
+                                f"{shape!r}; only datasets declare a shape: (classes, channels, "
+                                "height, width), positive integers")
+                return
+            entries[name] = Entry(name, factory, _plugin, _dist, description or _first_line(factory),
+                                  shape)
 
         try:
             impl.function(register)

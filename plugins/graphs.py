@@ -1,17 +1,131 @@
-"""Built-in teacher graphs (design section 1): none, ipkd, ipkd-ta-1, ipkd-ta-m, subset."""
+"""Built-in teacher graphs: none, ipkd, ipkd-ta-1, ipkd-ta-m, subset (ipkd-ta), kd (Hinton; a TAKD
+link) and cohort (EKD). Registered exactly as a third-party plugin registers its own."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kdreg import graph
+from kdreg.errors import OptionError
+from kdreg.graph import Edge, TeacherGraph
 from kdreg.hookspecs import hookimpl
+from kdreg.options import StageRef
+from kdreg.stages import TeacherStage
+
+
+def no_distillation(num_submodels: int) -> TeacherGraph:
+    """Every sub-model trained on labels alone (ipkd-ta eq. 4)."""
+    return TeacherGraph(num_submodels, (), name="none")
+
+
+def ipkd(num_submodels: int) -> TeacherGraph:
+    """Inplace distillation: every sub-model taught by the largest (ipkd-ta eq. 5)."""
+    n = num_submodels
+    return TeacherGraph(n, tuple(Edge(i, n - 1, 1.0) for i in range(n - 1)), name="ipkd")
+
+
+def ipkd_ta_1(num_submodels: int) -> TeacherGraph:
+    """IPKD with one teacher assistant: sub-model i taught by i + 1 (ipkd-ta eq. 6)."""
+    n = num_submodels
+    return TeacherGraph(n, tuple(Edge(i, i + 1, 1.0) for i in range(n - 1)), name="ipkd-ta-1")
+
+
+def ipkd_ta_m(num_submodels: int) -> TeacherGraph:
+    """IPKD with multiple assistants: i taught by every larger j, weight 1/(n-1-i) (ipkd-ta eq. 7)."""
+    n = num_submodels
+    edges = tuple(Edge(i, j, 1.0 / (n - 1 - i)) for i in range(n - 1) for j in range(i + 1, n))
+    return TeacherGraph(n, edges, name="ipkd-ta-m")
+
+
+def subset(num_submodels: int, teachers: Mapping[str, Iterable[int]] | Iterable[Iterable[int]] = (),
+           weights: Mapping[str, Iterable[float]] | None = None) -> TeacherGraph:
+    """Teachers listed per student (ipkd-ta footnote 4); weights default to 1 / len(T_i).
+
+    ``teachers`` maps a student index (a TOML key, so a string: ``{ "0" = [2, 3], "1" = [3] }``)
+    to its teachers, or is a list with one teacher list per student, smallest first.
+    """
+    n = num_submodels
+    table = _per_student(teachers, n, "teachers")
+    wtable = _per_student(weights or {}, n, "weights")
+    edges = []
+    for s, ts in sorted(table.items()):
+        ts = [int(t) for t in ts]
+        if not ts:
+            continue
+        ws = [float(w) for w in wtable.get(s, [1.0 / len(ts)] * len(ts))]
+        if len(ws) != len(ts):
+            raise OptionError(f"student {s} has {len(ts)} teachers but {len(ws)} weights", key="weights")
+        edges += [Edge(s, t, w) for t, w in zip(ts, ws)]
+    extra = set(wtable) - set(table)
+    if extra:
+        raise OptionError(f"weights given for students without teachers: {sorted(extra)}", key="weights")
+    try:
+        return TeacherGraph(n, tuple(edges), name="subset")
+    except OptionError as exc:
+        raise OptionError(str(exc), key="teachers") from None
+
+
+def _per_student(spec: Mapping[str, Iterable] | Iterable[Iterable], n: int, key: str) -> dict[int, list]:
+    if isinstance(spec, Mapping):
+        out = {}
+        for k, v in spec.items():
+            try:
+                s = int(k)
+            except (TypeError, ValueError):
+                raise OptionError(f"student key {k!r} is not a sub-model index", key=key) from None
+            if not 0 <= s < n:
+                raise OptionError(f"student {s} does not exist (sub-models 0..{n - 1})", key=key)
+            out[s] = list(v)
+        return out
+    rows = [list(r) for r in spec]
+    if len(rows) > n:
+        raise OptionError(f"{len(rows)} rows given for {n} sub-models", key=key)
+    return dict(enumerate(rows))
+
+
+def kd(num_submodels: int, teacher: StageRef | list[StageRef]) -> TeacherGraph:
+    """Every sub-model taught by the full output of a frozen earlier stage, weight 1 (Hinton; one
+    TAKD link). Several stages form an ensemble: each teaches with weight 1 / (number of stages),
+    which for every student gives the gradient of KD against the teachers' averaged soft targets."""
+    stages = _stages(teacher)
+    nodes = [s.node() for s in stages]
+    w = 1.0 / len(nodes)
+    edges = tuple(Edge(i, node, w) for i in range(num_submodels) for node in nodes)
+    return TeacherGraph(num_submodels, edges, external=tuple(nodes), name="kd")
+
+
+def cohort(num_submodels: int, teacher: StageRef) -> TeacherGraph:
+    """Every sub-model taught by every output of a frozen multi-exit stage (K heads + the main
+    output), each with weight 1 / (K + 1): the EKD cohort (ekd-thesis eq. 4.6-4.7)."""
+    (stage,) = _stages(teacher, many=False)
+    nodes = stage.nodes()
+    w = 1.0 / len(nodes)
+    edges = tuple(Edge(i, node, w) for i in range(num_submodels) for node in nodes)
+    return TeacherGraph(num_submodels, edges, external=nodes, name="cohort")
+
+
+def _stages(teacher: Any, many: bool = True) -> list[TeacherStage]:
+    stages = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
+    if not stages:
+        raise OptionError("teacher lists no stage", key="teacher")
+    if not many and len(stages) > 1:
+        raise OptionError("a cohort is taught by one stage's outputs; name one stage", key="teacher")
+    for s in stages:
+        if not isinstance(s, TeacherStage):
+            raise OptionError(f"teacher must name an earlier stage, got {s!r}", key="teacher")
+    names = [s.name for s in stages]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OptionError(f"teacher lists stage(s) {', '.join(twice)} more than once", key="teacher")
+    return stages
 
 
 @hookimpl
 def kdreg_register_graphs(register: Any) -> None:
-    register("none", graph.no_distillation)
-    register("ipkd", graph.ipkd)
-    register("ipkd-ta-1", graph.ipkd_ta_1)
-    register("ipkd-ta-m", graph.ipkd_ta_m)
-    register("subset", graph.subset)
+    register("none", no_distillation)
+    register("ipkd", ipkd)
+    register("ipkd-ta-1", ipkd_ta_1)
+    register("ipkd-ta-m", ipkd_ta_m)
+    register("subset", subset)
+    register("kd", kd)
+    register("cohort", cohort)

@@ -102,7 +102,7 @@ def one_line_error(exc: pytest.ExceptionInfo, *fragments: str) -> None:
 
 def data_config(**changes) -> SimpleNamespace:
     base = dict(dataset="synthetic", root="~/unused", val_split=0, train_limit=0, test_limit=0,
-                download=False, options={})
+                download=False, data_seed=0, options={})
     return SimpleNamespace(**{**base, **changes})
 
 

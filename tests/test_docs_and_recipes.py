@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 from kdreg import recipe as recipe_module
-from kdreg.engine.build import check_recipe
+from kdreg.engine.assemble import check_recipe
 from kdreg.recipe import load_recipe
 from kdreg.recipe_docs import SECTIONS, reference_markdown
 

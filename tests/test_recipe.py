@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdreg.engine.build import check_recipe
+from kdreg.engine.assemble import check_recipe
 from kdreg.errors import RecipeError
 from kdreg.recipe import dump_recipe, parse_recipe
 
@@ -105,7 +105,7 @@ def test_every_problem_is_reported_on_its_own_line() -> None:
 
 def test_an_unknown_plugin_lists_the_registered_names() -> None:
     problems = problems_of(BASE.replace('"ipkd-ta-m"', '"teacher-assistant"'))
-    assert any("registered: ipkd, ipkd-ta-1, ipkd-ta-m, none, subset" in p for p in problems), problems
+    assert any("registered: cohort, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in p for p in problems), problems
 
 
 def test_tables_and_lists_of_the_wrong_kind() -> None:

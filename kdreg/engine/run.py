@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import kdreg
@@ -17,13 +15,14 @@ from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
 from kdreg.data import Splits, load_data
 from kdreg.engine import checkpoint
-from kdreg.engine.build import DataShape, build_graph, build_model, check_recipe
+from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
 from kdreg.engine.device import resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
-from kdreg.engine.step import LossSettings
+from kdreg.engine.step import LossSettings, Teachers
 from kdreg.engine.trainer import StageTrainer, eval_loader
 from kdreg.errors import RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
+from kdreg.stages import freeze
 
 RECIPE_FILE = "recipe.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -38,12 +37,6 @@ def default_directory(recipe: Recipe, base: Path = Path("runs")) -> Path:
         k += 1
         path = base / f"{recipe.name}-{stamp}-{k}"
     return path
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Run:
@@ -64,7 +57,7 @@ class Run:
     def start(cls, recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
               progress: bool = True) -> Run:
         recipe = load_recipe(recipe_path, overrides)
-        problems = check_recipe(recipe)
+        problems = static_problems(recipe)
         if problems:
             raise RecipeError([f"{recipe_path}: {p}" for p in problems])
         directory = Path(out) if out else default_directory(recipe)
@@ -89,15 +82,15 @@ class Run:
     # ------------------------------------------------------------------ execution
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
-        seed_everything(recipe.seed)
         splits = load_data(recipe.data)
-        if not (self.directory / RECIPE_FILE).is_file():  # created once the data is there
+        try:
+            plans = assemble(recipe, DataShape.of(splits), seed=recipe.seed)
+        except RecipeError as exc:
+            raise RecipeError([f"{self.source}: {p}" for p in exc.problems]) from None
+        plans = [plan.to(self.device) for plan in plans]
+        if not (self.directory / RECIPE_FILE).is_file():  # created once the data and models are there
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / RECIPE_FILE).write_text(dump_recipe(recipe))
-        shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
-        problems = check_recipe(recipe, shape)
-        if problems:
-            raise RecipeError([f"{self.source}: {p}" for p in problems])
         done = {s["name"]: s for s in self.results.get("stages", [])}
         self.results = {
             "kdreg_version": kdreg.__version__,
@@ -110,21 +103,22 @@ class Run:
             "finished": False,
         }
         self.pm.hook.kdreg_run_started(run=self)
-        for index, stage in enumerate(recipe.stages):
-            seed_everything(recipe.seed + index)
-            model = build_model(stage, index, shape, self.models).to(self.device)
-            trainer = self._trainer(stage, index, model, splits)
-            if stage.name in done:
+        for plan in plans:
+            trainer = self._trainer(plan, splits)
+            if plan.name in done:
                 trainer.load_best()
-                result = done[stage.name]
+                result = done[plan.name]
             else:
-                result = self._train_stage(trainer, stage.name)
-            model.eval()
-            self.models[stage.name] = model
+                if plan.config.init is None:  # earlier stages' models it builds on, as trained
+                    for stage, twin in plan.copies:
+                        twin.load_state_dict(self.models[stage].state_dict())
+                seed_everything(recipe.seed + plan.index)
+                result = self._train_stage(trainer, plan)
+            self.models[plan.name] = freeze(plan.model)
             self.results["stages"].append(result)
             self._write_results()
-            if stage.name not in done:
-                self.pm.hook.kdreg_stage_finished(run=self, stage=stage.name, result=result)
+            if plan.name not in done:
+                self.pm.hook.kdreg_stage_finished(run=self, stage=plan.name, result=result)
         self.results["finished"] = True
         self._write_results()
         self.pm.hook.kdreg_run_finished(run=self, results=self.results)
@@ -133,58 +127,74 @@ class Run:
     def evaluate(self) -> list[dict[str, Any]]:
         """Test accuracy per sub-model of the selected weights of every trained stage."""
         splits = load_data(self.recipe.data)
-        shape = DataShape(splits.num_classes, splits.in_chans, splits.input_size)
         test = eval_loader(splits, "test", self.recipe.data.eval_batch_size, self.device)
         out = []
-        for index, stage in enumerate(self.recipe.stages):
-            best = self.directory / "checkpoints" / stage.name / "best.pt"
+        for plan in assemble(self.recipe, DataShape.of(splits)):
+            best = self.directory / "checkpoints" / plan.name / "best.pt"
             if not best.is_file():
                 break
-            model = build_model(stage, index, shape, self.models, load_init=False).to(self.device)
+            model = plan.model.to(self.device)
             checkpoint.load_weights(model, best)
-            self.models[stage.name] = model.eval()
-            dtype = resolve_precision(self.recipe.stage_train(stage).precision, self.device)
+            self.models[plan.name] = freeze(model)
+            dtype = resolve_precision(plan.train.precision, self.device)
             acc = evaluate(model, test, device=self.device, dtype=dtype)
-            out.append({"name": stage.name, "submodels": list(model.submodel_labels),
+            out.append({"name": plan.name, "submodels": list(model.submodel_labels),
                         "test_accuracy": acc, "mean_test_accuracy": sum(acc) / len(acc),
                         "test_images": len(splits.test)})
         if not out:
             raise UserError(f"{self.directory} holds no trained stage yet (no checkpoints/<stage>/best.pt)")
         return out
 
-    def _trainer(self, stage: Any, index: int, model: FlexibleBackbone, splits: Splits) -> StageTrainer:
-        recipe = self.recipe
-        train_cfg = recipe.stage_train(stage)
-        dtype = resolve_precision(train_cfg.precision, self.device)
+    def _trainer(self, plan: StagePlan, splits: Splits) -> StageTrainer:
+        recipe, stage = self.recipe, plan.config
+        dtype = resolve_precision(plan.train.precision, self.device)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and self.device.type == "cuda" else None
-        graph = build_graph(stage, index, model.num_submodels)
-        loss = LossSettings(graph, stage.lam, stage.tau, stage.divergence, dtype=dtype, scaler=scaler)
+        loss = LossSettings(plan.graph, stage.lam, stage.tau, stage.divergence, dtype=dtype, scaler=scaler)
+        teachers = None
+        if plan.teachers:
+            bridge_stage = plan.bridge.teacher if plan.bridge is not None else None
+            teachers = Teachers({n: self.models.get(n, m) for n, m in plan.teachers.items()},
+                                plan.nodes, bridge_stage)
         return StageTrainer(
-            name=stage.name, model=model, splits=splits, train_cfg=train_cfg, loss=loss, device=self.device,
+            name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train, loss=loss, device=self.device,
             seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
             directory=self.directory, on_epoch=self._write_metrics, notify=self._notify, progress=self.progress,
+            teachers=teachers, bridge=plan.bridge,
         )
 
-    def _train_stage(self, trainer: StageTrainer, name: str) -> dict[str, Any]:
-        if (trainer.checkpoint_dir / "last.pt").is_file():
-            trainer.resume()
-        self._truncate_metrics(name, trainer.state.epoch)
-        state = trainer.fit()
-        trainer.load_best()
+    def _train_stage(self, trainer: StageTrainer, plan: StagePlan) -> dict[str, Any]:
+        name = plan.name
+        if plan.train.epochs == 0:
+            state = trainer.load_only()
+        else:
+            if (trainer.checkpoint_dir / "last.pt").is_file():
+                trainer.resume()
+            self._truncate_metrics(name, trainer.state.epoch)
+            state = trainer.fit()
+            trainer.load_best()
         test = trainer.test()
         model = trainer.model
-        return {
+        result: dict[str, Any] = {
             "name": name,
             "submodels": list(model.submodel_labels),
             "params": model.count_params(),
             "macs": model.count_macs(),
-            "epochs": trainer.train_cfg.epochs,
+            "graph": plan.config.graph.name,
+            "teachers": sorted(plan.teachers),
+            "epochs": plan.train.epochs,
             "best_epoch": state.best_epoch,
             "val_accuracy": state.best_val,
             "test_accuracy": test,
             "mean_test_accuracy": sum(test) / len(test),
             "seconds": round(state.seconds, 2),
         }
+        if plan.bridge is not None:
+            result["bridge"] = plan.config.bridge.name if plan.config.bridge else None
+        if plan.config.init is not None:
+            result["init"] = plan.config.init
+        if plan.config.link_of is not None:
+            result["chain"] = plan.config.link_of
+        return result
 
     # ------------------------------------------------------------------ files
     def _write_metrics(self, record: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge, BridgeBatch
 from kdreg.engine.device import autocast
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss, submodel_loss
@@ -90,3 +91,80 @@ def backward(model: FlexibleBackbone, x: Tensor, y: Tensor, loss: LossSettings,
     """The step's forward and backward passes, chosen by ``model.single_pass``."""
     fn = single_pass_backward if model.single_pass else multi_pass_backward
     return fn(model, x, y, loss, external)
+
+
+@attrs.frozen(eq=False)
+class Teachers:
+    """The frozen earlier stages a stage learns from and which of their outputs it needs."""
+
+    models: Mapping[str, FlexibleBackbone]
+    #: external graph node -> (stage, sub-model index)
+    nodes: Mapping[str, tuple[str, int]]
+    #: the stage whose full logits a bridge compares with (None: no bridge)
+    bridge_stage: str | None = None
+
+    def wanted(self) -> dict[str, set[int]]:
+        want: dict[str, set[int]] = {}
+        for stage, index in self.nodes.values():
+            want.setdefault(stage, set()).add(index)
+        if self.bridge_stage is not None:
+            want.setdefault(self.bridge_stage, set()).add(self.models[self.bridge_stage].num_submodels - 1)
+        return want
+
+    @torch.no_grad()
+    def outputs(self, x: Tensor, dtype: torch.dtype | None) -> dict[tuple[str, int], Tensor]:
+        """fp32 logits of every wanted output, from one pass of each frozen model (eval mode)."""
+        out: dict[tuple[str, int], Tensor] = {}
+        for stage, indices in self.wanted().items():
+            model = self.models[stage]
+            with autocast(x.device, dtype):
+                if model.single_pass and len(indices) > 1:
+                    every = model(x)
+                    logits = {i: every[i] for i in indices}
+                else:
+                    logits = {i: model.forward_submodel(x, i) for i in indices}
+            out.update({(stage, i): a.float() for i, a in logits.items()})
+        return out
+
+
+def bridge_backward(
+    model: FlexibleBackbone,
+    bridge: Bridge,
+    x: Tensor,
+    y: Tensor,
+    loss: LossSettings,
+    external: Mapping[str, Tensor],
+    teacher_logits: Tensor,
+) -> StepOutput:
+    """One forward of a one-sub-model student that also yields its features at the bridge's split;
+    ``alpha * L_bridge + (1 - alpha) * L_graph``, one backward."""
+    with autocast(x.device, loss.dtype):
+        feats, logits = model.forward_stages(x, [bridge.student_split])
+        graph_loss = distillation_loss([logits], y, loss.graph, lam=loss.lam, tau=loss.tau,
+                                       divergence=loss.divergence, external=external)
+        term = bridge(feats[0], BridgeBatch(y, teacher_logits, loss.tau))
+        total = bridge.alpha * term + (1.0 - bridge.alpha) * graph_loss
+    loss.backward(total)
+    correct = (logits.detach().argmax(-1) == y).sum().reshape(1)
+    return StepOutput(total.detach(), correct)
+
+
+def stage_backward(
+    model: FlexibleBackbone,
+    x: Tensor,
+    y: Tensor,
+    loss: LossSettings,
+    teachers: Teachers | None = None,
+    bridge: Bridge | None = None,
+) -> StepOutput:
+    """A stage's forward and backward: frozen teachers' outputs first (once, on this batch),
+    then the student, through the bridge when there is one."""
+    if teachers is None:
+        return backward(model, x, y, loss)
+    outs = teachers.outputs(x, loss.dtype)
+    external = {node: outs[key] for node, key in teachers.nodes.items()}
+    if bridge is None:
+        return backward(model, x, y, loss, external)
+    assert teachers.bridge_stage is not None
+    own = outs[(teachers.bridge_stage, teachers.models[teachers.bridge_stage].num_submodels - 1)]
+    return bridge_backward(model, bridge, x, y, loss, external, own)

@@ -14,11 +14,12 @@ import torch
 from tqdm import tqdm
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge
 from kdreg.data import BatchLoader, Splits
 from kdreg.engine import checkpoint
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
-from kdreg.engine.step import LossSettings, backward
+from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import KdregError
 from kdreg.recipe import TrainConfig
 
@@ -52,10 +53,13 @@ class StageTrainer:
     on_epoch: Callable[[dict[str, Any]], None]   # writes the record (before the checkpoint)
     notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
     progress: bool = True
+    teachers: Teachers | None = None             # frozen earlier stages this stage learns from
+    bridge: Bridge | None = None                 # trained with the model, used at training only
 
     def __attrs_post_init__(self) -> None:
         s = self.splits
-        self.optimizer = build_optimizer(self.model, self.train_cfg.optimizer)
+        trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
+        self.optimizer = build_optimizer(trained, self.train_cfg.optimizer)
         self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size,
                                         mean=s.mean, std=s.std, device=self.device, train=True, seed=self.seed)
         if len(self.train_loader) == 0:
@@ -73,11 +77,14 @@ class StageTrainer:
     def save_last(self) -> None:
         checkpoint.save(self.checkpoint_dir / "last.pt", stage=self.name, model=self.model.state_dict(),
                         optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
-                        rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None)
+                        rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
+                        bridge=self.bridge.state_dict() if self.bridge is not None else None)
 
     def resume(self) -> None:
         data = checkpoint.load(self.checkpoint_dir / "last.pt")
         self.model.load_state_dict(data["model"])
+        if self.bridge is not None and data.get("bridge") is not None:
+            self.bridge.load_state_dict(data["bridge"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.state = StageState(**data["state"])
         checkpoint.set_rng_state(data["rng"])
@@ -113,6 +120,8 @@ class StageTrainer:
     def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
         model, loader, opt = self.model, self.train_loader, self.optimizer
         model.train()
+        if self.bridge is not None:
+            self.bridge.train()
         loader.set_epoch(epoch)
         steps = len(loader)
         base_lr = self.train_cfg.optimizer.lr
@@ -127,7 +136,7 @@ class StageTrainer:
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
-            out = backward(model, x, y, self.loss)
+            out = stage_backward(model, x, y, self.loss, self.teachers, self.bridge)
             if self.loss.scaler is not None:
                 self.loss.scaler.step(opt)
                 self.loss.scaler.update()
@@ -161,6 +170,17 @@ class StageTrainer:
 
     def test(self) -> list[float]:
         return evaluate(self.model, self.eval_loader("test"), device=self.device, dtype=self.loss.dtype)
+
+    def load_only(self) -> StageState:
+        """A stage that is loaded, not trained (``epochs = 0``): its weights as they are are the
+        selected ones, evaluated on the validation split."""
+        has_val = len(self.splits.val.labels) > 0
+        val = evaluate(self.model, self.eval_loader("val"), device=self.device,
+                       dtype=self.loss.dtype) if has_val else []
+        self.state = StageState(epoch=0, best_epoch=0, best_val=val)
+        checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=0,
+                        model=self.model.state_dict())
+        return self.state
 
 
 def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device) -> BatchLoader:

@@ -37,8 +37,8 @@ def cifar10_sample(*, root: Path, download: bool = False) -> ImageData:
 
 @hookimpl
 def kdreg_register_datasets(register: Any) -> None:
-    register("cifar10", cifar10)
-    register("cifar100", cifar100)
+    register("cifar10", cifar10, shape=(10, 3, 32, 32))
+    register("cifar100", cifar100, shape=(100, 3, 32, 32))
     register("imagefolder", imagefolder)
-    register("cifar10-sample", cifar10_sample)
+    register("cifar10-sample", cifar10_sample, shape=(10, 3, 32, 32))
     register("synthetic", synthetic)

@@ -1,0 +1,92 @@
+"""The one path from a registered name and its options to a built object, for every registry kind.
+
+``create(kind, name, options, ...)`` looks the name up, binds and type-checks the options against
+the factory's signature, resolves options that name earlier recipe stages, calls the factory and
+checks what it returned. The Python API, the engine's assembly and data loading all use it, so a
+problem reads the same wherever it is found: one ``what @ path.key`` line each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kdreg.errors import RecipeError, UserError
+from kdreg.options import bind, call, stage_refs
+from kdreg.registry import Registry, UnknownNameError, get_registry
+
+#: ``refs(option, stage_name)``: the value a factory gets for an option naming an earlier stage.
+Resolver = Callable[[str, str], Any]
+
+
+def create(
+    kind: str,
+    name: str,
+    options: Mapping[str, Any],
+    *,
+    provided: Mapping[str, Any],
+    path: str,
+    refs: Resolver | None = None,
+    registry: Registry | None = None,
+    name_key: str | None = None,
+) -> Any:
+    """Build the registered ``kind`` called ``name`` from ``options`` plus the ``provided`` values.
+
+    ``path`` is the recipe key of the table (``recipe.stages.student.graph``); ``refs`` resolves
+    options annotated as :class:`kdreg.StageRef` (without it, naming a stage is an error).
+    Raises :class:`kdreg.errors.RecipeError` (or :class:`UnknownNameError`) with one line per
+    problem; a dataset whose images are malformed raises :class:`kdreg.errors.DataError`.
+    """
+    registry = registry or get_registry(kind)
+    name_key = name_key or f"{path}.name"
+    if name not in registry:
+        raise UnknownNameError([f"{registry.unknown_message(name)} @ {name_key}"])
+    entry = registry.get(name)
+    kwargs = bind(entry.factory, options, provided=provided, path=path, what=f"{kind} {name!r}")
+    problems: list[str] = []
+    unresolved = False
+    for key, ref in stage_refs(entry.factory, options).items():
+        if refs is None:
+            problems.append(f"{key} = {ref!r} names a recipe stage, which only a recipe run can "
+                            f"resolve; from Python pass the object itself @ {path}.{key}")
+            continue
+        try:
+            kwargs[key] = [refs(key, r) for r in ref] if isinstance(ref, list) else refs(key, ref)
+        except UserError as exc:
+            problems += exc.problems  # may be empty: the named stage's own problems are reported
+            unresolved = True
+    if problems or unresolved:
+        raise RecipeError(problems)
+    built = call(entry.factory, kwargs, path=path)
+    expected, check = RESULTS[kind]
+    try:
+        return check(built, name)
+    except TypeError:
+        raise RecipeError([f"{kind} {name!r} of plugin {entry.plugin!r} ({entry.distribution}) "
+                           f"returned {type(built).__name__}, not {expected} @ {name_key}"]) from None
+
+
+def _instance_of(cls_path: str) -> Callable[[Any, str], Any]:
+    def check(obj: Any, name: str) -> Any:
+        module, _, attr = cls_path.rpartition(".")
+        cls = getattr(__import__(module, fromlist=[attr]), attr)
+        if not isinstance(obj, cls):
+            raise TypeError(name)
+        return obj
+
+    return check
+
+
+def _image_data(obj: Any, name: str) -> Any:
+    from kdreg.data import check_image_data
+
+    return check_image_data(obj, name)
+
+
+#: kind -> (what its factories must return, the check of a built object)
+RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "backbone": ("a kdreg.FlexibleBackbone", _instance_of("kdreg.backbone.FlexibleBackbone")),
+    "graph": ("a kdreg.TeacherGraph", _instance_of("kdreg.graph.TeacherGraph")),
+    "bridge": ("a kdreg.Bridge", _instance_of("kdreg.bridge.Bridge")),
+    "dataset": ("a kdreg.data.ImageData", _image_data),
+}

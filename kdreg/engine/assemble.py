@@ -1,0 +1,309 @@
+"""Assembly: a recipe becomes a list of stage plans, in one place, used by `run`, `validate` and
+`eval`.
+
+For each stage its plan holds the model (built once, its ``init`` loaded once), the teacher
+graph, the frozen earlier stages it learns from, its bridge and its loss settings. Options that
+name an earlier stage are resolved here: a backbone factory gets a trainable copy of the stage's
+model (its weights are set to the trained ones before the new stage trains); a graph or bridge
+factory gets the stage itself, frozen (:class:`kdreg.TeacherStage`).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge
+from kdreg.create import create
+from kdreg.data import Splits, read_data
+from kdreg.engine import checkpoint
+from kdreg.errors import CheckpointError, RecipeError, UserError
+from kdreg.graph import TeacherGraph, parse_external_node
+from kdreg.options import bind
+from kdreg.recipe import PluginSpec, Recipe, StageConfig, TrainConfig
+from kdreg.registry import get_registry
+from kdreg.stages import TeacherStage
+
+
+@attrs.frozen
+class DataShape:
+    """What the models are built for: the class count and the images' channels and size."""
+
+    num_classes: int
+    in_chans: int = 3
+    input_size: tuple[int, int] = (32, 32)
+
+    @classmethod
+    def of(cls, splits: Splits) -> DataShape:
+        return cls(splits.num_classes, splits.in_chans, splits.input_size)
+
+    def provided(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans,
+                "input_size": tuple(self.input_size)}
+
+
+@attrs.define(eq=False)
+class StagePlan:
+    """One stage, ready to train: everything the engine needs and nothing it must build again."""
+
+    index: int
+    config: StageConfig
+    train: TrainConfig
+    path: str                                   # its recipe key, e.g. recipe.stages.student
+    model: FlexibleBackbone
+    graph: TeacherGraph
+    #: frozen earlier stages this stage learns from (graph nodes and bridge), by name
+    teachers: dict[str, FlexibleBackbone] = attrs.field(factory=dict)
+    #: external graph node -> (stage name, sub-model index)
+    nodes: dict[str, tuple[str, int]] = attrs.field(factory=dict)
+    bridge: Bridge | None = None
+    #: (stage name, copy) of earlier stages' models handed to this stage's backbone factory
+    copies: list[tuple[str, FlexibleBackbone]] = attrs.field(factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def modules(self) -> list[torch.nn.Module]:
+        """What this stage trains: its model and its bridge's own parameters."""
+        return [self.model] + ([self.bridge] if self.bridge is not None else [])
+
+    def to(self, device: torch.device) -> StagePlan:
+        for m in self.modules():
+            m.to(device)
+        return self
+
+
+def stage_path(stage: StageConfig, index: int) -> str:
+    return f"recipe.stages.{stage.name}" if stage.name.isidentifier() else f"recipe.stages[{index}]"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None) -> list[StagePlan]:
+    """Every stage's plan, in order; raises :class:`RecipeError` with every problem found.
+
+    With ``seed``, the global RNGs are seeded with ``seed + index`` before stage ``index`` is built,
+    so a stage's initial weights do not depend on the stages before it.
+    """
+    plans: dict[str, StagePlan] = {}
+    failed: set[str] = set()
+    problems: list[str] = []
+    names = [s.name for s in recipe.stages]
+    for index, stage in enumerate(recipe.stages):
+        if seed is not None:
+            seed_everything(seed + index)
+        try:
+            plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
+        except UserError as exc:
+            problems += exc.problems
+            failed.add(stage.name)
+    if problems:
+        raise RecipeError(problems)
+    return list(plans.values())
+
+
+def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
+          plans: Mapping[str, StagePlan], failed: set[str], names: list[str]) -> StagePlan:
+    path = stage_path(stage, index)
+    train = recipe.stage_train(stage)
+    copies: list[tuple[str, FlexibleBackbone]] = []
+
+    def earlier(key: str, ref: str, where: str) -> StagePlan:
+        if ref in plans:
+            return plans[ref]
+        if ref in failed:
+            raise UserError([])  # that stage's own problems are reported already
+        if ref in names:
+            why = "itself" if ref == stage.name else "a later stage"
+            raise UserError([f"{key} = {ref!r} names {why}; a stage learns only from earlier "
+                             f"stages @ {where}.{key}"])
+        known = ", ".join(names[:index]) or "none"
+        raise UserError([f"{key} = {ref!r} names no earlier stage; earlier stages: {known} @ {where}.{key}"])
+
+    def backbone_ref(key: str, ref: str) -> FlexibleBackbone:
+        twin = copy.deepcopy(earlier(key, ref, f"{path}.backbone").model)
+        twin.requires_grad_(True)
+        twin.train()
+        copies.append((ref, twin))
+        return twin
+
+    def teacher_ref(where: str) -> Callable[[str, str], TeacherStage]:
+        return lambda key, ref: TeacherStage(ref, earlier(key, ref, where).model)
+
+    problems: list[str] = []
+    model = create("backbone", stage.backbone.name, stage.backbone.options,
+                   provided=shape.provided(), path=f"{path}.backbone", refs=backbone_ref)
+    model.in_chans, model.input_size = shape.in_chans, shape.input_size
+    if stage.init is not None:
+        try:
+            checkpoint.load_weights(model, stage.init)
+        except CheckpointError as exc:
+            problems += [f"{p} @ {path}.init" for p in exc.problems]
+    elif train.epochs == 0:
+        problems.append(f"epochs = 0 loads a stage instead of training it: give it init = "
+                        f"\"checkpoint.pt\" @ {path}.epochs")
+    graph: TeacherGraph | None = None
+    try:
+        graph = create("graph", stage.graph.name, stage.graph.options,
+                       provided={"num_submodels": model.num_submodels}, path=f"{path}.graph",
+                       refs=teacher_ref(f"{path}.graph"))
+    except UserError as exc:
+        problems += exc.problems
+    bridge: Bridge | None = None
+    if stage.bridge is not None:
+        try:
+            bridge = _bridge(stage.bridge, model, f"{path}.bridge", teacher_ref(f"{path}.bridge"))
+        except UserError as exc:
+            problems += exc.problems
+    nodes: dict[str, tuple[str, int]] = {}
+    if graph is not None:
+        for node in graph.external:
+            try:
+                nodes[node] = _node(node, plans, f"{path}.graph")
+            except UserError as exc:
+                problems += exc.problems
+    teachers = {name: plans[name].model for name, _ in nodes.values()}
+    if bridge is not None:
+        teachers[bridge.teacher] = plans[bridge.teacher].model
+    problems += _class_problems(model, teachers, path)
+    if problems or graph is None or (stage.bridge is not None and bridge is None):
+        raise UserError(problems)  # empty when only a failed earlier stage is to blame
+    return StagePlan(index=index, config=stage, train=train, path=path, model=model, graph=graph,
+                     teachers=teachers, nodes=nodes, bridge=bridge, copies=copies)
+
+
+def _bridge(spec: PluginSpec, model: FlexibleBackbone, path: str,
+            refs: Callable[[str, str], TeacherStage]) -> Bridge:
+    if model.num_submodels != 1:
+        raise UserError([f"a bridge joins a student with one sub-model; {type(model).__name__} has "
+                         f"{model.num_submodels} @ {path}.name"])
+    bridge: Bridge = create("bridge", spec.name, spec.options, provided={"student": model},
+                            path=path, refs=refs)
+    return bridge
+
+
+def _node(node: str, plans: Mapping[str, StagePlan], path: str) -> tuple[str, int]:
+    stage, label = parse_external_node(node)
+    if stage not in plans:
+        raise UserError([f"external teacher {node!r} of the graph names no earlier stage; earlier "
+                         f"stages: {', '.join(plans) or 'none'} @ {path}"])
+    labels = list(plans[stage].model.submodel_labels)
+    if label is None:
+        return stage, len(labels) - 1
+    if label not in labels:
+        raise UserError([f"external teacher {node!r}: stage {stage!r} has no sub-model {label!r}; "
+                         f"its sub-models: {', '.join(labels)} @ {path}"])
+    return stage, labels.index(label)
+
+
+def _class_problems(model: FlexibleBackbone, teachers: Mapping[str, FlexibleBackbone],
+                    path: str) -> list[str]:
+    if not teachers:
+        return []
+    own = output_classes(model)
+    return [f"stage {name!r} predicts {theirs} classes but this stage {own}; a teacher and its "
+            f"student must classify the same classes @ {path}"
+            for name, t in teachers.items() if (theirs := output_classes(t)) != own]
+
+
+def output_classes(model: FlexibleBackbone) -> int:
+    """The width of the full model's logits (one image through it)."""
+    return int(model.probe(lambda x: model.forward_submodel(x, model.num_submodels - 1)).shape[-1])
+
+
+# ----------------------------------------------------------------------------- validation
+def validation_shape(recipe: Recipe) -> tuple[DataShape | None, str]:
+    """The data's real shape when it can be read, else the dataset's declared one (or None), and
+    a line that says which."""
+    try:
+        data = read_data(recipe.data)
+        _, chans, h, w = data.train_images.shape
+        return DataShape(len(data.classes), int(chans), (int(h), int(w))), "the data's shape"
+    except UserError as exc:
+        why = exc.problems[0] if exc.problems else "unreadable"
+    registry = get_registry("dataset")
+    entry = registry.get(recipe.data.dataset) if recipe.data.dataset in registry else None
+    if entry is not None and entry.shape is not None:
+        classes, chans, h, w = entry.shape
+        return DataShape(classes, chans, (h, w)), f"the declared shape of {entry.name!r} ({why})"
+    return None, f"no shape: the data cannot be read ({why}) and {recipe.data.dataset!r} declares none"
+
+
+def check_recipe(recipe: Recipe, shape: DataShape | None = None) -> list[str]:
+    """Every problem that can be found without training, one ``what @ key.path`` line each.
+
+    Every stage is assembled (models built, checkpoints loaded, graphs and bridges checked) for
+    ``shape``, by default the data's real or declared shape (:func:`validation_shape`); when no
+    shape is known, only names, options and stage references are checked.
+    """
+    if _data_problems(recipe):
+        return static_problems(recipe)
+    if shape is None:
+        shape, _ = validation_shape(recipe)
+    if shape is None:
+        return static_problems(recipe)
+    problems: list[str] = []
+    try:
+        assemble(recipe, shape)
+    except UserError as exc:
+        problems += exc.problems
+    return problems
+
+
+def _data_problems(recipe: Recipe) -> list[str]:
+    datasets = get_registry("dataset")
+    if recipe.data.dataset not in datasets:
+        return [f"{datasets.unknown_message(recipe.data.dataset)} @ recipe.data.dataset"]
+    entry = datasets.get(recipe.data.dataset)
+    try:
+        bind(entry.factory, recipe.data.options, provided={"root": Path(), "download": False},
+             path="recipe.data.options", what=f"dataset {entry.name!r}")
+    except UserError as exc:
+        return exc.problems
+    return []
+
+
+def static_problems(recipe: Recipe) -> list[str]:
+    """Names, option names and types, and stage references, without building anything."""
+    from kdreg.options import stage_refs
+
+    problems = _data_problems(recipe)
+    names = [s.name for s in recipe.stages]
+    for index, stage in enumerate(recipe.stages):
+        path = stage_path(stage, index)
+        if stage.init is not None and not Path(stage.init).expanduser().is_file():
+            problems.append(f"checkpoint {stage.init} does not exist @ {path}.init")
+        for kind, spec, provided in (("backbone", stage.backbone, DataShape(1).provided()),
+                                     ("graph", stage.graph, {"num_submodels": 1}),
+                                     ("bridge", stage.bridge, {"student": None})):
+            if spec is None:
+                continue
+            registry = get_registry(kind)
+            if spec.name not in registry:
+                problems.append(f"{registry.unknown_message(spec.name)} @ {path}.{kind}.name")
+                continue
+            factory = registry.get(spec.name).factory
+            try:
+                bind(factory, spec.options, provided=provided, path=f"{path}.{kind}",
+                     what=f"{kind} {spec.name!r}")
+            except UserError as exc:
+                problems += exc.problems
+            for key, refs in stage_refs(factory, spec.options).items():
+                for ref in refs if isinstance(refs, list) else [refs]:
+                    if ref not in names[:index]:
+                        problems.append(f"{key} = {ref!r} names no earlier stage; earlier stages: "
+                                        f"{', '.join(names[:index]) or 'none'} @ {path}.{kind}.{key}")
+    return problems
