@@ -102,7 +102,8 @@ def kdreg_register_datasets(register: Any) -> None:
 
 @hookspec
 def kdreg_run_started(run: Any) -> None:
-    """A run starts. ``run`` has ``recipe``, ``directory`` (a ``pathlib.Path``) and ``device``."""
+    """A run starts. ``run`` has ``recipe``, ``directory`` (a ``pathlib.Path``), ``device`` and
+    ``plans`` (one per stage, in order: ``name``, ``model``, ``graph``, ``teachers``, ``bridge``)."""
 
 
 @hookspec

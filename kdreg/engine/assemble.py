@@ -126,12 +126,7 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
             return plans[ref]
         if ref in failed:
             raise UserError([])  # that stage's own problems are reported already
-        if ref in names:
-            why = "itself" if ref == stage.name else "a later stage"
-            raise UserError([f"{key} = {ref!r} names {why}; a stage learns only from earlier "
-                             f"stages @ {where}.{key}"])
-        known = ", ".join(names[:index]) or "none"
-        raise UserError([f"{key} = {ref!r} names no earlier stage; earlier stages: {known} @ {where}.{key}"])
+        raise UserError([ref_problem(key, ref, names, index, where)])
 
     def backbone_ref(key: str, ref: str) -> FlexibleBackbone:
         twin = copy.deepcopy(earlier(key, ref, f"{path}.backbone").model)
@@ -183,6 +178,15 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
         raise UserError(problems)  # empty when only a failed earlier stage is to blame
     return StagePlan(index=index, config=stage, train=train, path=path, model=model, graph=graph,
                      teachers=teachers, nodes=nodes, bridge=bridge, copies=copies)
+
+
+def ref_problem(key: str, ref: str, names: list[str], index: int, where: str) -> str:
+    """Why option ``key = ref`` of stage ``index`` names no stage it may learn from."""
+    if ref in names:
+        why = "itself" if names.index(ref) == index else "a later stage"
+        return f"{key} = {ref!r} names {why}; a stage learns only from earlier stages @ {where}.{key}"
+    known = ", ".join(names[:index]) or "none"
+    return f"{key} = {ref!r} names no earlier stage; earlier stages: {known} @ {where}.{key}"
 
 
 def _bridge(spec: PluginSpec, model: FlexibleBackbone, path: str,
@@ -304,6 +308,5 @@ def static_problems(recipe: Recipe) -> list[str]:
             for key, refs in stage_refs(factory, spec.options).items():
                 for ref in refs if isinstance(refs, list) else [refs]:
                     if ref not in names[:index]:
-                        problems.append(f"{key} = {ref!r} names no earlier stage; earlier stages: "
-                                        f"{', '.join(names[:index]) or 'none'} @ {path}.{kind}.{key}")
+                        problems.append(ref_problem(key, ref, names, index, f"{path}.{kind}"))
     return problems

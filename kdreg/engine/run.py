@@ -49,7 +49,8 @@ class Run:
         self.progress = progress
         self.pm = plugins.plugin_manager()
         self.device = resolve_device(recipe.train.device)
-        self.models: dict[str, FlexibleBackbone] = {}
+        self.models: dict[str, FlexibleBackbone] = {}    # finished stages, frozen
+        self.plans: list[StagePlan] = []                  # every stage, once assembled
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ creation
@@ -87,7 +88,7 @@ class Run:
             plans = assemble(recipe, DataShape.of(splits), seed=recipe.seed)
         except RecipeError as exc:
             raise RecipeError([f"{self.source}: {p}" for p in exc.problems]) from None
-        plans = [plan.to(self.device) for plan in plans]
+        self.plans = [plan.to(self.device) for plan in plans]
         if not (self.directory / RECIPE_FILE).is_file():  # created once the data and models are there
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / RECIPE_FILE).write_text(dump_recipe(recipe))
@@ -103,7 +104,7 @@ class Run:
             "finished": False,
         }
         self.pm.hook.kdreg_run_started(run=self)
-        for plan in plans:
+        for plan in self.plans:
             trainer = self._trainer(plan, splits)
             if plan.name in done:
                 trainer.load_best()
@@ -153,8 +154,7 @@ class Run:
         teachers = None
         if plan.teachers:
             bridge_stage = plan.bridge.teacher if plan.bridge is not None else None
-            teachers = Teachers({n: self.models.get(n, m) for n, m in plan.teachers.items()},
-                                plan.nodes, bridge_stage)
+            teachers = Teachers(plan.teachers, plan.nodes, bridge_stage)  # frozen when they finished
         return StageTrainer(
             name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train, loss=loss, device=self.device,
             seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
@@ -181,6 +181,7 @@ class Run:
             "macs": model.count_macs(),
             "graph": plan.config.graph.name,
             "teachers": sorted(plan.teachers),
+            "builds_on": sorted({stage for stage, _ in plan.copies}),
             "epochs": plan.train.epochs,
             "best_epoch": state.best_epoch,
             "val_accuracy": state.best_val,
