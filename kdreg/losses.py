@@ -1,4 +1,4 @@
-"""Cross-entropy, knowledge distillation and the teacher-graph loss (design section 1).
+"""Cross-entropy, knowledge distillation and the teacher-graph loss (ipkd-ta eq. 1-7).
 
     L   = sum_i L_i
     L_i = CE(a_i, y)                                                   if i has no teachers

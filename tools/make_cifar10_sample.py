@@ -4,7 +4,7 @@ A stratified random sample (fixed seed) of the CIFAR-10 JPEG archive, kept as th
 files in an uncompressed tar with the layout train/<class>/NNNN.jpg, test/<class>/NNNN.jpg.
 Members are written in sorted order with fixed metadata, so the same input gives the same bytes.
 
-    python tools/make_cifar10_sample.py --source ../shared/data/cifar10-jpeg.tar.gz
+    python tools/make_cifar10_sample.py --source PATH/TO/cifar10-jpeg.tar.gz
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A run: the recipe's stages trained in order into one run directory (design section 4)."""
+"""A run: the recipe's stages trained in order into one run directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One training step over every sub-model of a flexible backbone (design section 5)."""
+"""One training step over every sub-model of a flexible backbone."""
 
 from __future__ import annotations
 
