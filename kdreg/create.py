@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge
+from kdreg.data import check_image_data
 from kdreg.errors import RecipeError, UserError
+from kdreg.graph import TeacherGraph
 from kdreg.options import bind, call, stage_refs
 from kdreg.registry import Registry, UnknownNameError, get_registry
 
@@ -66,10 +70,8 @@ def create(
                            f"returned {type(built).__name__}, not {expected} @ {name_key}"]) from None
 
 
-def _instance_of(cls_path: str) -> Callable[[Any, str], Any]:
+def _instance_of(cls: type) -> Callable[[Any, str], Any]:
     def check(obj: Any, name: str) -> Any:
-        module, _, attr = cls_path.rpartition(".")
-        cls = getattr(__import__(module, fromlist=[attr]), attr)
         if not isinstance(obj, cls):
             raise TypeError(name)
         return obj
@@ -77,16 +79,10 @@ def _instance_of(cls_path: str) -> Callable[[Any, str], Any]:
     return check
 
 
-def _image_data(obj: Any, name: str) -> Any:
-    from kdreg.data import check_image_data
-
-    return check_image_data(obj, name)
-
-
 #: kind -> (what its factories must return, the check of a built object)
 RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "backbone": ("a kdreg.FlexibleBackbone", _instance_of("kdreg.backbone.FlexibleBackbone")),
-    "graph": ("a kdreg.TeacherGraph", _instance_of("kdreg.graph.TeacherGraph")),
-    "bridge": ("a kdreg.Bridge", _instance_of("kdreg.bridge.Bridge")),
-    "dataset": ("a kdreg.data.ImageData", _image_data),
+    "backbone": ("a kdreg.FlexibleBackbone", _instance_of(FlexibleBackbone)),
+    "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
+    "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
+    "dataset": ("a kdreg.data.ImageData", check_image_data),  # raises DataError, line by line
 }

@@ -19,7 +19,7 @@ from kdreg.engine.step import LossSettings, bridge_backward
 from kdreg.errors import RecipeError
 from kdreg.hookspecs import hookimpl
 from kdreg.losses import cross_entropy, kd_loss
-from kdreg.recipe import parse_recipe
+from kdreg.recipe import dump_recipe, parse_recipe
 from kdreg.stages import TeacherStage, freeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +155,7 @@ tau = 4.0
     assert (b.lam, b.tau, b.backbone.options) == (0.7, 4.0, {"shortcut": "zero_pad"})
     alone = parse_recipe('[[stages]]\nname = "c"\nchain = ["resnet20", "resnet8"]\n')
     assert [(s.name, s.graph.name) for s in alone.stages] == [("c_resnet20", "none"), ("c_resnet8", "kd")]
+    assert parse_recipe(dump_recipe(r)) == r  # the run directory's resolved recipe resumes as is
     with pytest.raises(RecipeError) as exc:
         parse_recipe('[[stages]]\nname = "c"\nchain = ["resnet8"]\ngraph = "none"\n')
     assert len(exc.value.problems) == 2
