@@ -35,8 +35,9 @@ def train_settings(recipe: Recipe, stage: StageConfig) -> tuple:
 def test_pipeline_recipes_are_shipped() -> None:
     assert {p.name for p in TAKD} == {"takd-cifar100.toml", "takd-cifar10.toml", "kd-cifar100.toml",
                                       "alone-cifar100.toml"}
-    teachers = {"cifar10": ("wrn28_2", "resnet110", "vgg11"),
-                "cifar100": ("wrn28_2", "resnet110", "vgg11", "resnet20")}
+    teachers = {"cifar10": ("wrn28_2", "resnet110", "vgg11", "resnet34"),
+                "cifar100": ("wrn28_2", "resnet110", "vgg11", "resnet20", "resnet34",
+                             "resnet34-resnet20", "resnet34-wrn28_2")}
     assert {p.name for p in EKD} == {f"ekd-{ds}-{t}.toml" for ds, ts in teachers.items() for t in ts}
     assert (RECIPES / "ekd" / "README.md").is_file()
     pairs = {"cifar10": ("resnet20-resnet56", "resnet20-wrn40_1", "wrn16_1-wrn16_2", "vgg13-wrn46_4"),
@@ -117,11 +118,20 @@ def test_takd_baselines() -> None:
 # ekd-thesis sec. 5.1.3: SGD Nesterov, lr 0.1, momentum 0.9, wd 5e-4, batch 128, 200 epochs,
 # lr x0.2 at 60, 120, 180; tau 5, alpha 0.1 on CE (lam 0.9).
 EKD_TRAIN = (200, "sgd", 0.1, 0.9, 5e-4, True, "multistep", (60, 120, 180), 0.2, 0)
+# The thesis's code mounts a head after every stage: three on the three-stage ResNets and the WRN,
+# four on its four-stage ResNet-34 (VGG-11's three heads: see recipes/ekd/README.md).
+EKD_HEAD_POINTS = {"resnet34_cifar": ["layer1", "layer2", "layer3", "layer4"]}
+# File-name teacher -> backbone name, where they differ.
+EKD_TEACHER_BACKBONE = {"resnet34": "resnet34_cifar"}
 
 
 @pytest.mark.parametrize("path", EKD, ids=ids(EKD))
 def test_ekd_recipes_use_the_thesis_setting(path: Path) -> None:
-    _, dataset, teacher_backbone = path.stem.split("-")
+    # ekd-DATASET-TEACHER.toml (ResNet-8 student) or ekd-DATASET-TEACHER-STUDENT.toml
+    _, dataset, teacher_name, *rest = path.stem.split("-")
+    assert len(rest) <= 1, path.name
+    teacher_backbone = EKD_TEACHER_BACKBONE.get(teacher_name, teacher_name)
+    student_backbone = rest[0] if rest else "resnet8"
     r = load_recipe(path)
     assert r.data.dataset == dataset and r.data.batch_size == 128 and r.data.val_split == 5000
     assert [s.name for s in r.stages] == ["teacher", "heads", "student"]
@@ -131,11 +141,11 @@ def test_ekd_recipes_use_the_thesis_setting(path: Path) -> None:
         assert stage.bridge is None and stage.init is None
     assert teacher.backbone.to_dict() == {"name": teacher_backbone} and teacher.graph.name == "none"
     assert heads.backbone.name == "exits" and heads.graph.name == "none"
-    assert heads.backbone.options == {"trunk": "teacher", "points": ["layer1", "layer2", "layer3"],
+    points = EKD_HEAD_POINTS.get(teacher_backbone, ["layer1", "layer2", "layer3"])
+    assert heads.backbone.options == {"trunk": "teacher", "points": points,
                                       "head": "flatten_linear", "freeze_trunk": True}
-    assert set(heads.backbone.options["points"]) <= set(
-        kdreg.build_backbone(teacher_backbone, num_classes=10).split_points())
-    assert student.backbone.to_dict() == {"name": "resnet8"}
+    assert set(points) <= set(kdreg.build_backbone(teacher_backbone, num_classes=10).split_points())
+    assert student.backbone.to_dict() == {"name": student_backbone}
     assert student.graph.to_dict() == {"name": "cohort", "teacher": "heads"}
     assert (student.lam, student.tau, student.divergence) == (0.9, 5.0, "kl")
 

@@ -233,7 +233,7 @@ def validation_shape(recipe: Recipe) -> tuple[DataShape | None, str]:
     """The data's real shape when it can be read, else the dataset's declared one (or None), and
     a line that says which."""
     try:
-        data = read_data(recipe.data)
+        data = read_data(attrs.evolve(recipe.data, download=False))  # validation never downloads
         _, chans, h, w = data.train_images.shape
         return DataShape(len(data.classes), int(chans), (int(h), int(w))), "the data's shape"
     except UserError as exc:

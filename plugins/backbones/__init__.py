@@ -11,6 +11,7 @@ MODULES = [
     "mobilenet_v1",
     "tiny",
     "cifar_resnet",
+    "cifar_resnet_wide",
     "wrn",
     "vgg",
     "slimmable_resnet",
