@@ -45,13 +45,36 @@ def stage_table(result: dict[str, Any]) -> str:
 
 @hookimpl
 def kdreg_stage_finished(run: Any, stage: str, result: dict[str, Any]) -> None:
+    how = (f"best epoch {result['best_epoch']}/{result['epochs']}" if result["epochs"]
+           else f"loaded from {result.get('init')}, not trained")
+    learned = ", ".join(result.get("teachers") or [])
+    via = f", bridge {result['bridge']}" if result.get("bridge") else ""
+    taught = f", taught by {learned}{via}" if learned else ""
     tqdm.write(
-        f"\nstage {stage}: best epoch {result['best_epoch']}/{result['epochs']}, "
-        f"mean test accuracy {result['mean_test_accuracy']:.2f}%, {result['seconds']:.0f} s\n"
-        + stage_table(result) + "\n"
+        f"\nstage {stage}: {how}{taught}, mean test accuracy {result['mean_test_accuracy']:.2f}%, "
+        f"{result['seconds']:.0f} s\n" + stage_table(result) + "\n"
     )
+
+
+def pipeline_table(stages: list[dict[str, Any]]) -> str:
+    """One line per stage: what taught it and its largest sub-model's test accuracy."""
+    rows = [("stage", "taught by", "params", "test acc")]
+    for s in stages:
+        taught = ", ".join(s.get("teachers") or []) or "labels"
+        if s.get("bridge"):
+            taught += f" (+{s['bridge']})"
+        if s.get("builds_on"):
+            taught += f", on {', '.join(s['builds_on'])}"
+        rows.append((s["name"], taught, f"{s['params'][-1]:,}", f"{s['test_accuracy'][-1]:.2f}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = ["  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 @hookimpl
 def kdreg_run_finished(run: Any, results: dict[str, Any]) -> None:
+    if len(results["stages"]) > 1:
+        tqdm.write(pipeline_table(results["stages"]) + "\n")
     tqdm.write(f"results: {run.directory / 'results.json'}")
