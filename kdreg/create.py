@@ -37,7 +37,8 @@ def create(
     """Build the registered ``kind`` called ``name`` from ``options`` plus the ``provided`` values.
 
     ``path`` is the recipe key of the table (``recipe.stages.student.graph``); ``refs`` resolves
-    options annotated as :class:`kdreg.StageRef` (without it, naming a stage is an error).
+    options annotated as :class:`kdreg.StageRef` (without it, as from Python, the factory gets the
+    names as given); ``name_key`` is the key of the name (default ``path.name``).
     Raises :class:`kdreg.errors.RecipeError` (or :class:`UnknownNameError`) with one line per
     problem; a dataset whose images are malformed raises :class:`kdreg.errors.DataError`.
     """
@@ -47,20 +48,8 @@ def create(
         raise UnknownNameError([f"{registry.unknown_message(name)} @ {name_key}"])
     entry = registry.get(name)
     kwargs = bind(entry.factory, options, provided=provided, path=path, what=f"{kind} {name!r}")
-    problems: list[str] = []
-    unresolved = False
-    for key, ref in stage_refs(entry.factory, options).items():
-        if refs is None:
-            problems.append(f"{key} = {ref!r} names a recipe stage, which only a recipe run can "
-                            f"resolve; from Python pass the object itself @ {path}.{key}")
-            continue
-        try:
-            kwargs[key] = [refs(key, r) for r in ref] if isinstance(ref, list) else refs(key, ref)
-        except UserError as exc:
-            problems += exc.problems  # may be empty: the named stage's own problems are reported
-            unresolved = True
-    if problems or unresolved:
-        raise RecipeError(problems)
+    if refs is not None:
+        _resolve(kwargs, stage_refs(entry.factory, options), refs)
     built = call(entry.factory, kwargs, path=path)
     expected, check = RESULTS[kind]
     try:
@@ -68,6 +57,20 @@ def create(
     except TypeError:
         raise RecipeError([f"{kind} {name!r} of plugin {entry.plugin!r} ({entry.distribution}) "
                            f"returned {type(built).__name__}, not {expected} @ {name_key}"]) from None
+
+
+def _resolve(kwargs: dict[str, Any], names: Mapping[str, str | list[str]], refs: Resolver) -> None:
+    """Replace the stage names in ``kwargs`` by what ``refs`` makes of them."""
+    problems: list[str] = []
+    unresolved = False
+    for key, ref in names.items():
+        try:
+            kwargs[key] = [refs(key, r) for r in ref] if isinstance(ref, list) else refs(key, ref)
+        except UserError as exc:
+            problems += exc.problems  # may be empty: the named stage's own problems are reported
+            unresolved = True
+    if problems or unresolved:
+        raise RecipeError(problems)
 
 
 def _instance_of(cls: type) -> Callable[[Any, str], Any]:

@@ -86,9 +86,12 @@ def _per_student(spec: Mapping[str, Iterable] | Iterable[Iterable], n: int, key:
 def kd(num_submodels: int, teacher: StageRef | list[StageRef]) -> TeacherGraph:
     """Every sub-model taught by the full output of a frozen earlier stage, weight 1 (Hinton; one
     TAKD link). Several stages form an ensemble: each teaches with weight 1 / (number of stages),
-    which for every student gives the gradient of KD against the teachers' averaged soft targets."""
-    stages = _stages(teacher)
-    nodes = [s.node() for s in stages]
+    which for every student gives the gradient of KD against the teachers' averaged soft targets.
+
+    From Python, ``teacher`` may also be a node name (or names) of your choosing: pass the
+    teachers' logits under those names in ``distillation_loss(..., external=...)``."""
+    stages = _stages(teacher, names=True)
+    nodes = [s if isinstance(s, str) else s.node() for s in stages]
     w = 1.0 / len(nodes)
     edges = tuple(Edge(i, node, w) for i in range(num_submodels) for node in nodes)
     return TeacherGraph(num_submodels, edges, external=tuple(nodes), name="kd")
@@ -104,17 +107,19 @@ def cohort(num_submodels: int, teacher: StageRef) -> TeacherGraph:
     return TeacherGraph(num_submodels, edges, external=nodes, name="cohort")
 
 
-def _stages(teacher: Any, many: bool = True) -> list[TeacherStage]:
+def _stages(teacher: Any, many: bool = True, names: bool = False) -> list[Any]:
+    """The teacher stages (or, with ``names``, plain node names too), checked."""
     stages = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
     if not stages:
         raise OptionError("teacher lists no stage", key="teacher")
     if not many and len(stages) > 1:
         raise OptionError("a cohort is taught by one stage's outputs; name one stage", key="teacher")
     for s in stages:
-        if not isinstance(s, TeacherStage):
-            raise OptionError(f"teacher must name an earlier stage, got {s!r}", key="teacher")
-    names = [s.name for s in stages]
-    twice = sorted({n for n in names if names.count(n) > 1})
+        if not (isinstance(s, TeacherStage) or (names and isinstance(s, str))):
+            raise OptionError(f"teacher must be an earlier stage (a kdreg.TeacherStage), got {s!r}",
+                              key="teacher")
+    labels = [s if isinstance(s, str) else s.name for s in stages]
+    twice = sorted({n for n in labels if labels.count(n) > 1})
     if twice:
         raise OptionError(f"teacher lists stage(s) {', '.join(twice)} more than once", key="teacher")
     return stages

@@ -87,8 +87,15 @@ def test_kd_graph_teaches_every_submodel_with_the_teachers_full_output() -> None
     assert sorted((e.teacher, e.weight) for e in ens.edges) == [("other:exit1", 0.5), ("teacher:exit3", 0.5)]
     with pytest.raises(RecipeError, match="more than once @ graph.teacher"):
         kdreg.get_teacher_graph("kd", 1, teacher=[teacher, teacher])
-    with pytest.raises(RecipeError, match=r"teacher = 'teacher' names a recipe stage.* @ graph.teacher"):
-        kdreg.get_teacher_graph("kd", 1, teacher="teacher")
+    # from Python a plain node name will do: the caller passes its logits under that name
+    named = kdreg.get_teacher_graph("kd", 2, teacher="t56")
+    assert named.external == ("t56",) and {e.teacher for e in named.edges} == {"t56"}
+    x, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    t = torch.randn(4, 5)
+    loss = kdreg.distillation_loss([x, x], y, named, lam=0.5, tau=2.0, external={"t56": t})
+    torch.testing.assert_close(loss, 2 * (0.5 * cross_entropy(x, y) + 0.5 * kd_loss(x, t, tau=2.0)))
+    with pytest.raises(RecipeError, match=r"must be an earlier stage .* @ graph.teacher"):
+        kdreg.get_teacher_graph("cohort", 1, teacher="heads")
 
 
 def test_cohort_graph_weights_every_output_by_one_over_k_plus_one() -> None:
