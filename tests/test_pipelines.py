@@ -192,6 +192,28 @@ tau = 4.0
     assert_bit_identical(r.models["takd_resnet8"].state_dict(), best(tmp_path / "run", "takd_resnet8"))
 
 
+def test_an_ensemble_of_frozen_teachers_end_to_end(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[[stages]]
+name = "a"
+backbone = "resnet8"
+[[stages]]
+name = "b"
+backbone = { name = "tiny_exits", exits = 2 }
+[[stages]]
+name = "student"
+backbone = "resnet8"
+graph = { name = "kd", teacher = ["a", "b"] }
+""")
+    r, results = run(path, tmp_path / "run")
+    assert results["stages"][2]["teachers"] == ["a", "b"]
+    plan = r.plans[2]
+    assert plan.nodes == {"a:full": ("a", 0), "b:exit2": ("b", 1)}
+    assert sorted((e.teacher, e.weight) for e in plan.graph.edges) == [("a:full", 0.5), ("b:exit2", 0.5)]
+    for name in ("a", "b"):
+        assert_bit_identical(r.models[name].state_dict(), best(tmp_path / "run", name))
+
+
 # ----------------------------------------------------------------------------- frozen teachers
 class Spy:
     """A real plugin: during the student's stage, counts the frozen heads model's forwards (and its
