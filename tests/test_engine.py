@@ -10,6 +10,7 @@ import torch
 
 import kdreg
 from kdreg import plugins
+from kdreg.engine import step as step_module
 from kdreg.engine.optim import build_optimizer, lr_factor, parameter_groups
 from kdreg.engine.run import Run
 from kdreg.engine.step import LossSettings, multi_pass_backward, single_pass_backward
@@ -43,8 +44,8 @@ def test_per_submodel_backward_equals_one_backward_of_the_summed_loss(graph: str
     assert out.correct.shape == (4,)
 
 
-def test_multi_pass_runs_largest_first_and_keeps_only_needed_teachers() -> None:
-    model = kdreg.build_backbone("tiny_slimmable", num_classes=3, widths=[0.25, 0.5, 1.0])
+def test_multi_pass_runs_largest_first_and_keeps_only_needed_teachers(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = kdreg.build_backbone("tiny_slimmable", num_classes=3, widths=[0.25, 0.5, 0.75, 1.0])
     order = []
     original = model.forward_submodel
 
@@ -53,35 +54,84 @@ def test_multi_pass_runs_largest_first_and_keeps_only_needed_teachers() -> None:
         return original(x, i)
 
     model.forward_submodel = spy  # type: ignore[method-assign]
-    g = kdreg.get_teacher_graph("ipkd-ta-1", 3)
-    multi_pass_backward(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), LossSettings(g, 0.5, 1.0))
-    assert order == [2, 1, 0]
+    alive: dict[int, list] = {}
+    real_loss = step_module.submodel_loss
+
+    def record(index, logits, labels, graph, teachers, **kw):  # type: ignore[no-untyped-def]
+        alive[index] = sorted(teachers)  # the teacher logits kept while sub-model `index` runs
+        return real_loss(index, logits, labels, graph, teachers, **kw)
+
+    monkeypatch.setattr(step_module, "submodel_loss", record)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    multi_pass_backward(model, x, y, LossSettings(kdreg.get_teacher_graph("ipkd-ta-1", 4), 0.5, 1.0))
+    assert order == [3, 2, 1, 0]
+    assert alive == {3: [], 2: [3], 1: [2], 0: [1]}   # each teacher dropped after its only student
+    alive.clear()
+    multi_pass_backward(model, x, y, LossSettings(kdreg.get_teacher_graph("ipkd", 4), 0.5, 1.0))
+    assert alive == {3: [], 2: [3], 1: [3], 0: [3]}
+    alive.clear()
+    multi_pass_backward(model, x, y, LossSettings(kdreg.get_teacher_graph("subset", 4, teachers={"0": [2]}), 0.5, 1.0))
+    assert alive == {3: [], 2: [], 1: [2], 0: [2]}   # 3 teaches nobody; 2 kept until 0 ran
 
 
-def test_single_pass_step_backpropagates_every_exit() -> None:
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+def test_single_pass_step_is_the_papers_loss(divergence: str) -> None:
+    """One step's loss and gradients equal ipkd-ta eq. 7 written out for 3 exits, lam 0.8, tau 5."""
     torch.manual_seed(0)
     model = kdreg.build_backbone("tiny_exits", num_classes=4, exits=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     g = kdreg.get_teacher_graph("ipkd-ta-m", 3)
-    out = single_pass_backward(model, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), LossSettings(g, 0.8, 5.0))
-    assert out.correct.shape == (3,)
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    out = single_pass_backward(model, x, y, LossSettings(g, 0.8, 5.0, divergence))
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    a = model(x)
+
+    def kd(s, t):  # type: ignore[no-untyped-def]
+        pt = torch.softmax(t.detach() / 5.0, -1)
+        own = (pt * torch.log_softmax(t.detach() / 5.0, -1)).sum(-1) if divergence == "kl" else 0.0
+        return 25.0 * (own - (pt * torch.log_softmax(s / 5.0, -1)).sum(-1)).mean()
+
+    ce = torch.nn.functional.cross_entropy
+    expected = (0.2 * ce(a[0], y) + 0.8 * (kd(a[0], a[1]) / 2 + kd(a[0], a[2]) / 2)
+                + 0.2 * ce(a[1], y) + 0.8 * kd(a[1], a[2]) + ce(a[2], y))
+    expected.backward()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    ref = _grads(model)
+    assert got.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _decay_of(groups: list[dict]) -> dict[int, float]:
+    return {id(p): g["weight_decay"] for g in groups for p in g["params"]}
 
 
 def test_weight_decay_exemptions() -> None:
+    """Exactly the regular conv and linear weights are decayed with every exemption on; each kind
+    is exempt only when named (a BatchNorm bias is a norm parameter, not a bias)."""
     model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=10)
-    groups = parameter_groups(model, OptimizerConfig(no_decay=("bias", "norm", "depthwise")))
-    decayed = {id(p) for p in groups[0]["params"]}
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed_names = [names[i] for i in decayed]
-    assert groups[1]["weight_decay"] == 0.0
-    assert not any(n.endswith("bias") for n in decayed_names)
-    assert not any(".bn" in n or "norm" in n for n in decayed_names), decayed_names[:5]
-    total = sum(p.numel() for p in model.parameters())
-    assert sum(p.numel() for g in groups for p in g["params"]) == total
-    plain = parameter_groups(model, OptimizerConfig())
-    assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))
-    opt = build_optimizer(model, OptimizerConfig(nesterov=True))
+    kinds: dict[int, str] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.BatchNorm2d):
+                kinds[id(p)] = "norm"
+            elif name == "bias":
+                kinds[id(p)] = "bias"
+            elif isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels > 1 or getattr(module, "depthwise", False):
+                kinds[id(p)] = "depthwise"
+            else:
+                kinds[id(p)] = "weight"
+    assert {"norm", "bias", "depthwise", "weight"} <= set(kinds.values())
+    assert len(kinds) == len(list(model.parameters()))
+    for exempt in [(), ("norm",), ("bias",), ("depthwise",), ("bias", "norm", "depthwise")]:
+        decay = _decay_of(parameter_groups(model, OptimizerConfig(weight_decay=5e-4, no_decay=exempt)))
+        assert decay.keys() == kinds.keys(), exempt
+        for pid, kind in kinds.items():
+            assert decay[pid] == (0.0 if kind in exempt else 5e-4), (exempt, kind)
+    opt = build_optimizer(model, OptimizerConfig(nesterov=True, no_decay=("norm",)))
     assert opt.defaults["nesterov"] is True
+    assert {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]} == _decay_of(
+        parameter_groups(model, OptimizerConfig(no_decay=("norm",))))
 
 
 def test_schedules() -> None:

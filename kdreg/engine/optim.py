@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,16 +11,33 @@ from torch import nn
 from kdreg.recipe import OptimizerConfig, ScheduleConfig
 
 
-def no_decay_kind(module: nn.Module, param_name: str, param: torch.Tensor) -> str | None:
-    """``depthwise`` / ``norm`` / ``bias`` for parameters that may be exempt from weight decay."""
-    if param_name.endswith("bias"):
-        return "bias"
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+NoDecayKind = Literal["depthwise", "norm", "bias", "other"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def no_decay_kind(module: nn.Module, param_name: str) -> NoDecayKind | None:
+    """Why parameter ``param_name`` of ``module`` (its direct owner) may be exempt from weight decay.
+
+    ``"norm"`` for normalisation layers (BatchNorm, GroupNorm, LayerNorm, and the vectors of any
+    class whose name contains ``Norm``, such as timm's RmsNorm; their biases too), ``"bias"`` for
+    other biases, ``"depthwise"`` for the weight of a depthwise conv (``groups == in_channels >
+    1``), ``"other"`` for any other parameter of at most one dimension (layer scales, tokens of
+    size 1), and ``None`` for weights that always take weight decay (regular conv and linear
+    weights). ``optimizer.no_decay`` names the kinds to exempt.
+    """
+    param = getattr(module, param_name)
+    if isinstance(module, _NORM_TYPES) or (
+            param.ndim <= 1 and "norm" in type(module).__name__.lower()):
         return "norm"
-    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+    if param_name == "bias" or param_name.endswith("_bias"):
+        return "bias"
+    if isinstance(module, nn.modules.conv._ConvNd) and param_name == "weight" and (
+            getattr(module, "depthwise", False) is True
+            or 1 < module.groups == module.in_channels):
         return "depthwise"
-    if getattr(module, "depthwise", False):
-        return "depthwise"
+    if param.ndim <= 1:
+        return "other"
     return None
 
 
@@ -35,7 +52,7 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, A
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (exempt if no_decay_kind(module, name, p) in exempt_kinds else decay).append(p)
+            (exempt if no_decay_kind(module, name) in exempt_kinds else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if exempt:
         groups.append({"params": exempt, "weight_decay": 0.0})

@@ -5,8 +5,8 @@ A slimmable layer allocates its largest shape; at width index ``i`` it uses the 
 active channels). :class:`SwitchableBatchNorm2d` keeps one private ``BatchNorm2d`` per width; every
 other weight is shared. :func:`set_width_index` switches every slimmable layer of a model at once.
 
-Also here, for now: :func:`no_decay_kind`, which tells the parameters that take no weight decay
-(depthwise conv weights, normalisation parameters, biases) for any ``nn.Module``.
+:func:`no_decay_kinds` lists, for any model, why each parameter takes no weight decay (the engine's
+:func:`kdreg.engine.optim.no_decay_kind`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone, segment_range
+from kdreg.engine.optim import NoDecayKind, no_decay_kind  # one rule, the engine's
 from kdreg.errors import OptionError
 
 DEFAULT_WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
@@ -212,35 +213,6 @@ def count_params_at(module: nn.Module, index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ weight decay
-NoDecayKind = Literal["depthwise", "norm", "bias", "other"]
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def no_decay_kind(module: nn.Module, param_name: str) -> NoDecayKind | None:
-    """Why parameter ``param_name`` of ``module`` (its direct owner) takes no weight decay.
-
-    ``"norm"`` for normalisation layers (BatchNorm, GroupNorm, LayerNorm, and the vectors of any
-    class whose name contains ``Norm``, such as timm's RmsNorm), ``"bias"`` for biases, ``"depthwise"`` for the weight of a depthwise conv
-    (``groups == in_channels > 1``), ``"other"`` for any other parameter of at most one dimension
-    (layer scales, tokens of size 1), and ``None`` for weights that take weight decay (regular
-    conv and linear weights).
-    """
-    param = getattr(module, param_name)
-    if isinstance(module, _NORM_TYPES) or (
-            param.ndim <= 1 and "norm" in type(module).__name__.lower()):
-        return "norm"
-    if param_name == "bias" or param_name.endswith("_bias"):
-        return "bias"
-    if isinstance(module, nn.modules.conv._ConvNd) and param_name == "weight" and (
-            getattr(module, "depthwise", False) is True
-            or 1 < module.groups == module.in_channels):
-        return "depthwise"
-    if param.ndim <= 1:
-        return "other"
-    return None
-
-
 def no_decay_kinds(model: nn.Module) -> dict[str, NoDecayKind | None]:
     """``{full parameter name: no_decay_kind}`` for every parameter of ``model`` (shared ones once)."""
     kinds: dict[str, NoDecayKind | None] = {}
