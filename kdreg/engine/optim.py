@@ -10,7 +10,6 @@ from torch import nn
 
 from kdreg.recipe import OptimizerConfig, ScheduleConfig
 
-
 NoDecayKind = Literal["depthwise", "norm", "bias", "other"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
