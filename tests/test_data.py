@@ -26,6 +26,7 @@ from kdreg.data import (
     prepare_splits,
 )
 from kdreg.errors import DataError, OptionError, UserError
+from kdreg.recipe import parse_recipe
 from kdreg.registry import Entry, Registry, get_registry
 from kdreg_plugins.datasets import folder as folder_mod
 from kdreg_plugins.datasets.synthetic import synthetic
@@ -646,3 +647,21 @@ def test_folder_module_names_archives() -> None:
     assert folder_mod.archive_stem(Path("a/cifar10-jpeg.tar.gz")) == "cifar10-jpeg"
     assert folder_mod.archive_stem(Path("x.TGZ")) == "x"
     assert folder_mod.archive_stem(Path("x.zip")) is None
+
+
+def test_load_data_uses_the_recipes_data_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.data_seed draws the validation split and the subsets; the training seed does not."""
+    pm = datasets_only(monkeypatch)
+    options = {"num_classes": 3, "train_size": 60, "test_size": 30, "image_size": 4}
+    base = dict(options=options, val_split=9, train_limit=30, test_limit=12)
+
+    def images(s: Splits) -> list[bytes]:
+        return [t.images.numpy().tobytes() for t in (s.train, s.val, s.test)]
+
+    a = load_data(data_config(**base, data_seed=0), pm_registry=pm)
+    b = load_data(data_config(**base, data_seed=0), pm_registry=pm)
+    c = load_data(data_config(**base, data_seed=1), pm_registry=pm)
+    assert images(a) == images(b)
+    assert all(x != y for x, y in zip(images(a), images(c)))
+    recipe = parse_recipe('[data]\ndata_seed = 7\n[[stages]]\nname = "s"\nbackbone = "resnet8"\n')
+    assert recipe.data.data_seed == 7 and parse_recipe('[[stages]]\nname = "s"\nbackbone = "resnet8"\n').data.data_seed == 0
