@@ -9,7 +9,7 @@ networks are single-pass (one forward yields every exit); a plain network is a f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -135,16 +135,68 @@ class FlexibleBackbone(nn.Module):
     def count_params(self) -> list[int]:
         """Parameters each sub-model uses at inference (for early exits: cumulative).
 
-        The default suits a plain network: every parameter belongs to its only sub-model.
+        The default suits a plain network (every parameter belongs to its only sub-model) and any
+        single-pass model: sub-model ``i`` counts the parameters its logits depend on, read from
+        the autograd graph of one forward pass on a probe batch (see :func:`params_depended_on`).
+        Multi-pass models with several sub-models override it (a width uses a slice of a shared
+        weight, which the graph does not show), and so does a single-pass model that runs part of
+        its forward under ``no_grad`` (or that counts earlier exits' heads too, as MSDNet does).
         """
-        if self.num_submodels != 1:
-            raise TypeError(f"{type(self).__name__} must implement count_params")
-        return [sum(p.numel() for p in self.parameters())]
+        if self.num_submodels == 1:
+            return [sum(p.numel() for p in self.parameters())]
+        if not self.single_pass:
+            raise TypeError(f"{type(self).__name__} is multi-pass with {self.num_submodels} "
+                            "sub-models and must implement count_params")
+        return params_depended_on(self, self.forward)
 
     def count_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
-        """Multiply-accumulates of one image through each sub-model (cumulative for exits)."""
+        """Multiply-accumulates of one image through each sub-model (cumulative for exits).
+
+        The default runs :meth:`forward_submodel` once per sub-model; for a single-pass model that
+        only implements :meth:`forward`, sub-model ``i`` counts the operations its logits depend
+        on in one forward pass (see :func:`macs_depended_on`).
+        """
+        if (self.single_pass and self.num_submodels > 1
+                and type(self).forward_submodel is FlexibleBackbone.forward_submodel):
+            return macs_depended_on(self, self.forward, input_size)
         return self.probe(lambda x: [count_macs(lambda i=i: self.forward_submodel(x, i))
                                      for i in range(self.num_submodels)], input_size)
+
+
+def backbone_problems(model: FlexibleBackbone) -> list[str]:
+    """What ``model`` lacks of the backbone contract (hook ``kdreg_register_backbones``), one line
+    per problem; empty when kdreg can train, evaluate and count it."""
+    cls = type(model)
+    base = FlexibleBackbone
+    problems = []
+    labels = getattr(model, "submodel_labels", None)
+    if (not isinstance(labels, tuple) or not labels
+            or not all(isinstance(label, str) and label for label in labels)):
+        problems.append(f"submodel_labels must be a non-empty tuple of strings, got {labels!r}")
+    elif len(set(labels)) != len(labels) or any(":" in label for label in labels):
+        problems.append(f"submodel_labels {labels!r} must be distinct and contain no ':' "
+                        "(external teacher nodes are named 'stage:label')")
+    single = getattr(model, "single_pass", None)
+    if not isinstance(single, bool):
+        problems.append(f"single_pass must be True or False, got {single!r}")
+    elif single and cls.forward is base.forward and cls.forward_submodel is base.forward_submodel:
+        problems.append("a single-pass backbone must implement forward(x) (the list of every "
+                        "sub-model's logits, smallest first)")
+    elif not single and cls.forward_submodel is base.forward_submodel:
+        problems.append("a multi-pass backbone must implement forward_submodel(x, index)")
+    elif (not single and isinstance(labels, tuple) and len(labels) > 1
+          and cls.count_params is base.count_params):
+        problems.append("a multi-pass backbone with several sub-models must implement "
+                        "count_params() (parameters per sub-model, smallest first)")
+    try:
+        points = model.split_points()
+    except Exception as exc:  # noqa: BLE001 - the plugin's code; reported, not raised
+        problems.append(f"split_points() raised {type(exc).__name__}: {exc}")
+    else:
+        if points and cls.forward_segment is base.forward_segment:
+            problems.append(f"it names split points {tuple(points)} but does not implement "
+                            "forward_segment(h, start, end)")
+    return problems
 
 
 def segment_range(points: Sequence[str], start: str | None, end: str | None) -> tuple[int, int]:
@@ -175,3 +227,110 @@ def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# What a model's outputs depend on: the autograd graph of one forward pass on a probe batch
+
+
+def leaf_tensors(t: Tensor) -> list[Tensor]:
+    """The distinct leaf tensors (parameters that require grad) ``t`` was computed from."""
+    found: dict[int, Tensor] = {}
+    for fn in _graph_nodes(t).values():
+        leaf = getattr(fn, "variable", None)
+        if isinstance(leaf, Tensor):
+            found[id(leaf)] = leaf
+    return list(found.values())
+
+
+def _graph_nodes(t: Tensor) -> dict[int, Any]:
+    """Every autograd node ``t`` was computed through, by ``id``.
+
+    The nodes are held in the result: a node's Python object lives only while referenced, and
+    ids of dead objects are reused, so an id is only a node's name while the node is held.
+    """
+    nodes: dict[int, Any] = {}
+    stack = [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in nodes:
+            continue
+        nodes[id(fn)] = fn
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return nodes
+
+
+def probe_with_graph(model: FlexibleBackbone, fn: Callable[[Tensor], T],
+                     input_size: Sequence[int] | None = None) -> T:
+    """``fn(zeros)`` on a one-image zero batch at ``input_size`` (default: the model's), in eval
+    mode with gradients enabled and every parameter requiring grad, so that the outputs' autograd
+    graph reaches every parameter they depend on; the modes and flags are restored after."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    h, w = input_size or model.input_size
+    x = torch.zeros(1, model.in_chans, h, w, device=_device_of(model))
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return fn(x)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def params_depended_on(model: FlexibleBackbone, outputs: Callable[[Tensor], Sequence[Tensor]],
+                       input_size: Sequence[int] | None = None) -> list[int]:
+    """For each tensor of ``outputs(x)``, the number of ``model``'s parameters it depends on.
+
+    ``count_params`` of a single-pass model is ``params_depended_on(model, model.forward)``; the
+    trunk parameters up to split points are ``params_depended_on(trunk, lambda x:
+    trunk.forward_stages(x, points)[0])``. Parameters used under ``no_grad`` are not seen.
+    """
+    own = {id(p) for p in model.parameters()}
+
+    def measure(x: Tensor) -> list[int]:
+        return [sum(p.numel() for p in leaf_tensors(out) if id(p) in own) for out in outputs(x)]
+
+    return probe_with_graph(model, measure, input_size)
+
+
+def macs_depended_on(model: FlexibleBackbone, outputs: Callable[[Tensor], Sequence[Tensor]],
+                     input_size: Sequence[int] | None = None) -> list[int]:
+    """For each tensor of ``outputs(x)``, the multiply-accumulates (as :func:`count_macs` counts
+    them) of the operations it was computed through, from one forward pass of one image.
+
+    Every operation's MACs are recorded with its output, whose autograd node places it in the
+    graph; an output counts the operations whose nodes it reaches. Operations run under
+    ``no_grad`` are not seen.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    records: list[tuple[list[Tensor], int]] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            flops = flop_registry.get(func._overloadpacket)
+            if flops is not None:
+                tensors = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+                records.append((tensors, int(flops(*args, **kwargs, out_val=out)) // 2))
+            return out
+
+    def measure(x: Tensor) -> list[int]:
+        with Recorder():
+            outs = list(outputs(x))
+        counts = []
+        for out in outs:
+            nodes = _graph_nodes(out)
+            counts.append(sum(macs for tensors, macs in records
+                              if any(id(t.grad_fn) in nodes for t in tensors)))
+        return counts
+
+    return probe_with_graph(model, measure, input_size)

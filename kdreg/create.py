@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kdreg.backbone import FlexibleBackbone
+from kdreg.backbone import FlexibleBackbone, backbone_problems
 from kdreg.bridge import Bridge
 from kdreg.data import check_image_data
 from kdreg.errors import RecipeError, UserError
 from kdreg.graph import TeacherGraph
 from kdreg.options import bind, call, stage_refs
-from kdreg.registry import Registry, UnknownNameError, get_registry
+from kdreg.registry import KINDS, Registry, UnknownNameError, get_registry
 
 #: ``refs(option, stage_name)``: the value a factory gets for an option naming an earlier stage.
 Resolver = Callable[[str, str], Any]
@@ -52,11 +52,15 @@ def create(
         _resolve(kwargs, stage_refs(entry.factory, options), refs)
     built = call(entry.factory, kwargs, path=path)
     expected, check = RESULTS[kind]
+    who = f"{kind} {name!r} of plugin {entry.plugin!r} ({entry.distribution})"
     try:
         return check(built, name)
     except TypeError:
-        raise RecipeError([f"{kind} {name!r} of plugin {entry.plugin!r} ({entry.distribution}) "
-                           f"returned {type(built).__name__}, not {expected} @ {name_key}"]) from None
+        raise RecipeError([f"{who} returned {type(built).__name__}, not {expected} "
+                           f"@ {name_key}"]) from None
+    except IncompleteResult as exc:
+        raise RecipeError([f"{who} returned a {type(built).__name__} that breaks the contract of "
+                           f"{KINDS[kind]}: {problem} @ {name_key}" for problem in exc.problems]) from None
 
 
 def _resolve(kwargs: dict[str, Any], names: Mapping[str, str | list[str]], refs: Resolver) -> None:
@@ -73,6 +77,24 @@ def _resolve(kwargs: dict[str, Any], names: Mapping[str, str | list[str]], refs:
         raise RecipeError(problems)
 
 
+class IncompleteResult(Exception):
+    """A factory's result is of the right type but lacks what its hook spec asks for."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _check_backbone(obj: Any, name: str) -> FlexibleBackbone:
+    """A :class:`FlexibleBackbone` (an ``nn.Module``) that keeps the backbone contract."""
+    if not isinstance(obj, FlexibleBackbone):
+        raise TypeError(name)
+    problems = backbone_problems(obj)
+    if problems:
+        raise IncompleteResult(problems)
+    return obj
+
+
 def _instance_of(cls: type) -> Callable[[Any, str], Any]:
     def check(obj: Any, name: str) -> Any:
         if not isinstance(obj, cls):
@@ -82,9 +104,10 @@ def _instance_of(cls: type) -> Callable[[Any, str], Any]:
     return check
 
 
-#: kind -> (what its factories must return, the check of a built object)
+#: kind -> (what its factories must return, the check of a built object); a check raises
+#: TypeError for a wrong type and :class:`IncompleteResult` for a broken contract
 RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "backbone": ("a kdreg.FlexibleBackbone", _instance_of(FlexibleBackbone)),
+    "backbone": ("a kdreg.FlexibleBackbone (an nn.Module)", _check_backbone),
     "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
     "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
     "dataset": ("a kdreg.data.ImageData", check_image_data),  # raises DataError, line by line

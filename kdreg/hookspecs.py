@@ -7,21 +7,38 @@ A plugin is a module (or object) with functions named after these specs and deco
     [project.entry-points.kdreg]
     my_plugin = "my_package.kdreg_plugin"
 
-The ``kdreg_register_*`` hooks receive a ``register(name, factory, description="")`` closure.
-Call it once per name; a name registered twice (by you or by another plugin) is an error that names
-both plugins. Factories are called with keyword arguments taken from the recipe; kdreg checks those
-options against the factory's signature and type annotations before calling it, so a factory
-should declare every option as a typed keyword parameter with a default where one makes sense, and
-raise :class:`kdreg.errors.OptionError` (naming the option in ``key``) for a value out of range.
+The ``kdreg_register_*`` hooks receive a :class:`Register` callable,
+``register(name, factory, description="", *, shape=None)``. Call it once per name; a name
+registered twice (by you or by another plugin) is an error that names both plugins. Factories are
+called with keyword arguments taken from the recipe; kdreg checks those options against the
+factory's signature and type annotations before calling it, so a factory should declare every
+option as a typed keyword parameter with a default where one makes sense, and raise
+:class:`kdreg.errors.OptionError` (naming the option in ``key``) for a value out of range. What a
+factory returns is checked too: a wrong type or a broken contract is reported with the plugin
+and its distribution.
 
-Built-in plugins live in ``kdreg_plugins`` and are registered exactly this way.
+A decorated function whose name matches no spec here (a misspelled hook) is an error, as is an
+undecorated function named like a hook. The run events receive a :class:`RunInfo`.
+
+Built-in plugins live in ``kdreg_plugins`` and are registered exactly this way. The plugin
+author's guide is ``docs/plugins.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from kdreg.backbone import FlexibleBackbone
+    from kdreg.bridge import Bridge
+    from kdreg.graph import TeacherGraph
+    from kdreg.recipe import Recipe
 
 PROJECT = "kdreg"
 
@@ -29,16 +46,92 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+class Register(Protocol):
+    """What the ``kdreg_register_*`` hooks receive: records one factory under a name."""
+
+    def __call__(self, name: str, factory: Callable[..., Any], description: str = "", *,
+                 shape: tuple[int, int, int, int] | None = None) -> None:
+        """Register ``factory`` as ``name``.
+
+        ``description`` is the one line ``kdreg list`` shows (default: the first line of the
+        factory's docstring). ``shape`` is for datasets only: ``(num_classes, channels, height,
+        width)`` of their images.
+        """
+
+
+class StageInfo(Protocol):
+    """One stage of a run, as run events see it (read it, do not change it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model(self) -> FlexibleBackbone: ...
+
+    @property
+    def graph(self) -> TeacherGraph: ...
+
+    @property
+    def teachers(self) -> Mapping[str, FlexibleBackbone]:
+        """The frozen earlier stages this stage learns from, by name."""
+
+    @property
+    def bridge(self) -> Bridge | None: ...
+
+
+class RunInfo(Protocol):
+    """A run, as run events see it (read it, do not change it)."""
+
+    @property
+    def recipe(self) -> Recipe:
+        """The resolved recipe (``kdreg.recipe.Recipe``: ``name``, ``seed``, ``data``, ``train``,
+        ``stages``)."""
+
+    @property
+    def directory(self) -> Path:
+        """The run directory (``recipe.toml``, ``metrics.jsonl``, ``results.json``)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def plans(self) -> Sequence[StageInfo]:
+        """Every stage, in recipe order."""
+
+
 @hookspec
-def kdreg_register_backbones(register: Any) -> None:
+def kdreg_register_backbones(register: Register) -> None:
     """Register flexible backbones.
 
     ``register(name, factory, description="")`` where ``factory(*, num_classes: int, in_chans: int,
     input_size: tuple[int, int], **options) -> kdreg.FlexibleBackbone``. ``num_classes``,
     ``in_chans`` and ``input_size`` come from the data; the other keyword options come from the
     recipe's ``backbone = { name = ..., ... }`` table. A factory that does not need ``in_chans`` or
-    ``input_size`` may accept ``**_`` for them. The returned module's ``forward(x)`` must return the
-    list of sub-model logits, smallest sub-model first.
+    ``input_size`` may accept ``**_`` for them. kdreg sets the model's ``in_chans`` and
+    ``input_size`` attributes to those values after the factory returns.
+
+    The returned model is an ``nn.Module`` subclassing ``kdreg.FlexibleBackbone`` with
+
+    - ``submodel_labels``: a non-empty tuple of distinct strings without ``:``, one per sub-model,
+      smallest first (``("x0.5", "x1.0")``, ``("exit1", "final")``); a class attribute or set in
+      ``__init__``;
+    - ``single_pass``: ``True`` when one forward pass yields every sub-model's logits (early exits,
+      a plain network), ``False`` when each sub-model needs its own pass (slimmable widths);
+    - a single-pass model implements ``forward(x)``, returning the list of every sub-model's
+      logits (``[batch, num_classes]`` each), smallest first; it may also implement
+      ``forward_submodel(x, index)`` to run one sub-model alone;
+    - a multi-pass model implements ``forward_submodel(x, index)`` (the logits of sub-model
+      ``index`` alone), and, with more than one sub-model, ``count_params()``: the parameters
+      each sub-model uses, smallest first.
+
+    Everything else has a default. ``count_params()`` of a single-pass model counts, per
+    sub-model, the parameters its logits depend on (read from the autograd graph of one forward
+    pass on a probe batch); ``count_macs()`` counts the multiply-accumulates the same way (or by
+    running ``forward_submodel`` where the model implements it). Override them for another
+    convention (MSDNet counts every earlier exit's head) or when part of the forward runs under
+    ``no_grad``. A backbone that names split points (``split_points()``, for bridges and the
+    ``exits`` backbone) implements ``forward_segment(h, start, end)``. kdreg checks all this when
+    the factory returns and reports what is missing with the plugin and its distribution.
 
     A factory that builds on a model trained in an earlier stage of the same recipe (for example an
     early-exit wrapper around a frozen teacher) declares a parameter annotated as
@@ -49,7 +142,7 @@ def kdreg_register_backbones(register: Any) -> None:
 
 
 @hookspec
-def kdreg_register_graphs(register: Any) -> None:
+def kdreg_register_graphs(register: Register) -> None:
     """Register teacher graphs.
 
     ``register(name, factory, description="")`` where ``factory(num_submodels: int, **options) ->
@@ -67,7 +160,7 @@ def kdreg_register_graphs(register: Any) -> None:
 
 
 @hookspec
-def kdreg_register_bridges(register: Any) -> None:
+def kdreg_register_bridges(register: Register) -> None:
     """Register collaboration bridges (student-teacher collaboration, STC).
 
     ``register(name, factory, description="")`` where ``factory(*, student, teacher, **options)
@@ -85,7 +178,7 @@ def kdreg_register_bridges(register: Any) -> None:
 
 
 @hookspec
-def kdreg_register_datasets(register: Any) -> None:
+def kdreg_register_datasets(register: Register) -> None:
     """Register data sources.
 
     ``register(name, factory, description="")`` where ``factory(*, root: pathlib.Path, **options)
@@ -101,21 +194,21 @@ def kdreg_register_datasets(register: Any) -> None:
 
 
 @hookspec
-def kdreg_run_started(run: Any) -> None:
+def kdreg_run_started(run: RunInfo) -> None:
     """A run starts. ``run`` has ``recipe``, ``directory`` (a ``pathlib.Path``), ``device`` and
     ``plans`` (one per stage, in order: ``name``, ``model``, ``graph``, ``teachers``, ``bridge``)."""
 
 
 @hookspec
-def kdreg_epoch_finished(run: Any, stage: str, record: dict[str, Any]) -> None:
+def kdreg_epoch_finished(run: RunInfo, stage: str, record: dict[str, Any]) -> None:
     """An epoch of stage ``stage`` finished; ``record`` is the line written to metrics.jsonl."""
 
 
 @hookspec
-def kdreg_stage_finished(run: Any, stage: str, result: dict[str, Any]) -> None:
+def kdreg_stage_finished(run: RunInfo, stage: str, result: dict[str, Any]) -> None:
     """Stage ``stage`` finished; ``result`` is its entry in results.json."""
 
 
 @hookspec
-def kdreg_run_finished(run: Any, results: dict[str, Any]) -> None:
+def kdreg_run_finished(run: RunInfo, results: dict[str, Any]) -> None:
     """The run finished; ``results`` is what was written to results.json."""

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import pluggy
 
 from kdreg.errors import PluginError, UserError
+from kdreg.hookspecs import Register
 
 KINDS = {
     "backbone": "kdreg_register_backbones",
@@ -79,7 +81,7 @@ def reset() -> None:
     _registries.clear()
 
 
-def collect(kind: str, pm: Any = None) -> Registry:
+def collect(kind: str, pm: pluggy.PluginManager | None = None) -> Registry:
     """Call the ``kdreg_register_*`` hook of ``kind`` on every plugin and build its registry."""
     from kdreg import plugins
 
@@ -90,32 +92,7 @@ def collect(kind: str, pm: Any = None) -> Registry:
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
         plugin_name = impl.plugin_name
         dist = plugins.distribution_of(pm, plugin_name)[0]
-
-        def register(name: str, factory: Callable[..., Any], description: str = "", *,
-                     shape: tuple[int, int, int, int] | None = None,
-                     _plugin: str = plugin_name, _dist: str = dist) -> None:
-            if not isinstance(name, str) or not name:
-                problems.append(f"plugin {_plugin!r} ({_dist}) registered a {kind} with a bad name {name!r}")
-                return
-            if not callable(factory):
-                problems.append(f"plugin {_plugin!r} ({_dist}) registered {kind} {name!r} with a factory that is not callable")
-                return
-            if name in entries:
-                other = entries[name]
-                problems.append(
-                    f"{kind} {name!r} is registered twice: by plugin {other.plugin!r} "
-                    f"({other.distribution}) and by plugin {_plugin!r} ({_dist})"
-                )
-                return
-            if shape is not None and (kind != "dataset" or len(shape) != 4
-                                      or not all(isinstance(v, int) and v > 0 for v in shape)):
-                problems.append(f"plugin {_plugin!r} ({_dist}) registered {kind} {name!r} with shape "
-                                f"{shape!r}; only datasets declare a shape: (classes, channels, "
-                                "height, width), positive integers")
-                return
-            entries[name] = Entry(name, factory, _plugin, _dist, description or _first_line(factory),
-                                  shape)
-
+        register: Register = _Registrar(kind, plugin_name, dist, entries, problems)
         try:
             impl.function(register)
         except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, not raised raw
@@ -125,6 +102,42 @@ def collect(kind: str, pm: Any = None) -> Registry:
     if problems:
         raise PluginError(problems)
     return Registry(kind, entries)
+
+
+@attrs.define
+class _Registrar:
+    """The ``register`` callable (a :class:`kdreg.hookspecs.Register`) one plugin receives."""
+
+    kind: str
+    plugin: str
+    dist: str
+    entries: dict[str, Entry]
+    problems: list[str]
+
+    def __call__(self, name: str, factory: Callable[..., Any], description: str = "", *,
+                 shape: tuple[int, int, int, int] | None = None) -> None:
+        kind, plugin, dist = self.kind, self.plugin, self.dist
+        if not isinstance(name, str) or not name:
+            self.problems.append(f"plugin {plugin!r} ({dist}) registered a {kind} with a bad name {name!r}")
+            return
+        if not callable(factory):
+            self.problems.append(f"plugin {plugin!r} ({dist}) registered {kind} {name!r} with a factory that is not callable")
+            return
+        if name in self.entries:
+            other = self.entries[name]
+            self.problems.append(
+                f"{kind} {name!r} is registered twice: by plugin {other.plugin!r} "
+                f"({other.distribution}) and by plugin {plugin!r} ({dist})"
+            )
+            return
+        if shape is not None and (kind != "dataset" or len(shape) != 4
+                                  or not all(isinstance(v, int) and v > 0 for v in shape)):
+            self.problems.append(f"plugin {plugin!r} ({dist}) registered {kind} {name!r} with shape "
+                                 f"{shape!r}; only datasets declare a shape: (classes, channels, "
+                                 "height, width), positive integers")
+            return
+        self.entries[name] = Entry(name, factory, plugin, dist, description or _first_line(factory),
+                                   shape)
 
 
 def get_registry(kind: str) -> Registry:

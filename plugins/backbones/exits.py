@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs
+from kdreg.backbone import FlexibleBackbone, count_macs, params_depended_on
 from kdreg.errors import OptionError, UserError
 from kdreg.options import StageRef
 
@@ -316,39 +316,7 @@ class ExitsBackbone(FlexibleBackbone):
 
 def trunk_params_up_to(trunk: FlexibleBackbone, points: Sequence[str]) -> list[int]:
     """Parameters the trunk's features at each of ``points`` depend on (cumulative)."""
-    params = list(trunk.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = trunk.training
-    h, w = trunk.input_size
-    x = torch.zeros(1, trunk.in_chans, h, w, device=_device_of(trunk))
-    trunk.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            feats, _ = trunk.forward_stages(x, points)
-        return [sum(p.numel() for p in _leaves(f)) for f in feats]
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        trunk.train(was_training)
-
-
-def _leaves(t: Tensor) -> list[Tensor]:
-    """The distinct leaf tensors (parameters) ``t`` was computed from."""
-    found: dict[int, Tensor] = {}
-    seen: set[int] = set()
-    stack = [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        leaf = getattr(fn, "variable", None)
-        if isinstance(leaf, Tensor):
-            found[id(leaf)] = leaf
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return list(found.values())
+    return params_depended_on(trunk, lambda x: trunk.forward_stages(x, points)[0])
 
 
 def _device_of(module: nn.Module) -> torch.device:

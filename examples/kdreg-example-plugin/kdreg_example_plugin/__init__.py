@@ -1,0 +1,65 @@
+"""An example kdreg plugin: one backbone and one teacher graph.
+
+kdreg finds this module through the entry point ``kdreg_example`` (group ``kdreg``) of the
+distribution ``kdreg-example-plugin`` and calls its ``@kdreg.hookimpl`` functions.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+import kdreg
+from kdreg.errors import OptionError
+from kdreg.hookspecs import Register
+
+
+class TwoExitMLP(kdreg.FlexibleBackbone):
+    """A two-exit MLP: ``early`` reads the first hidden layer, ``final`` the second.
+
+    It implements only what the backbone hook spec asks of a single-pass model:
+    ``submodel_labels``, ``single_pass = True`` and ``forward`` returning the logits of every
+    sub-model, smallest first. kdreg derives its parameter and MAC counts per exit.
+    """
+
+    submodel_labels = ("early", "final")
+    single_pass = True
+
+    def __init__(self, num_classes: int, features: int, hidden: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.ReLU())
+        self.early = nn.Linear(hidden, num_classes)
+        self.body = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
+        self.final = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.stem(x)
+        return [self.early(h), self.final(self.body(h))]
+
+
+def two_exit_mlp(*, num_classes: int, in_chans: int, input_size: tuple[int, int],
+                 hidden: int = 64) -> TwoExitMLP:
+    """A two-exit MLP (early, final) on the flattened image."""
+    if hidden < 1:
+        raise OptionError(f"hidden must be at least 1, got {hidden}", key="hidden")
+    features = in_chans * input_size[0] * input_size[1]
+    return TwoExitMLP(num_classes, features, hidden)
+
+
+def from_final(num_submodels: int, weight: float = 1.0) -> kdreg.TeacherGraph:
+    """Every sub-model taught by the final (largest) one."""
+    if weight <= 0:
+        raise OptionError(f"weight must be positive, got {weight}", key="weight")
+    n = num_submodels
+    edges = tuple(kdreg.Edge(i, n - 1, weight) for i in range(n - 1))
+    return kdreg.TeacherGraph(n, edges, name="example-from-final")
+
+
+@kdreg.hookimpl
+def kdreg_register_backbones(register: Register) -> None:
+    register("example_two_exit_mlp", two_exit_mlp)
+
+
+@kdreg.hookimpl
+def kdreg_register_graphs(register: Register) -> None:
+    register("example-from-final", from_final)
+

@@ -1,0 +1,99 @@
+"""The example third-party distribution (examples/kdreg-example-plugin), built and installed with
+pip and driven through the command line in fresh processes, which find it by its entry point.
+
+pip installs it into the test environment (built from its pyproject.toml, with its dist-info
+and entry points), exactly as a user would, and the fixture's teardown uninstalls it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kdreg-example-plugin"
+ENTRY_POINT, DIST, VERSION = "kdreg_example", "kdreg-example-plugin", "0.1.0"
+BACKBONE, GRAPH = "example_two_exit_mlp", "example-from-final"
+RECIPE = EXAMPLE / "recipe.toml"  # synthetic 3x16x16 images, 4 classes, hidden = 32, 1 epoch
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of a kdreg process that sees the pip-installed example distribution."""
+    pytest.importorskip("setuptools", reason="pip --no-build-isolation builds with the installed setuptools")
+    root = tmp_path_factory.mktemp("example-plugin")
+    source = root / "source"
+    # a copy, so that the build leaves no build/ or *.egg-info in the repository
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
+               "PIP_ROOT_USER_ACTION": "ignore"}
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         str(source)],
+        capture_output=True, text=True, env=pip_env, timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    env = {k: v for k, v in os.environ.items() if k != "KDREG_DISABLE_PLUGINS"}
+    try:
+        yield env
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", DIST],
+                       capture_output=True, text=True, env=pip_env, timeout=300)
+
+
+def kdreg_cli(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kdreg.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_kdreg_plugins_lists_it_with_its_distribution(installed: dict[str, str], tmp_path: Path) -> None:
+    proc = kdreg_cli(installed, "plugins", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index(f"{ENTRY_POINT}  ({DIST} {VERSION})")
+    assert lines[at + 1:at + 3] == [f"    backbones: {BACKBONE}", f"    graphs: {GRAPH}"]
+    assert "graphs  (kdreg " in proc.stdout  # the built-in plugins are there too
+
+
+def test_its_backbone_and_graph_validate_and_train(installed: dict[str, str], tmp_path: Path) -> None:
+    proc = kdreg_cli(installed, "validate", str(RECIPE), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"stage student: {BACKBONE} (2 sub-models: early, final), graph {GRAPH}, 1 epochs"
+            in proc.stdout)
+    out = tmp_path / "run"
+    proc = kdreg_cli(installed, "run", str(RECIPE), "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is True
+    assert results["plugins"][DIST] == VERSION and results["plugins"]["kdreg"]
+    (stage,) = results["stages"]
+    assert stage["name"] == "student" and stage["submodels"] == ["early", "final"]
+    # counted by kdreg's defaults: what each exit's logits depend on (3x16x16 inputs, hidden 32)
+    stem, early, body, final = 768 * 32 + 32, 32 * 4 + 4, 32 * 32 + 32, 32 * 4 + 4
+    assert stage["params"] == [stem + early, stem + body + final]
+    assert stage["macs"] == [768 * 32 + 32 * 4, 768 * 32 + 32 * 32 + 32 * 4]
+    assert len(stage["test_accuracy"]) == 2 and all(0 <= a <= 100 for a in stage["test_accuracy"])
+
+
+def test_disabling_it_hides_it_and_fails_a_recipe_that_uses_it(installed: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    disabled = {**installed, "KDREG_DISABLE_PLUGINS": ENTRY_POINT}
+    proc = kdreg_cli(disabled, "list", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny_exits" in proc.stdout and "ipkd-ta-m" in proc.stdout
+    assert BACKBONE not in proc.stdout and GRAPH not in proc.stdout
+    out = tmp_path / "run"
+    proc = kdreg_cli(disabled, "run", str(RECIPE), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"unknown backbone {BACKBONE!r}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    # its distribution's name disables it too
+    proc = kdreg_cli({**installed, "KDREG_DISABLE_PLUGINS": DIST}, "plugins", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ENTRY_POINT not in proc.stdout and f"disabled by KDREG_DISABLE_PLUGINS: {DIST}" in proc.stdout
