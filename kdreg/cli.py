@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key by dotted path, e.g. train.epochs=1 or stages.student.lam=0.5")
     run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (there is none either when stderr is not a terminal: a line per epoch)")
 
     val = sub.add_parser("validate", help="check a recipe without training")
     val.add_argument("recipe")
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("teacher", help="a registered backbone name")
     cap.add_argument("student", help="a registered backbone name")
     cap.add_argument("--num-classes", type=int, default=10)
+    for command in sub.choices.values():   # --debug after the command too: `kdreg run --debug ...`
+        # SUPPRESS: when it is not given there, the top-level flag stays as it is
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 

@@ -7,6 +7,8 @@ against these classes by a test, and :func:`check_ranges` reports values out of 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -83,9 +85,21 @@ class TrainConfig:
     precision: str = setting("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`.",
                              choices=("auto", "fp32", "bf16", "fp16"))
     log_interval: int = setting(20, "Training steps between progress-bar updates (metrics are read from the device then).", low=1)
+    loggers: tuple[str, ...] = setting(
+        ("jsonl",), "Where every epoch's metrics go: any of `jsonl` (`metrics.jsonl`, a line per epoch, what "
+        "`kdreg report` reads), `csv` (`metrics-<stage>.csv`, a row per epoch, a column per scalar and per "
+        "sub-model accuracy) and `tensorboard` (`tensorboard/<stage>/`; needs `pip install \"kdreg[tensorboard]\"`).")
 
 
 STAGE_TRAIN_KEYS = ("epochs", "optimizer", "schedule")
+
+# The loggers `[train] loggers` may name (plugins/loggers.py), with the module each needs and the
+# extra that installs it.
+LOGGERS: dict[str, tuple[str, str] | None] = {
+    "jsonl": None,
+    "csv": None,
+    "tensorboard": ("tensorboard", "tensorboard"),
+}
 
 
 @attrs.frozen
@@ -346,10 +360,44 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
             bad = sorted(set(map(str, nd)) - {"bias", "norm", "depthwise"})
             if bad:
                 problems.append(f"unknown no_decay kinds {bad}; allowed: bias, norm, depthwise @ {where}.optimizer.no_decay")
+    problems += _logger_problems(train.get("loggers"))
     dev = train.get("device")
     if isinstance(dev, str) and not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r} @ recipe.train.device")
     return problems
+
+
+def _logger_problems(loggers: Any) -> list[str]:
+    """Unknown, repeated or uninstalled loggers of ``[train] loggers`` (other types: the converter)."""
+    where = "recipe.train.loggers"
+    if isinstance(loggers, (str, Mapping)):  # the converter would iterate them into a list
+        return [f"expected a list of logger names, e.g. [\"jsonl\", \"csv\"], got {loggers!r} @ {where}"]
+    if not isinstance(loggers, list):
+        return []
+    names = [n for n in loggers if isinstance(n, str)]
+    problems = []
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        problems.append(f"unknown logger(s) {', '.join(map(repr, unknown))}; known: "
+                        f"{', '.join(sorted(LOGGERS))} @ {where}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"logger(s) {', '.join(map(repr, repeated))} listed more than once @ {where}")
+    for name in dict.fromkeys(names):
+        needs = LOGGERS.get(name)
+        if needs is not None and not _installed(needs[0]):
+            problems.append(f"logger {name!r} needs the {needs[0]} package: "
+                            f"pip install \"kdreg[{needs[1]}]\" @ {where}")
+    return problems
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _table(raw: Any, key: str) -> Any:

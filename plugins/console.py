@@ -1,12 +1,24 @@
-"""Console output of a run, as a run-event plugin: a line per epoch and a table per stage."""
+"""Console output of a run, as a run-event plugin: a line per epoch and a table per stage.
+
+Every message is flushed as it is written, so that a log file (``nohup``, CI) gets each epoch's
+line when the epoch ends, not when a buffer fills; the progress bar is drawn only on a terminal.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from tqdm import tqdm
 
 from kdreg.hookspecs import hookimpl
+
+
+def say(text: str) -> None:
+    """Print ``text`` on stdout, above the progress bar if there is one, and flush it."""
+    tqdm.write(text)
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def _accs(values: list[float] | None) -> str:
@@ -15,14 +27,14 @@ def _accs(values: list[float] | None) -> str:
 
 @hookimpl
 def kdreg_run_started(run: Any) -> None:
-    tqdm.write(f"kdreg run {run.recipe.name!r} on {run.device} -> {run.directory}")
+    say(f"kdreg run {run.recipe.name!r} on {run.device} -> {run.directory}")
 
 
 @hookimpl
 def kdreg_epoch_finished(run: Any, stage: str, record: dict[str, Any]) -> None:
     epochs = run.recipe.stage_train(run.recipe.stage(stage)).epochs
     val = f"  val {_accs(record['val_accuracy'])} (mean {record['mean_val_accuracy']:.2f})" if record["val_accuracy"] else ""
-    tqdm.write(
+    say(
         f"{stage} epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
         f"train {_accs(record['train_accuracy'])}{val}  {record['images_per_second']:.0f} img/s  "
         f"{record['seconds']:.1f} s"
@@ -50,7 +62,7 @@ def kdreg_stage_finished(run: Any, stage: str, result: dict[str, Any]) -> None:
     learned = ", ".join(result.get("teachers") or [])
     via = f", bridge {result['bridge']}" if result.get("bridge") else ""
     taught = f", taught by {learned}{via}" if learned else ""
-    tqdm.write(
+    say(
         f"\nstage {stage}: {how}{taught}, mean test accuracy {result['mean_test_accuracy']:.2f}%, "
         f"{result['seconds']:.0f} s\n" + stage_table(result) + "\n"
     )
@@ -76,5 +88,5 @@ def pipeline_table(stages: list[dict[str, Any]]) -> str:
 @hookimpl
 def kdreg_run_finished(run: Any, results: dict[str, Any]) -> None:
     if len(results["stages"]) > 1:
-        tqdm.write(pipeline_table(results["stages"]) + "\n")
-    tqdm.write(f"results: {run.directory / 'results.json'}")
+        say(pipeline_table(results["stages"]) + "\n")
+    say(f"results: {run.directory / 'results.json'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from kdreg import plugins
 from kdreg.cli import main
+from kdreg.hookspecs import hookimpl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,3 +161,90 @@ def test_eval_reproduces_the_reported_test_accuracy(smoke_recipe, tmp_path: Path
     assert line == f"stage student (64 test images): {expected} (mean {stage['mean_test_accuracy']:.2f})"
     assert main(["eval", str(out), "--set", "data.test_limit=32"]) == 0
     assert "(32 test images)" in capsys.readouterr().out
+
+
+def test_no_progress_bar_redraws_when_stderr_is_not_a_terminal(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # bytes: text mode would read every "\r" as a newline
+    proc = subprocess.run([sys.executable, "-m", "kdreg.cli", "run", str(smoke_recipe(epochs=2)),
+                           "--out", str(tmp_path / "out")], capture_output=True)   # no --no-progress
+    assert proc.returncode == 0, proc.stderr
+    assert b"\r" not in proc.stderr and b"\r" not in proc.stdout, proc.stderr[:300]
+    assert b"batch/s" not in proc.stderr and b"batch]" not in proc.stderr, proc.stderr[:300]
+    epochs = [line for line in proc.stdout.decode().splitlines() if line.startswith("student epoch ")]
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"]   # a line per epoch is the progress
+
+
+def test_a_terminal_gets_the_progress_bar(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The other side of the test above: on a terminal (a pseudo-terminal here) the bar is drawn."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # 24 x 100, not 0 x 0
+    with open(tmp_path / "stdout", "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "kdreg.cli", "run", str(smoke_recipe(epochs=1)),
+                                 "--out", str(tmp_path / "out")], stdout=stdout, stderr=slave)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:   # the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert proc.wait() == 0, drawn.decode(errors="replace")
+    assert b"\r" in drawn and b"student 1/1" in drawn
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_debug_after_the_command_shows_the_traceback(command: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(STAGE.format(graph='"ipkd"', lam="7"))
+    args = [command, str(path), *(["--out", str(tmp_path / "out")] if command == "run" else [])]
+    plain = kdreg(*args)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    for debug in ([command, "--debug", *args[1:]], [*args, "--debug"], ["--debug", *args]):
+        proc = kdreg(*debug)
+        assert proc.returncode == 1, (debug, proc.stderr)
+        assert "Traceback (most recent call last)" in proc.stderr, debug
+        assert "RecipeError" in proc.stderr and "lam must be in [0, 1], got 7" in proc.stderr, debug
+    assert not (tmp_path / "out").exists()
+
+
+class _LogFile(io.RawIOBase):
+    """A file stdout may be redirected to (block-buffered on top): what has reached it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        self.data += bytes(b)
+        return len(b)
+
+
+def test_each_epoch_line_reaches_a_log_file_when_the_epoch_ends(smoke_recipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    log = _LogFile()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(log, buffer_size=1 << 16)))
+    seen: dict[int, bytes] = {}
+
+    class Look:   # what the log file holds when an epoch ends (after the console's line of it)
+        @hookimpl(trylast=True)
+        def kdreg_epoch_finished(self, run, stage, record):  # type: ignore[no-untyped-def]
+            seen[record["epoch"]] = log.data
+
+    plugins.reset(plugins.make_plugin_manager(extra=[Look()]))
+    try:
+        assert main(["run", str(smoke_recipe(epochs=2)), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        plugins.reset()
+    assert b"student epoch 1/2" in seen[1] and b"student epoch 2/2" in seen[2]

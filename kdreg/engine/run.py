@@ -25,7 +25,7 @@ from kdreg.recipe import Recipe, dump_recipe, load_recipe
 from kdreg.stages import freeze
 
 RECIPE_FILE = "recipe.toml"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"   # written by the jsonl logger (plugins/loggers.py)
 RESULTS_FILE = "results.json"
 
 
@@ -169,7 +169,6 @@ class Run:
         else:
             if (trainer.checkpoint_dir / "last.pt").is_file():
                 trainer.resume()
-            self._truncate_metrics(name, trainer.state.epoch)
             state = trainer.fit()
             trainer.load_best()
         test = trainer.test()
@@ -199,19 +198,12 @@ class Run:
 
     # ------------------------------------------------------------------ files
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.directory / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Nothing: the metrics files are written by the loggers (``plugins/loggers.py``, chosen by
+        ``[train] loggers``) on the ``kdreg_epoch_finished`` event, once the epoch's checkpoint is
+        saved; each drops what a stopped run wrote after the checkpoint when the stage resumes."""
 
     def _notify(self, record: dict[str, Any]) -> None:
         self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
-
-    def _truncate_metrics(self, stage: str, epochs_done: int) -> None:
-        path = self.directory / METRICS_FILE
-        if not path.is_file():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and not (json.loads(line)["stage"] == stage and json.loads(line)["epoch"] > epochs_done)]
-        path.write_text("".join(line + "\n" for line in keep))
 
     def _write_results(self) -> None:
         tmp = self.directory / (RESULTS_FILE + ".tmp")

@@ -52,7 +52,7 @@ class StageTrainer:
     directory: Path
     on_epoch: Callable[[dict[str, Any]], None]   # writes the record (before the checkpoint)
     notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
-    progress: bool = True
+    progress: bool = True                        # a progress bar, when stderr is a terminal
     teachers: Teachers | None = None             # frozen earlier stages this stage learns from
     bridge: Bridge | None = None                 # trained with the model, used at training only
 
@@ -129,7 +129,7 @@ class StageTrainer:
         correct = torch.zeros(model.num_submodels, dtype=torch.long, device=self.device)
         seen = 0
         bar = tqdm(total=steps, desc=f"{self.name} {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+                   file=sys.stderr, disable=not (self.progress and stderr_is_terminal()), dynamic_ncols=True)
         t0 = time.perf_counter()
         lr = base_lr
         for step, (x, y) in enumerate(loader):
@@ -188,6 +188,16 @@ def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device
     ts = getattr(splits, part)
     return BatchLoader(ts.images, ts.labels, batch_size=batch_size, mean=splits.mean, std=splits.std,
                        device=device, train=False, seed=0)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether the progress bar can redraw in place: not into a pipe or a file (CI, nohup, a log),
+    where the console's line per epoch is the progress."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # closed
+        return False
 
 
 def _mean(values: list[float]) -> float:
