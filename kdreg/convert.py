@@ -30,6 +30,14 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict(float, (int, float), "a number"))
     conv.register_structure_hook(str, _strict(str, (str,), "a string"))
     conv.register_structure_hook(bool, _strict(bool, (bool,), "true or false"))
+
+    def strict_tuple(value: Any, tp: Any) -> Any:
+        # a string or table is not a list (cattrs would iterate it: "bias" -> b, i, a, s)
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list, got {type(value).__name__} {value!r}")
+        return conv._structure_tuple(value, tp)  # per-item checks, with the item's index
+
+    conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is tuple, strict_tuple)
     return conv
 
 

@@ -89,7 +89,8 @@ class RunInfo(Protocol):
 
     @property
     def directory(self) -> Path:
-        """The run directory (``recipe.toml``, ``metrics.jsonl``, ``results.json``)."""
+        """The run directory (``recipe.toml``, ``results.json``, ``checkpoints/`` and what the
+        loggers write, ``metrics.jsonl`` by default)."""
 
     @property
     def device(self) -> torch.device: ...
@@ -201,7 +202,11 @@ def kdreg_run_started(run: RunInfo) -> None:
 
 @hookspec
 def kdreg_epoch_finished(run: RunInfo, stage: str, record: dict[str, Any]) -> None:
-    """An epoch of stage ``stage`` finished; ``record`` is the line written to metrics.jsonl."""
+    """An epoch of stage ``stage`` finished and its checkpoint is saved; ``record`` holds the
+    epoch's metrics (``epoch``, ``train_loss``, ``lr``, ``train_accuracy`` and ``val_accuracy`` per
+    sub-model, ``mean_val_accuracy``, ``best_epoch``, ``seconds``...). The built-in loggers write it
+    (``metrics.jsonl``, CSV, TensorBoard); a stage that resumes sends the epochs after its
+    checkpoint again."""
 
 
 @hookspec

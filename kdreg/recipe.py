@@ -370,9 +370,7 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
 def _logger_problems(loggers: Any) -> list[str]:
     """Unknown, repeated or uninstalled loggers of ``[train] loggers`` (other types: the converter)."""
     where = "recipe.train.loggers"
-    if isinstance(loggers, (str, Mapping)):  # the converter would iterate them into a list
-        return [f"expected a list of logger names, e.g. [\"jsonl\", \"csv\"], got {loggers!r} @ {where}"]
-    if not isinstance(loggers, list):
+    if not isinstance(loggers, list):  # the converter reports it: expected a list
         return []
     names = [n for n in loggers if isinstance(n, str)]
     problems = []

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import typing
 from typing import Any
 
@@ -120,7 +121,7 @@ def _default(field: Any) -> str:
     if isinstance(default, str):
         return f'`"{default}"`'
     if isinstance(default, tuple):
-        return f"`{list(default)}`"
+        return f"`{json.dumps(list(default))}`"
     if isinstance(default, dict):
         return "`{}`"
     return f"`{default}`"

@@ -13,6 +13,9 @@ def read_run(directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The metrics lines and results of a run directory; a clear error when they are missing."""
     metrics_file, results_file = directory / "metrics.jsonl", directory / "results.json"
     if not metrics_file.is_file():
+        if (directory / "recipe.toml").is_file():
+            raise UserError(f"{metrics_file} is missing: the run wrote no metrics.jsonl (add \"jsonl\" "
+                            "to [train] loggers to plot a run)")
         raise UserError(f"{directory} is not a kdreg run directory: {metrics_file} is missing")
     problems, metrics = [], []
     for n, line in enumerate(metrics_file.read_text().splitlines(), 1):

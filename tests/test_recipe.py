@@ -67,6 +67,7 @@ def test_round_trip_of_the_resolved_recipe() -> None:
     "text,overrides,expected",
     [
         (BASE + "colour = 3\n", [], "unknown key(s) colour @ recipe.stages.student"),
+        (BASE, ["train.optimizer.no_decay='bias'"], "expected a list, got str 'bias' @ recipe.train.optimizer.no_decay"),
         (BASE.replace("epochs = 10", "epochs = 2.5"), [], "expected an integer, got float 2.5 @ recipe.train.epochs"),
         (BASE.replace("epochs = 10", "epochs = '10'"), [], "expected an integer, got str '10' @ recipe.train.epochs"),
         (BASE.replace("lam = 0.8", "lam = 1.5"), [], "lam must be in [0, 1], got 1.5 @ recipe.stages.student.lam"),
@@ -111,4 +112,4 @@ def test_an_unknown_plugin_lists_the_registered_names() -> None:
 def test_tables_and_lists_of_the_wrong_kind() -> None:
     problems = problems_of('data = 3\nstages = 5\n[train]\noptimizer = "sgd"\n')
     assert problems == ["r.toml: expected a table @ recipe.data", "r.toml: expected a table @ recipe.train.optimizer",
-                        "r.toml: expected a list @ recipe.stages"]
+                        "r.toml: expected a list, got int 5 @ recipe.stages"]

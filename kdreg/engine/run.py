@@ -158,7 +158,7 @@ class Run:
         return StageTrainer(
             name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train, loss=loss, device=self.device,
             seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
-            directory=self.directory, on_epoch=self._write_metrics, notify=self._notify, progress=self.progress,
+            directory=self.directory, notify=self._notify, progress=self.progress,
             teachers=teachers, bridge=plan.bridge,
         )
 
@@ -197,12 +197,9 @@ class Run:
         return result
 
     # ------------------------------------------------------------------ files
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        """Nothing: the metrics files are written by the loggers (``plugins/loggers.py``, chosen by
-        ``[train] loggers``) on the ``kdreg_epoch_finished`` event, once the epoch's checkpoint is
-        saved; each drops what a stopped run wrote after the checkpoint when the stage resumes."""
-
     def _notify(self, record: dict[str, Any]) -> None:
+        """The ``kdreg_epoch_finished`` event, once the epoch's checkpoint is saved: the loggers
+        (``[train] loggers``) write the metrics files then."""
         self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
 
     def _write_results(self) -> None:

@@ -50,7 +50,6 @@ class StageTrainer:
     batch_size: int
     eval_batch_size: int
     directory: Path
-    on_epoch: Callable[[dict[str, Any]], None]   # writes the record (before the checkpoint)
     notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
     progress: bool = True                        # a progress bar, when stderr is a terminal
     teachers: Teachers | None = None             # frozen earlier stages this stage learns from
@@ -112,9 +111,8 @@ class StageTrainer:
             record = {"stage": self.name, "epoch": epoch + 1, **train, "val_accuracy": val,
                       "mean_val_accuracy": mean_val, "best_epoch": self.state.best_epoch,
                       "seconds": round(time.perf_counter() - t0, 3)}
-            self.on_epoch(record)
             self.save_last()
-            self.notify(record)
+            self.notify(record)                      # run events: the loggers write the record
         return self.state
 
     def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
