@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import attrs
@@ -78,3 +79,18 @@ def test_ci_runs_the_readme_test_command() -> None:
     install, test = install_and_test.split(" && ")
     ci = (ROOT / ".ci" / "run").read_text()
     assert install in ci and test in ci
+
+
+def test_user_facing_files_point_nowhere_outside_the_repository() -> None:
+    """README, docs, recipes, code, docstrings and tools send users to nothing they do not have."""
+    roots = ["README.md", "docs", "recipes", "kdreg", "plugins", "tools", "examples", "benchmarks"]
+    offenders = []
+    for root in roots:
+        path = ROOT / root
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                                and p.suffix in (".md", ".py", ".toml", ".txt")]
+        for f in files:
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+                if "shared/" in line or re.search(r"design section \d", line):
+                    offenders.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []
