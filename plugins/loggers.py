@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def file_part(stage: str) -> str:
     return f"_{part}" if part.strip(".") == "" else part
 
 
-class Logger:
+class Logger(ABC):
     """Receives every epoch's record; ``first`` is true for the first record of a stage in this
     process (the one after the stage's checkpoint: what the logger holds from that epoch on is
     stale)."""
@@ -56,14 +57,15 @@ class Logger:
         self.directory: Path = run.directory
         self.labels = {plan.name: list(plan.model.submodel_labels) for plan in run.plans}
 
+    @abstractmethod
     def epoch(self, stage: str, record: dict[str, Any], first: bool) -> None:
-        raise NotImplementedError
+        """Write ``record``, an epoch of ``stage``."""
 
-    def stage_finished(self, stage: str) -> None:
-        pass
+    def stage_finished(self, stage: str) -> None:  # noqa: B027 - most loggers need nothing here
+        """Stage ``stage`` finished."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - most loggers hold nothing open
+        """The run finished (or stopped)."""
 
 
 class JsonlLogger(Logger):
