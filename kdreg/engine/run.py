@@ -188,8 +188,8 @@ class Run:
             "mean_test_accuracy": sum(test) / len(test),
             "seconds": round(state.seconds, 2),
         }
-        if plan.bridge is not None:
-            result["bridge"] = plan.config.bridge.name if plan.config.bridge else None
+        if plan.config.bridge is not None:
+            result["bridge"] = plan.config.bridge.name
         if plan.config.init is not None:
             result["init"] = plan.config.init
         if plan.config.link_of is not None:

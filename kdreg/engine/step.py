@@ -102,20 +102,29 @@ class Teachers:
     nodes: Mapping[str, tuple[str, int]]
     #: the stage whose full logits a bridge compares with (None: no bridge)
     bridge_stage: str | None = None
+    #: that output as (stage, sub-model index); derived
+    bridge_output: tuple[str, int] | None = attrs.field(init=False)
+    #: stage -> the sub-models whose outputs are needed; derived once, not per step
+    wanted: dict[str, set[int]] = attrs.field(init=False)
 
-    def wanted(self) -> dict[str, set[int]]:
+    @bridge_output.default
+    def _bridge_output(self) -> tuple[str, int] | None:
+        if self.bridge_stage is None:
+            return None
+        return self.bridge_stage, self.models[self.bridge_stage].num_submodels - 1
+
+    @wanted.default
+    def _wanted(self) -> dict[str, set[int]]:
         want: dict[str, set[int]] = {}
-        for stage, index in self.nodes.values():
+        for stage, index in [*self.nodes.values(), *filter(None, [self.bridge_output])]:
             want.setdefault(stage, set()).add(index)
-        if self.bridge_stage is not None:
-            want.setdefault(self.bridge_stage, set()).add(self.models[self.bridge_stage].num_submodels - 1)
         return want
 
     @torch.no_grad()
     def outputs(self, x: Tensor, dtype: torch.dtype | None) -> dict[tuple[str, int], Tensor]:
         """fp32 logits of every wanted output, from one pass of each frozen model (eval mode)."""
         out: dict[tuple[str, int], Tensor] = {}
-        for stage, indices in self.wanted().items():
+        for stage, indices in self.wanted.items():
             model = self.models[stage]
             with autocast(x.device, dtype):
                 if model.single_pass and len(indices) > 1:
@@ -165,6 +174,5 @@ def stage_backward(
     external = {node: outs[key] for node, key in teachers.nodes.items()}
     if bridge is None:
         return backward(model, x, y, loss, external)
-    assert teachers.bridge_stage is not None
-    own = outs[(teachers.bridge_stage, teachers.models[teachers.bridge_stage].num_submodels - 1)]
-    return bridge_backward(model, bridge, x, y, loss, external, own)
+    assert teachers.bridge_output is not None
+    return bridge_backward(model, bridge, x, y, loss, external, outs[teachers.bridge_output])
