@@ -42,10 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("directory")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="e.g. data.test_limit=1000 or data.root=/other/copy")
+    ev.add_argument("--anytime", action="store_true",
+                    help="early exits: accuracy against average MACs per image, thresholds chosen on the "
+                         "validation split (a repeat directory: each seed run)")
+    ev.add_argument("--stage", help="with --anytime: the stage (default: the last trained one)")
+    ev.add_argument("--out", help="with --anytime: the JSON file (default: DIR/anytime-<stage>.json)")
 
-    rep = sub.add_parser("report", help="plot a run directory's curves and accuracies to report.png")
-    rep.add_argument("directory")
-    rep.add_argument("--out", help="image file (default: DIR/report.png)")
+    rep = sub.add_parser("report", help="a table (report.md) and plots comparing runs, repeats or methods")
+    rep.add_argument("directories", nargs="+", metavar="DIR", help="run or repeat directories, one column each")
+    rep.add_argument("--out", help="folder of report.md and the PNGs (default: the DIR, when only one is given)")
+    rep.add_argument("--stage", help="the stage of every run to compare (default: each run's last)")
 
     cap = sub.add_parser("capacity", help="parameter and MAC ratio of a teacher-student pair")
     cap.add_argument("teacher", help="a registered backbone name")
@@ -169,6 +175,10 @@ def _backbone_details(name: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdreg.engine.run import Run
 
+    if args.anytime:
+        return _eval_anytime(args)
+    if args.stage or args.out:
+        raise UserError("--stage and --out belong to `kdreg eval DIR --anytime`")
     run = Run.resume(args.directory, progress=False, overrides=args.overrides)
     for stage in run.evaluate():
         accs = ", ".join(f"{label} {a:.2f}" for label, a in zip(stage["submodels"], stage["test_accuracy"]))
@@ -177,13 +187,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _eval_anytime(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdreg import anytime
+    from kdreg.rundirs import anytime_file, is_repeat, seed_dirs
+
+    directory = Path(args.directory)
+    runs = seed_dirs(directory) if is_repeat(directory) else [directory]
+    if args.out and len(runs) > 1:
+        raise UserError(f"--out names one file, but {directory} is a repeat of {len(runs)} seed runs "
+                        "(each gets its own DIR/seed-<s>/anytime-<stage>.json)")
+    for run in runs:
+        curve = anytime.evaluate_run(run, args.stage, args.overrides)
+        path = Path(args.out) if args.out else anytime_file(run, curve["stage"])
+        anytime.write_json(curve, path)
+        print(anytime.summary(curve))
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kdreg.report import plot_run
+    from kdreg.report import write_report
 
-    path = plot_run(Path(args.directory), Path(args.out) if args.out else None)
-    print(f"wrote {path}")
+    directories = [Path(d) for d in args.directories]
+    if args.out is None and len(directories) > 1:
+        raise UserError("several run directories need --out DIR (where report.md and the plots go)")
+    for path in write_report(directories, Path(args.out) if args.out else directories[0], args.stage):
+        print(f"wrote {path}")
     return EXIT_OK
 
 

@@ -133,8 +133,10 @@ def test_report_plots_a_run(smoke_recipe, tmp_path: Path, capsys: pytest.Capture
     out = tmp_path / "run"
     assert main(["run", str(smoke_recipe(epochs=2)), "--out", str(out), "--no-progress"]) == 0
     assert main(["report", str(out)]) == 0
-    png = out / "report.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "| x0.25 |" in (out / "report.md").read_text()
+    for name in ("accuracy.png", "accuracy_vs_macs.png", "curves.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a kdreg run directory" in capsys.readouterr().err
 

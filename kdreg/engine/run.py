@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +130,7 @@ class Run:
         splits = load_data(self.recipe.data)
         test = eval_loader(splits, "test", self.recipe.data.eval_batch_size, self.device)
         out = []
-        for plan in assemble(self.recipe, DataShape.of(splits)):
-            best = self.directory / "checkpoints" / plan.name / "best.pt"
-            if not best.is_file():
-                break
-            model = plan.model.to(self.device)
-            checkpoint.load_weights(model, best)
-            self.models[plan.name] = freeze(model)
+        for plan, model in self.trained_stages(splits):
             dtype = resolve_precision(plan.train.precision, self.device)
             acc = evaluate(model, test, device=self.device, dtype=dtype)
             out.append({"name": plan.name, "submodels": list(model.submodel_labels),
@@ -145,6 +139,18 @@ class Run:
         if not out:
             raise UserError(f"{self.directory} holds no trained stage yet (no checkpoints/<stage>/best.pt)")
         return out
+
+    def trained_stages(self, splits: Splits) -> Iterator[tuple[StagePlan, FlexibleBackbone]]:
+        """Every stage with selected weights (``checkpoints/<stage>/best.pt``), in order, with
+        those weights loaded on the device, frozen; stops at the first stage not trained yet."""
+        for plan in assemble(self.recipe, DataShape.of(splits)):
+            best = self.directory / "checkpoints" / plan.name / "best.pt"
+            if not best.is_file():
+                return
+            model = plan.model.to(self.device)
+            checkpoint.load_weights(model, best)
+            self.models[plan.name] = freeze(model)
+            yield plan, model
 
     def _trainer(self, plan: StagePlan, splits: Splits) -> StageTrainer:
         recipe, stage = self.recipe, plan.config

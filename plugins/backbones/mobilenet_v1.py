@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from kdreg.errors import OptionError
@@ -106,6 +107,13 @@ class SlimmableMobileNetV1(SlimmableBackbone):
     def reset_parameters(self) -> None:
         """He (fan-out) init for convs, N(0, 0.01) for the classifier, zero biases, unit BN."""
         init_weights(self, linear_std=0.01)
+
+    def forward_width(self, x: Tensor) -> Tensor:
+        """Logits at the current width; on the CPU the activations are channels-last (oneDNN's
+        depthwise convolution and batch norm run several times faster on it than on NCHW)."""
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward_width(x)
 
     def classify(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(x).flatten(1))

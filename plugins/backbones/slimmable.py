@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -93,6 +94,38 @@ def _check_lists(*lists: Sequence[int]) -> int:
     return n
 
 
+def _corner_index(rows: int, cols: int | None) -> tuple[slice, ...]:
+    return (slice(rows),) if cols is None else (slice(rows), slice(cols))
+
+
+class _Corner(torch.autograd.Function):
+    """``weight[:rows, :cols]`` as a contiguous tensor; its backward writes the gradient into one
+    zero tensor of the full shape (slicing two dimensions would allocate two, one per dimension,
+    and leave the convolution to copy the strided slice in forward and again in backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, rows: int, cols: int | None) -> Tensor:
+        ctx.shape, ctx.index = weight.shape, _corner_index(rows, cols)
+        return weight[ctx.index].contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        full = grad.new_zeros(ctx.shape)
+        full[ctx.index] = grad
+        return full, None, None
+
+
+def corner(weight: Tensor, rows: int, cols: int | None = None) -> Tensor:
+    """``weight[:rows, :cols]`` (``cols=None``: ``weight[:rows]``): ``weight`` itself when that is
+    all of it; when training, a contiguous copy whose gradient flows into the corner of
+    ``weight``'s through one full-size zero tensor (:class:`_Corner`)."""
+    if rows == weight.shape[0] and (cols is None or cols == weight.shape[1]):
+        return weight
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _Corner.apply(weight, rows, cols)
+    return weight[_corner_index(rows, cols)]
+
+
 class SlimmableConv2d(nn.Conv2d, SlimmableMixin):
     """A conv of the largest shape, run on its first ``in_list[i]`` / ``out_list[i]`` channels.
 
@@ -128,8 +161,8 @@ class SlimmableConv2d(nn.Conv2d, SlimmableMixin):
         if x.shape[1] != cin:
             raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
                              f"channels, got {x.shape[1]}")
-        weight = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
-        bias = self.bias[:cout] if self.bias is not None else None
+        weight = corner(self.weight, cout, None if self.depthwise else cin)
+        bias = corner(self.bias, cout) if self.bias is not None else None
         groups = cin if self.depthwise else 1
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
@@ -161,8 +194,8 @@ class SlimmableLinear(nn.Linear, SlimmableMixin):
         if x.shape[-1] != cin:
             raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
                              f"features, got {x.shape[-1]}")
-        bias = self.bias[:cout] if self.bias is not None else None
-        return F.linear(x, self.weight[:cout, :cin], bias)
+        bias = corner(self.bias, cout) if self.bias is not None else None
+        return F.linear(x, corner(self.weight, cout, cin), bias)
 
     def params_at(self, index: int) -> int:
         i = self.check_width(index)

@@ -1,0 +1,128 @@
+"""The slimmable layers' fast paths compute what plain slicing computes.
+
+``corner`` (a contiguous weight slice whose gradient is written into one full-size zero tensor)
+must give the outputs and gradients of ``F.conv2d`` / ``F.linear`` on ``weight[:cout, :cin]``, at
+every width and when the widths' gradients accumulate; MobileNet-V1's channels-last CPU forward
+must give the logits and gradients of the NCHW forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdreg_plugins.backbones.mobilenet_v1 import SlimmableMobileNetV1
+from kdreg_plugins.backbones.slimmable import (
+    SlimmableBackbone,
+    SlimmableConv2d,
+    SlimmableLinear,
+    corner,
+)
+
+CHANNELS = ([3, 5, 8], [4, 6, 9])
+
+
+def _plain(layer, x, i):
+    """The layer's output at width ``i`` from plain slices of leaf copies of its parameters."""
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    cin, cout = layer.in_list[i], layer.out_list[i]
+    if isinstance(layer, SlimmableLinear):
+        return F.linear(x, w[:cout, :cin], b[:cout]), (w, b)
+    groups = cin if layer.depthwise else 1
+    ws = w[:cout] if layer.depthwise else w[:cout, :cin]
+    return F.conv2d(x, ws, b[:cout], layer.stride, layer.padding, 1, groups), (w, b)
+
+
+def _layers():
+    torch.manual_seed(0)
+    return [
+        SlimmableConv2d(*CHANNELS, 1),
+        SlimmableConv2d(CHANNELS[1], CHANNELS[1], 3, 2, 1, depthwise=True),
+        SlimmableLinear(*CHANNELS),
+    ]
+
+
+def _input(layer, i):
+    if isinstance(layer, SlimmableLinear):
+        return torch.randn(4, layer.in_list[i], requires_grad=True)
+    return torch.randn(4, layer.in_list[i], 7, 7, requires_grad=True)
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["pointwise", "depthwise", "linear"])
+def test_every_width_matches_plain_slicing(layer) -> None:
+    for i in range(layer.num_widths):
+        layer.zero_grad(set_to_none=True)
+        layer.width_index = i
+        x = _input(layer, i)
+        out = layer(x)
+        x_ref = x.detach().clone().requires_grad_()
+        ref, (w, b) = _plain(layer, x_ref, i)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
+        torch.testing.assert_close(layer.bias.grad, b.grad, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+        # outside the used corner the gradient is exactly zero
+        assert layer.weight.grad.abs().sum() == w.grad.abs().sum()
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["pointwise", "depthwise", "linear"])
+def test_gradients_accumulate_over_widths_largest_first(layer) -> None:
+    layer.zero_grad(set_to_none=True)
+    w_sum = torch.zeros_like(layer.weight)
+    b_sum = torch.zeros_like(layer.bias)
+    for i in reversed(range(layer.num_widths)):
+        layer.width_index = i
+        x = _input(layer, i).detach()
+        out = layer(x)
+        ref, (w, b) = _plain(layer, x, i)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        w_sum += w.grad
+        b_sum += b.grad
+    torch.testing.assert_close(layer.weight.grad, w_sum)
+    torch.testing.assert_close(layer.bias.grad, b_sum)
+
+
+def test_corner_is_the_weight_at_full_size_and_a_view_without_grad() -> None:
+    w = torch.randn(6, 5, 1, 1, requires_grad=True)
+    assert corner(w, 6, 5) is w
+    part = corner(w, 4, 3)
+    assert part.shape == (4, 3, 1, 1) and part.is_contiguous() and part.grad_fn is not None
+    with torch.no_grad():
+        view = corner(w, 4, 3)
+    assert view.grad_fn is None and view.data_ptr() == w.data_ptr()
+    torch.testing.assert_close(view, w[:4, :3])
+
+
+def test_mobilenet_channels_last_forward_matches_nchw() -> None:
+    torch.manual_seed(0)
+    model = SlimmableMobileNetV1(10, widths=(0.25, 1.0)).double()  # float64: no rounding noise
+    model.train()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for i in range(model.num_submodels):
+        model.set_width(i)
+        grads = []
+        logits = []
+        for forward in (model.forward_width, lambda h: SlimmableBackbone.forward_width(model, h)):
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            out = forward(xi)
+            out.square().sum().backward()
+            logits.append(out.detach())
+            grads.append([xi.grad] + [p.grad for p in model.parameters() if p.grad is not None])
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-9, atol=1e-12)
+        assert len(grads[0]) == len(grads[1]) > 2
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    # the channels-last path is the one taken on the CPU
+    seen = []
+    hook = model.stem[1].depthwise[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.forward_submodel(x, 0)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
