@@ -8,13 +8,14 @@ networks are single-pass (one forward yields every exit); a plain network is a f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from kdreg.errors import OptionError
+from kdreg.errors import ExportError, OptionError
 
 T = TypeVar("T")
 
@@ -161,6 +162,120 @@ class FlexibleBackbone(nn.Module):
             return macs_depended_on(self, self.forward, input_size)
         return self.probe(lambda x: [count_macs(lambda i=i: self.forward_submodel(x, i))
                                      for i in range(self.num_submodels)], input_size)
+
+    # ----------------------------------------------------------------- export
+    def export_submodel(self, index: int) -> nn.Module:
+        """Sub-model ``index`` as a standalone network (``kdreg export``): an ``nn.Module`` in
+        eval mode whose ``forward(x)`` returns that sub-model's logits, as
+        ``forward_submodel(x, index)`` does, and that holds only the weights the sub-model uses.
+
+        The default serves a model with one sub-model: a deep copy of itself
+        (:class:`SubmodelModule`). A single-pass model whose ``forward_submodel`` runs only up to
+        the chosen exit returns :func:`truncated_copy`; the slimmable backbones build plain layers
+        holding their width's slices. Any other model raises :class:`kdreg.errors.ExportError`.
+        """
+        index = self.check_index(index)
+        if self.num_submodels == 1:
+            return SubmodelModule(copy.deepcopy(self), index).eval()
+        raise ExportError(
+            f"{type(self).__name__} cannot export one of its {self.num_submodels} sub-models as a "
+            "standalone network: it does not implement export_submodel(index)")
+
+    def export_front(self, split: str) -> nn.Module:
+        """The full model up to split point ``split`` as a standalone module in eval mode whose
+        ``forward(x)`` returns the features there, as ``forward_front(x, split)`` does, holding
+        only what they use (the ``exits`` backbone exports an exit as its trunk's front and the
+        exit's head). The default is a copy with the modules after ``split`` left out
+        (:func:`pruned_copy`)."""
+        self.check_split(split)
+        return FrontModule(pruned_copy(self, lambda m, x: m.forward_front(x, split)), split).eval()
+
+
+class SubmodelModule(nn.Module):
+    """Sub-model ``index`` of ``model`` as a module whose ``forward(x)`` returns its logits."""
+
+    def __init__(self, model: FlexibleBackbone, index: int):
+        super().__init__()
+        self.model = model
+        self.index = model.check_index(index)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_submodel(x, self.index)
+
+
+class FrontModule(nn.Module):
+    """The front of ``model`` up to split point ``split``: ``forward(x)`` returns the features."""
+
+    def __init__(self, model: FlexibleBackbone, split: str):
+        super().__init__()
+        self.model = model
+        self.split = model.check_split(split)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_front(x, self.split)
+
+
+class Pruned(nn.Module):
+    """Stands in for a module that :func:`pruned_copy` leaves out; running it is an error."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"module {self.path!r} was left out of this truncated copy: the "
+                           "sub-model does not use it")
+
+
+def truncated_copy(model: FlexibleBackbone, index: int) -> SubmodelModule:
+    """Sub-model ``index`` of a copy of ``model`` that holds only what it uses
+    (:func:`pruned_copy` of ``forward_submodel(x, index)``), in eval mode.
+
+    For single-pass models whose ``forward_submodel`` stops at the chosen exit (the later stages
+    and the other exits' heads never run): an early-exit network truncated at its exit.
+    """
+    index = model.check_index(index)
+    return SubmodelModule(pruned_copy(model, lambda m, x: m.forward_submodel(x, index)),
+                          index).eval()
+
+
+def pruned_copy(model: FlexibleBackbone,
+                run: Callable[[FlexibleBackbone, Tensor], Tensor | Sequence[Tensor]]) -> FlexibleBackbone:
+    """A deep copy of ``model`` without the modules that ``run(model, x)`` does not need: every
+    module that it does not call (nor any module inside it) and whose parameters its outputs do
+    not depend on is replaced by a parameterless :class:`Pruned` placeholder (a ``ModuleList``
+    keeps its length). Read from one call on a probe batch (see :func:`probe_with_graph`)."""
+    entered: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda m, _args: entered.add(id(m)))
+               for m in model.modules()]
+
+    def depended(x: Tensor) -> set[int]:
+        out = run(model, x)
+        outs = [out] if isinstance(out, Tensor) else list(out)
+        return {id(p) for t in outs for p in leaf_tensors(t)}
+
+    try:
+        used = probe_with_graph(model, depended)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = [name for name, m in model.named_modules()
+            if id(m) in entered or any(id(p) in used for p in m.parameters(recurse=False))]
+
+    def needed(name: str) -> bool:
+        return any(k == name or k.startswith(name + ".") for k in kept)
+
+    twin = copy.deepcopy(model)
+    pruned: list[str] = []
+    for name, m in twin.named_modules():
+        if (name and not needed(name) and not any(name.startswith(p + ".") for p in pruned)
+                and (next(m.parameters(), None) is not None
+                     or next(m.buffers(), None) is not None)):
+            pruned.append(name)
+    for name in pruned:
+        parent, _, attr = name.rpartition(".")
+        twin.get_submodule(parent)._modules[attr] = Pruned(name)
+    return twin
 
 
 def backbone_problems(model: FlexibleBackbone) -> list[str]:

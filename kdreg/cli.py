@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
+    exp = sub.add_parser("export", help="one sub-model of a run as a standalone network (.pt2 or safetensors)")
+    exp.add_argument("directory", help="the run directory")
+    exp.add_argument("--submodel", metavar="LABEL", help="e.g. x0.5 or exit2 (default: the full model, the last)")
+    exp.add_argument("--stage", help="the stage (default: the run's last)")
+    exp.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (or model.safetensors); model.json goes beside it")
+    exp.add_argument("--format", choices=["pt2", "safetensors"],
+                     help="pt2: a torch.export program; safetensors: the state dict (default: from FILE's suffix, else pt2)")
+    exp.add_argument("--force", action="store_true", help="overwrite FILE and its .json")
+
 
 def _version() -> str:
     from kdreg import __version__
@@ -233,7 +242,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
-            "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval}
+            "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,3 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdreg.export import export_submodel
+
+    info = export_submodel(args.directory, args.out, label=args.submodel, stage=args.stage,
+                           fmt=args.format, force=args.force)
+    acc = info["test_accuracy"]
+    print(f"wrote {args.out} and its .json: {info['label']} of stage {info['stage']}, "
+          f"{info['params']:,} params, {info['macs'] / 1e6:.2f} M MACs"
+          + (f", test accuracy {acc:.2f} %" if acc is not None else ""))
+    return EXIT_OK
+
+

@@ -36,6 +36,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+class ExportError(UserError):
+    """A sub-model cannot be exported as a standalone network (``kdreg export``)."""
+
+
 class OptionError(ValueError):
     """A plugin factory rejects one of its options.
 

@@ -21,6 +21,7 @@ its parameters' ``requires_grad`` to False and keeps it in eval mode.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -312,6 +313,27 @@ class ExitsBackbone(FlexibleBackbone):
             return counts
 
         return self.probe(measure, input_size)
+
+    def export_submodel(self, index: int) -> nn.Module:
+        """Exit ``index`` alone: the trunk's front up to its point (the trunk's
+        ``export_front``) and a copy of its own head; ``final``: the trunk's own full model."""
+        index = self.check_index(index)
+        if index == len(self.points):
+            return self.trunk.export_submodel(self.trunk.num_submodels - 1)
+        front = self.trunk.export_front(self.points[index])
+        return ExitNetwork(front, copy.deepcopy(self.heads[index])).eval()
+
+
+class ExitNetwork(nn.Module):
+    """One exit as a standalone network: ``head(front(x))``."""
+
+    def __init__(self, front: nn.Module, head: nn.Module):
+        super().__init__()
+        self.front = front
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.front(x))
 
 
 def trunk_params_up_to(trunk: FlexibleBackbone, points: Sequence[str]) -> list[int]:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs, segment_range
+from kdreg.backbone import FlexibleBackbone, count_macs, segment_range, truncated_copy
 from kdreg.errors import OptionError
 
 #: Channel multiplier per scale (the reference's grFactor) and bottleneck width factor (bnFactor).
@@ -308,6 +308,10 @@ class MSDNet(FlexibleBackbone):
             return block_macs, head_macs
 
         return self.probe(measure, input_size)
+
+    def export_submodel(self, index: int) -> nn.Module:
+        """Exit ``index + 1`` alone: blocks 1..index + 1 and its own head (no earlier heads)."""
+        return truncated_copy(self, index)
 
 
 def _counted(module: nn.Module, h: Tensor | Features) -> tuple[Tensor | Features, int]:

@@ -320,3 +320,10 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
 
     def count_params(self) -> list[int]:
         return [count_params_at(self, i) for i in range(self.num_submodels)]
+
+    def export_submodel(self, index: int) -> nn.Module:
+        """Width ``index`` as a plain network of ordinary conv, BN and linear layers holding only
+        that width's slices of the weights and its own BN (``kdreg_plugins.backbones.export``)."""
+        from kdreg_plugins.backbones.export import plain_width
+
+        return plain_width(self, index)

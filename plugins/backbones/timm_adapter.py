@@ -33,6 +33,7 @@ model was built for.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
-from kdreg.errors import OptionError
+from kdreg.errors import ExportError, OptionError
 
 #: Options that kdreg sets itself and a recipe may not pass through ``model_options``.
 RESERVED = ("pretrained", "num_classes", "in_chans", "features_only")
@@ -284,6 +285,20 @@ class TimmBackbone(FlexibleBackbone):
             raise RuntimeError(f"split point {end!r} of timm model {self.model_name} never ran")
         return out
 
+    def export_front(self, split: str) -> nn.Module:
+        """The model up to ``split`` as a standalone module: timm's fx feature extractor on a copy
+        of the model, which keeps only the modules and operations the features there use."""
+        from timm.models import create_feature_extractor
+
+        self.check_split(split)
+        try:
+            graph = create_feature_extractor(copy.deepcopy(self.net).eval(),
+                                             return_nodes={split: "features"})
+        except Exception as exc:  # noqa: BLE001 - a model fx cannot trace; reported with the reason
+            raise ExportError(f"timm model {self.model_name} cannot be traced up to {split!r} for "
+                              f"export: {type(exc).__name__}: {exc}") from None
+        return TimmFront(graph, self.layouts[split]).eval()
+
     def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
         wanted = self.ordered_points(points)
         with self._capturing(wanted) as feats:
@@ -372,6 +387,18 @@ class TimmBackbone(FlexibleBackbone):
         self._points = tuple(kept)
         if not torch.allclose(logits, full, atol=tol):
             raise RuntimeError(f"timm model {self.model_name}: capturing hooks changed the output")
+
+
+class TimmFront(nn.Module):
+    """A timm model's front as traced by fx, returning the split point's features channels first."""
+
+    def __init__(self, graph: nn.Module, layout: str):
+        super().__init__()
+        self.graph = graph
+        self.layout = layout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _to_standard(self.graph(x)["features"], self.layout)
 
 
 # ----------------------------------------------------------------------------- helpers

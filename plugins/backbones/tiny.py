@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs, segment_range
+from kdreg.backbone import FlexibleBackbone, count_macs, segment_range, truncated_copy
 from kdreg.errors import OptionError
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
@@ -144,6 +144,10 @@ class TinyExits(FlexibleBackbone):
         """Cumulative per exit, like :meth:`count_params` (every head up to exit ``k``)."""
         return self.probe(lambda x: [count_macs(lambda k=k: self._run(x, k, every_head=True))
                                      for k in range(self.num_submodels)], input_size)
+
+    def export_submodel(self, index: int) -> nn.Module:
+        """Exit ``index`` alone: the stages up to it and its own head."""
+        return truncated_copy(self, index)
 
 
 def build_tiny_slimmable(
