@@ -61,6 +61,7 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
     """
     from kdreg.data import load_data
     from kdreg.engine.run import Run
+    from kdreg.rundirs import is_repeat, seed_dirs
 
     out = Path(out)
     fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "pt2")
@@ -73,6 +74,10 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
     for path in (out, meta):
         if path.exists() and not force:
             raise UserError(f"{path} exists; choose another --out or pass --force to overwrite it")
+    seeds = seed_dirs(Path(directory)) if is_repeat(Path(directory)) else []
+    if seeds:
+        raise UserError(f"{directory} is a repeat of {len(seeds)} seed runs; export from one of "
+                        f"them, e.g. {seeds[0]}")
     run = Run.resume(directory, progress=False)
     run.device = torch.device("cpu")
     names = [s.name for s in run.recipe.stages]

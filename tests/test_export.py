@@ -272,6 +272,9 @@ def test_refusals_exit_2_and_overwrite_nothing(pipeline: Trained, tmp_path: Path
     assert not list(tmp_path.glob(".*tmp*"))
 
     assert "is not a kdreg run directory" in refused("--out", str(tmp_path / "a.pt2"), directory=tmp_path)
+    (tmp_path / "repeat" / "seed-3").mkdir(parents=True)
+    err = refused("--out", str(tmp_path / "a.pt2"), directory=tmp_path / "repeat")
+    assert "is a repeat of 1 seed runs; export from one of them, e.g." in err and "seed-3" in err
     copy = tmp_path / "copy"
     shutil.copytree(pipeline.directory, copy)
     results = json.loads((copy / "results.json").read_text())
