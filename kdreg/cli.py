@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key by dotted path, e.g. train.epochs=1 or stages.student.lam=0.5")
     run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--seeds", metavar="S,S,...",
+                     help="one run per seed into DIR/seed-<s>/ and a summary.json (sets the recipe's seeds)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (there is none either when stderr is not a terminal: a line per epoch)")
 
@@ -79,21 +81,32 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdreg.engine.run import Run
+    from kdreg.engine import repeats
 
+    if args.resume and args.seeds is not None:
+        raise UserError("--resume DIR takes no --seeds: the run directory holds its recipe and seeds")
     if args.resume and (args.recipe or args.overrides or args.out):
         raise UserError("--resume DIR takes no recipe, --set or --out: the run directory holds its recipe")
     if not args.resume and not args.recipe:
         raise UserError("kdreg run needs a RECIPE (or --resume DIR)")
     progress = not args.no_progress
-    run = Run.resume(args.resume, progress=progress) if args.resume else Run.start(
-        args.recipe, args.out, args.overrides, progress=progress)
+    overrides = args.overrides + ([_seeds_override(args.seeds)] if args.seeds is not None else [])
+    run = repeats.resume(args.resume, progress=progress) if args.resume else repeats.start(
+        args.recipe, args.out, overrides, progress=progress)
     try:
         run.execute()
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: kdreg run --resume {run.directory}", file=sys.stderr)
         return 130
     return EXIT_OK
+
+
+def _seeds_override(text: str) -> str:
+    """``--seeds 0,1,2`` as the override ``seeds=[0, 1, 2]`` (its range is the recipe's check)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("-").isdigit() for item in items):
+        raise UserError(f"--seeds takes integers separated by commas, e.g. --seeds 0,1,2; got {text!r} @ --seeds")
+    return f"seeds=[{', '.join(str(int(item)) for item in items)}]"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kdreg.errors import DataError, UserError
+from kdreg.streams import stream_seed
 
 CACHE_ENV = "KDREG_CACHE"
 
@@ -332,7 +333,8 @@ class BatchLoader:
     The uint8 images move to ``device`` once. Each iteration yields ``(x, y)``: x float32
     ``[B, C, H, W]`` normalised with ``mean``/``std``, y int64 ``[B]``. With ``train=True`` each
     epoch has its own permutation and augmentation (``padding``-pixel reflect-pad random crop,
-    horizontal flip with p = 0.5), all drawn from a CPU generator seeded with ``seed + epoch``;
+    horizontal flip with p = 0.5), all drawn from a CPU generator seeded with
+    ``kdreg.streams.stream_seed(seed, epoch)`` (no epoch of one seed is an epoch of another);
     call :meth:`set_epoch` before each epoch (an epoch not announced follows the previous one).
     ``drop_last`` defaults to True when training (if at least one full batch exists), else False.
     ``rank``/``world_size`` shard the batches for data-parallel training: every rank sees the
@@ -389,7 +391,7 @@ class BatchLoader:
 
     def draws(self, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
         """The epoch's (permutation, crop offsets ``[N, 2]`` (row, col), flips ``[N]``), on CPU."""
-        gen = torch.Generator().manual_seed(self.seed + int(epoch))
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, int(epoch)))
         n = len(self.labels)
         perm = torch.randperm(n, generator=gen)
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=gen)

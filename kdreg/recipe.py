@@ -121,7 +121,12 @@ class StageConfig:
 @attrs.frozen
 class Recipe:
     name: str = setting("run", "Name of the run.")
-    seed: int = setting(0, "Seed of initialisation, batch order and augmentation.", low=0)
+    seed: int = setting(0, "Seed of initialisation, batch order and augmentation; each stage and epoch draws its "
+                        "own stream from it, so no stream of one seed is one of another's.", low=0)
+    seeds: tuple[int, ...] = setting(
+        (), "Repeats: one run per seed, each with `seed` set to it, into `seed-<s>/` sub-directories, and a "
+        "`summary.json` with the mean and standard deviation of every stage and sub-model (`kdreg run --seeds "
+        "0,1,2` sets it). Empty: one run with `seed`. When given, it replaces `seed`. No duplicates, each >= 0.")
     data: DataConfig = setting(DataConfig(), "The `[data]` table.")
     train: TrainConfig = setting(TrainConfig(), "The `[train]` table: defaults every stage inherits.")
     stages: tuple[StageConfig, ...] = setting((), "The `[[stages]]`, trained in order.")
@@ -324,8 +329,11 @@ def _child(node: Any, part: str, item: str) -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as TOML (written into every run directory)."""
-    return tomli_w.dumps(_drop_none(converter.unstructure(recipe)))
+    """The resolved recipe as TOML (written into every run directory); ``seeds`` only when given."""
+    raw = converter.unstructure(recipe)
+    if not raw.get("seeds"):
+        raw.pop("seeds", None)
+    return tomli_w.dumps(_drop_none(raw))
 
 
 def _drop_none(obj: Any) -> Any:
@@ -361,6 +369,7 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
             if bad:
                 problems.append(f"unknown no_decay kinds {bad}; allowed: bias, norm, depthwise @ {where}.optimizer.no_decay")
     problems += _logger_problems(train.get("loggers"))
+    problems += _seeds_problems(raw.get("seeds"))
     dev = train.get("device")
     if isinstance(dev, str) and not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r} @ recipe.train.device")
@@ -386,6 +395,18 @@ def _logger_problems(loggers: Any) -> list[str]:
         if needs is not None and not _installed(needs[0]):
             problems.append(f"logger {name!r} needs the {needs[0]} package: "
                             f"pip install \"kdreg[{needs[1]}]\" @ {where}")
+    return problems
+
+
+def _seeds_problems(seeds: Any) -> list[str]:
+    """Negative or repeated seeds of ``seeds`` (other types: the converter)."""
+    if not isinstance(seeds, list):
+        return []
+    ints = [s for s in seeds if isinstance(s, int) and not isinstance(s, bool)]
+    problems = [f"seeds must be >= 0, got {s} @ recipe.seeds[{i}]" for i, s in enumerate(seeds) if s in ints and s < 0]
+    repeated = sorted({s for s in ints if ints.count(s) > 1})
+    if repeated:
+        problems.append(f"seed(s) {', '.join(map(str, repeated))} listed more than once @ recipe.seeds")
     return problems
 
 

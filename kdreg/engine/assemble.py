@@ -31,6 +31,7 @@ from kdreg.options import bind
 from kdreg.recipe import PluginSpec, Recipe, StageConfig, TrainConfig
 from kdreg.registry import get_registry
 from kdreg.stages import TeacherStage
+from kdreg.streams import init_seed
 
 
 @attrs.frozen
@@ -95,8 +96,9 @@ def seed_everything(seed: int) -> None:
 def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None) -> list[StagePlan]:
     """Every stage's plan, in order; raises :class:`RecipeError` with every problem found.
 
-    With ``seed``, the global RNGs are seeded with ``seed + index`` before stage ``index`` is built,
-    so a stage's initial weights do not depend on the stages before it.
+    With ``seed``, the global RNGs are seeded with :func:`kdreg.streams.init_seed` of ``(seed,
+    index)`` before stage ``index`` is built, so a stage's initial weights do not depend on the
+    stages before it, nor equal another seed's stage's.
     """
     plans: dict[str, StagePlan] = {}
     failed: set[str] = set()
@@ -104,7 +106,7 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None) -> li
     names = [s.name for s in recipe.stages]
     for index, stage in enumerate(recipe.stages):
         if seed is not None:
-            seed_everything(seed + index)
+            seed_everything(init_seed(seed, index))
         try:
             plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
         except UserError as exc:

@@ -23,6 +23,7 @@ from kdreg.engine.trainer import StageTrainer, eval_loader
 from kdreg.errors import RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 from kdreg.stages import freeze
+from kdreg.streams import batch_seed, train_seed
 
 RECIPE_FILE = "recipe.toml"
 METRICS_FILE = "metrics.jsonl"   # written by the jsonl logger (plugins/loggers.py)
@@ -43,6 +44,10 @@ class Run:
     """Trains a recipe's stages into ``directory``; see :meth:`start` and :meth:`resume`."""
 
     def __init__(self, recipe: Recipe, directory: Path, *, source: str = "", progress: bool = True):
+        if recipe.seeds:
+            raise UserError(f"{source or recipe.name}: seeds = {list(recipe.seeds)} is a repeat, one run per seed "
+                            "(kdreg.engine.repeats): `kdreg run` trains it; each seed's run is a seed-<s>/ "
+                            "directory beside its recipe.toml @ recipe.seeds")
         self.recipe = recipe
         self.directory = directory
         self.source = source
@@ -113,7 +118,7 @@ class Run:
                 if plan.config.init is None:  # earlier stages' models it builds on, as trained
                     for stage, twin in plan.copies:
                         twin.load_state_dict(self.models[stage].state_dict())
-                seed_everything(recipe.seed + plan.index)
+                seed_everything(train_seed(recipe.seed, plan.index))
                 result = self._train_stage(trainer, plan)
             self.models[plan.name] = freeze(plan.model)
             self.results["stages"].append(result)
@@ -163,7 +168,7 @@ class Run:
             teachers = Teachers(plan.teachers, plan.nodes, bridge_stage)  # frozen when they finished
         return StageTrainer(
             name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train, loss=loss, device=self.device,
-            seed=recipe.seed, batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
+            seed=batch_seed(recipe.seed, plan.index), batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
             directory=self.directory, notify=self._notify, progress=self.progress,
             teachers=teachers, bridge=plan.bridge,
         )
