@@ -167,3 +167,35 @@ def test_runs_that_cannot_be_compared_are_refused(case: str, runs: dict[str, Pat
     if case == "other data":
         assert len(err.splitlines()) == 1        # the same architecture: only the data differs
     assert not out.exists()
+
+
+def test_the_stage_compared_is_the_last_or_the_one_named(tmp_path: Path) -> None:
+    recipe = tmp_path / "two.toml"
+    recipe.write_text("""
+name = "two"
+[data]
+dataset = "synthetic"
+batch_size = 32
+val_split = 64
+options = { train_size = 320, test_size = 64, num_classes = 10, image_size = 8 }
+[train]
+epochs = 1
+[[stages]]
+name = "teacher"
+backbone = { name = "tiny_exits", exits = 2 }
+graph = { name = "none" }
+[[stages]]
+name = "student"
+backbone = { name = "tiny_exits" }
+graph = { name = "kd", teacher = "teacher" }
+""")
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    stages = json.loads((run / "results.json").read_text())["stages"]
+    assert main(["report", str(run), "--out", str(tmp_path / "last")]) == 0
+    last = (tmp_path / "last" / "report.md").read_text()
+    assert "stage `student` (graph `kd`)" in last and list(rows(last))[1:] == ["exit1", "exit2", "exit3", "mean"]
+    assert main(["report", str(run), "--out", str(tmp_path / "teacher"), "--stage", "teacher"]) == 0
+    teacher = (tmp_path / "teacher" / "report.md").read_text()
+    assert "stage `teacher` (graph `none`)" in teacher
+    assert rows(teacher)["exit2"][2] == f"{stages[0]['test_accuracy'][1]:.2f}"
