@@ -235,8 +235,11 @@ def plot_curves(columns: list[Column], path: Path) -> Path | None:
     for i, label in enumerate(labels):
         flat[i].set(title=f"{label}: {what} accuracy", xlabel="epoch", ylabel="accuracy (%)")
     flat[len(labels)].set(title="training loss", xlabel="epoch", ylabel="loss")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in flat[:panels]:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs
     for ax in flat[panels:]:
         ax.set_axis_off()
     flat[0].legend(fontsize=8)
