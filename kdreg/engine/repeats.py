@@ -24,10 +24,9 @@ from typing import Any
 import attrs
 
 import kdreg
-from kdreg.engine.assemble import static_problems
 from kdreg.engine.distributed import is_main
-from kdreg.engine.run import RECIPE_FILE, RESULTS_FILE, Run, default_directory
-from kdreg.errors import RecipeError, UserError
+from kdreg.engine.run import RECIPE_FILE, RESULTS_FILE, Run
+from kdreg.errors import UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 
 SUMMARY_FILE = "summary.json"
@@ -71,16 +70,11 @@ class Repeat:
     @classmethod
     def start(cls, recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
               progress: bool = True) -> Repeat:
+        overrides = list(overrides)
         recipe = load_recipe(recipe_path, overrides)
-        problems = static_problems(recipe)
-        if problems:
-            raise RecipeError([f"{recipe_path}: {p}" for p in problems])
-        directory = Path(out) if out else default_directory(recipe)
-        if directory.exists() and any(directory.iterdir()):
-            raise UserError(
-                f"run directory {directory} is not empty; it may hold an earlier run: "
-                f"continue it with `kdreg run --resume {directory}` or choose another --out"
-            )
+        # checked, and its directory chosen, as for one run (the same name in every torchrun
+        # process, not already holding a run); that run itself is not executed
+        directory = Run.start(recipe_path, out, [*overrides, "seeds=[]"], progress=progress).directory
         return cls(recipe, directory, source=str(recipe_path), progress=progress)
 
     @classmethod
