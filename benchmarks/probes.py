@@ -1,0 +1,216 @@
+"""Measuring instruments of ``benchmarks/run.py``: side-by-side step timing, bytes saved for
+backward, host reads of tensor data, and a loader that runs other steps between a trainer's steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(steps: dict[str, Callable[[], Any]], *, rounds: int, warmup: int,
+              device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each step over ``rounds`` rounds that run every step once, in turn, after
+    ``warmup`` such rounds (side by side: the machine's load hits every step alike)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class Interleaved:
+    """Batches for a trainer's ``train_epoch`` that, between two of its steps, run and time
+    ``others`` (in turn), so the trainer's own step (what its loop does per batch) and the others
+    alternate in one process. Delegates anything else to ``loader``.
+
+    ``trainer_times`` holds the seconds from handing out a batch to the next request, that is
+    one step of the trainer; the first ``warmup`` steps of every kind are dropped.
+    """
+
+    def __init__(self, loader: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int,
+                 others: dict[str, Callable[[], Any]], *, warmup: int, device: torch.device,
+                 around_step: Callable[[int], Any] | None = None):
+        self.loader, self.batch, self.steps = loader, batch, steps
+        self.others, self.warmup, self.device = others, warmup, device
+        self.around_step = around_step
+        self.trainer_times: list[float] = []
+        self.other_times: dict[str, list[float]] = {name: [] for name in others}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(self.steps):
+            for name, fn in self.others.items():
+                sync(self.device)
+                t0 = time.perf_counter()
+                fn()
+                sync(self.device)
+                if step >= self.warmup:
+                    self.other_times[name].append(time.perf_counter() - t0)
+            context = self.around_step(step) if self.around_step is not None else None
+            if context is not None:
+                context.__enter__()
+            sync(self.device)
+            t0 = time.perf_counter()
+            yield self.batch
+            sync(self.device)
+            elapsed = time.perf_counter() - t0
+            if context is not None:
+                context.__exit__(None, None, None)
+            if step >= self.warmup:
+                self.trainer_times.append(elapsed)
+
+
+class TimedLoader:
+    """``loader``'s first ``steps`` batches, with the seconds each took to produce."""
+
+    def __init__(self, loader: Any, steps: int, device: torch.device):
+        self.loader, self.steps, self.device = loader, steps, device
+        self.data_times: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.loader)
+        for _ in range(self.steps):
+            sync(self.device)
+            t0 = time.perf_counter()
+            item = next(it)
+            sync(self.device)
+            self.data_times.append(time.perf_counter() - t0)
+            yield item
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward that are alive, and their peak, from
+    ``saved_tensors_hooks``: a storage counts once however many saved tensors share it, from
+    its first pack until the last of them is freed (weakref finalizers). Storages in ``exclude``
+    (the parameters, alive anyway) do not count."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.users: Counter[int] = Counter()
+        self.size: dict[int, int] = {}
+        self.alive = 0
+        self.peak = 0
+        self.packed = 0  # bytes ever packed (with repeats)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    class _Held:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: torch.Tensor):
+            self.tensor = tensor
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        held = SavedBytes._Held(tensor)
+        if key in self.exclude or storage.nbytes() == 0:
+            return held
+        self.packed += storage.nbytes()
+        if self.users[key] == 0:
+            self.size[key] = storage.nbytes()
+            self.alive += storage.nbytes()
+            self.peak = max(self.peak, self.alive)
+        self.users[key] += 1
+        weakref.finalize(held, self._release, key)
+        return held
+
+    def _release(self, key: int) -> None:
+        self.users[key] -= 1
+        if self.users[key] == 0:
+            self.alive -= self.size.pop(key)
+            del self.users[key]
+
+    @staticmethod
+    def _unpack(held: SavedBytes._Held) -> torch.Tensor:
+        return held.tensor
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+#: Tensor methods that read a tensor's values on the host (a device-to-host copy and a wait for
+#: the device on an accelerator).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy",
+              "nonzero")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of tensor data (:data:`HOST_READS`, and ``cpu()`` / ``to(cpu)`` of a
+    tensor on another device), each with the first call site in this repository."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.sites.values())
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS or (name in ("cpu", "to") and _leaves_device(name, args, kwargs)):
+            self.sites[f"{name} at {_call_site()}"] += 1
+        return func(*args, **kwargs)
+
+
+def _leaves_device(name: str, args: Any, kwargs: Any) -> bool:
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if source is None or source.device.type == "cpu":
+        return False
+    if name == "cpu":
+        return True
+    target = kwargs.get("device")
+    for a in args[1:]:
+        if isinstance(a, (str, torch.device)):
+            target = a
+    return target is not None and torch.device(target).type == "cpu"
+
+
+def _call_site() -> str:
+    for frame in reversed(traceback.extract_stack()[:-2]):  # not this function nor the mode
+        path = Path(frame.filename)
+        if REPO in path.parents and path.parent.name != "benchmarks":
+            return f"{path.relative_to(REPO)}:{frame.lineno}"
+    return "outside the repository"

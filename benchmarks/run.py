@@ -1,0 +1,508 @@
+"""kdreg's performance figures, every one measured side by side in one process.
+
+    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N]
+
+Prints a table (figure, value, target, pass/fail) and writes the JSON
+``{figure: value, ..., "targets": {...}, "passed": {...}, "notes": {...}, "details": {...},
+"machine": {...}}``. A figure that cannot be measured is ``null`` with its reason in ``notes``
+(``missing: ...``), never a made-up number. Every time is the median of ``--steps`` (at least
+20; ``--quick``: 3, a smoke test) steps after warm-up, the steps compared alternating in turn, so
+the load of a shared machine hits them alike.
+
+Figures (4-width slimmable MobileNet-V1 on 32x32 inputs, CIFAR-10 classes, batch 128):
+
+* ``overhead_ratio``: the step of ``StageTrainer.train_epoch`` (set_lr, zero_grad,
+  ``stage_backward``, the optimizer step, metric accumulation: its own loop, run for real, with
+  the hand-written step run between two of its steps) / a minimal hand-written PyTorch step with
+  the same IPKD-TA-M arithmetic (widths largest first, each backward as it comes).
+* ``width_cost_ratio``: a 4-width IPKD-TA-M step / a full-width-only step (CE) of the same model.
+* ``distill_cost_ratio``: a 4-width IPKD-TA-M step / a 4-width step without distillation.
+* ``activation_memory_ratio``: peak bytes saved for backward (``saved_tensors_hooks``; a storage
+  counts from its first pack until its last saved tensor is freed; parameters excluded) of
+  ``multi_pass_backward`` / one forward of every width, the graph loss summed, one backward.
+* ``teacher_saved_bytes``: bytes saved for backward while a frozen ResNet-56 teacher gives its
+  logits in a KD step (``Teachers.outputs``).
+* ``loader_fraction``: time in ``BatchLoader`` iteration / total time of a training epoch on
+  CIFAR-10-sized data (50,000 uint8 32x32 images; synthetic, or ``--data`` for an image folder or
+  archive) with the trainer's own loop, measured over ``--loader-steps`` steps and extrapolated to
+  the whole epoch (the epoch's set-up once, the per-batch times ``len(loader)`` times).
+* ``host_syncs_per_step``: host reads of tensor data (``item``, ``tolist``, ``__bool__``,
+  ``numpy``, ``nonzero``, ``cpu()`` / ``to("cpu")`` off the device, ...; a ``TorchFunctionMode``)
+  during a normal (not logging) step of the trainer; their call sites go to ``details``. On CUDA
+  ``torch.cuda.set_sync_debug_mode`` counts the synchronisations too.
+* ``peer_ratio``: kdreg's KD step (the trainer's step; frozen ``resnet56`` teacher, ``resnet20``
+  student, graph ``kd``, lam 0.9, tau 4) / torchdistill's: its ``KDLoss`` module (alpha 0.1,
+  T 4, given the logits as its io dicts) in the equivalent step on the same models and batch.
+
+torchdistill comes with the ``bench`` extra (``pip install -e ".[bench]"``). Its declared
+requirements (numpy, pyyaml, scipy, cython) may move the installed torch; where they would, install
+it without them: ``pip install --no-deps "torchdistill>=1.0"``. Its loss modules import with torch,
+torchvision, numpy, pyyaml and scipy alone (cython is only needed to build pycocotools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import (  # noqa: E402  (a sibling module of this script)
+    HostReads,
+    Interleaved,
+    SavedBytes,
+    TimedLoader,
+    alternate,
+    median,
+)
+
+import kdreg  # noqa: E402
+from kdreg.data import BatchLoader, Splits, TensorSet, channel_stats  # noqa: E402
+from kdreg.engine.step import LossSettings, Teachers, multi_pass_backward  # noqa: E402
+from kdreg.engine.trainer import StageTrainer  # noqa: E402
+from kdreg.losses import distillation_loss  # noqa: E402
+from kdreg.recipe import OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from kdreg.stages import freeze  # noqa: E402
+
+#: figure -> (comparison, bound)
+TARGETS: dict[str, tuple[str, float]] = {
+    "overhead_ratio": ("<=", 1.05),
+    "width_cost_ratio": ("<=", 2.05),
+    "distill_cost_ratio": ("<=", 1.03),
+    "activation_memory_ratio": ("<=", 0.45),
+    "teacher_saved_bytes": ("==", 0),
+    "loader_fraction": ("<=", 0.05),
+    "host_syncs_per_step": ("==", 0),
+    "peer_ratio": ("<=", 0.85),
+}
+NUM_CLASSES = 10
+LAM, TAU = 0.9, 4.0            # the KD step (the peer's alpha = 1 - LAM)
+IPKD_LAM, IPKD_TAU = 0.5, 1.0  # the slimmable steps
+LR = 0.1
+
+
+@attrs.frozen
+class Settings:
+    device: torch.device
+    batch: int = 128
+    steps: int = 20
+    warmup: int = 3
+    size: int = 32
+    images: int = 50_000
+    loader_steps: int = 40
+    data: str | None = None
+
+
+@attrs.define
+class Figure:
+    value: float | int | None
+    note: str = ""
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+# ------------------------------------------------------------------------------ building blocks
+def mobilenet(s: Settings) -> kdreg.FlexibleBackbone:
+    torch.manual_seed(0)
+    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=NUM_CLASSES,
+                                 input_size=(s.size, s.size))
+    return model.to(s.device).train()
+
+
+def batch(s: Settings, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s.batch, 3, s.size, s.size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (s.batch,), generator=g)
+    return x.to(s.device), y.to(s.device)
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def train_config() -> TrainConfig:
+    return TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=LR, momentum=0.9, weight_decay=5e-4),
+                       schedule=ScheduleConfig(name="cosine"), device="auto", precision="fp32")
+
+
+def synthetic_splits(n: int, size: int, seed: int = 0) -> Splits:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    mean, std = channel_stats(images[:5000])
+    empty = TensorSet(images[:0], labels[:0])
+    return Splits(TensorSet(images, labels), empty, empty, classes=[str(k) for k in range(NUM_CLASSES)],
+                  mean=mean, std=std)
+
+
+def trainer(s: Settings, model: kdreg.FlexibleBackbone, loss: LossSettings, directory: Path,
+            teachers: Teachers | None = None, splits: Splits | None = None) -> StageTrainer:
+    """The engine's stage trainer, as a run builds it (no progress bar, no files written)."""
+    splits = splits or synthetic_splits(2 * s.batch, s.size)
+    return StageTrainer(name="bench", model=model, splits=splits, train_cfg=train_config(), loss=loss,
+                        device=s.device, seed=0, batch_size=s.batch, eval_batch_size=s.batch,
+                        directory=directory, notify=lambda record: None, progress=False,
+                        teachers=teachers)
+
+
+def ipkd_ta_m(n: int) -> LossSettings:
+    return LossSettings(kdreg.get_teacher_graph("ipkd-ta-m", n), IPKD_LAM, IPKD_TAU)
+
+
+def hand_written_step(model: kdreg.FlexibleBackbone, opt: torch.optim.Optimizer,
+                      x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """IPKD-TA-M in plain PyTorch: widths largest first, each backward as it comes; width i
+    learns from every larger width's detached logits, weight 1 / (number of them)."""
+    n = model.num_submodels
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        larger: list[torch.Tensor] = []
+        for i in reversed(range(n)):
+            logits = model.forward_submodel(x, i)
+            loss = F.cross_entropy(logits, y)
+            if larger:
+                log_ps = F.log_softmax(logits / IPKD_TAU, dim=-1)
+                kd = sum(F.kl_div(log_ps, F.log_softmax(t / IPKD_TAU, dim=-1), reduction="batchmean",
+                                  log_target=True) for t in larger)
+                loss = (1 - IPKD_LAM) * loss + IPKD_LAM * IPKD_TAU ** 2 * kd / len(larger)
+            loss.backward()
+            larger.append(logits.detach())
+        opt.step()
+
+    return step
+
+
+def run_epoch(tr: StageTrainer, loader: Any) -> None:
+    tr.train_loader = loader
+    tr.train_epoch(0, 1)
+
+
+# ------------------------------------------------------------------------------ figures
+def overhead(s: Settings, workdir: Path) -> Figure:
+    model = mobilenet(s)
+    x, y = batch(s)
+    tr = trainer(s, model, ipkd_ta_m(model.num_submodels), workdir)
+    hand = hand_written_step(model, sgd(model), x, y)
+    loader = Interleaved(tr.train_loader, (x, y), s.warmup + s.steps, {"hand": hand},
+                         warmup=s.warmup, device=s.device)
+    run_epoch(tr, loader)
+    kd_t, hand_t = median(loader.trainer_times), median(loader.other_times["hand"])
+    return Figure(kd_t / hand_t, details={"kdreg_step_s": kd_t, "hand_written_step_s": hand_t})
+
+
+def width_and_distill(s: Settings) -> tuple[Figure, Figure]:
+    model = mobilenet(s)
+    x, y = batch(s)
+    opt = sgd(model)
+    n = model.num_submodels
+    graphs = {"ipkd-ta-m": ipkd_ta_m(n),
+              "none": LossSettings(kdreg.get_teacher_graph("none", n), IPKD_LAM, IPKD_TAU)}
+
+    def four_widths(loss: LossSettings) -> Callable[[], None]:
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            multi_pass_backward(model, x, y, loss)
+            opt.step()
+        return step
+
+    def full_width() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model.forward_submodel(x, n - 1), y).backward()
+        opt.step()
+
+    t = alternate({"ipkd-ta-m": four_widths(graphs["ipkd-ta-m"]), "none": four_widths(graphs["none"]),
+                   "full": full_width}, rounds=s.steps, warmup=s.warmup, device=s.device)
+    m = {k: median(v) for k, v in t.items()}
+    details = {f"{k}_step_s": v for k, v in m.items()}
+    details["images_per_second"] = {k: s.batch / v for k, v in m.items()}
+    macs = model.count_macs((s.size, s.size))
+    details["mac_ratio"] = sum(macs) / macs[-1]
+    return (Figure(m["ipkd-ta-m"] / m["full"], details=details),
+            Figure(m["ipkd-ta-m"] / m["none"], details={k: details[k] for k in
+                                                          ("ipkd-ta-m_step_s", "none_step_s")}))
+
+
+def activation_memory(s: Settings) -> Figure:
+    model = mobilenet(s)
+    x, y = batch(s)
+    loss = ipkd_ta_m(model.num_submodels)
+    params = list(model.parameters())
+    with SavedBytes(exclude=params) as per_model:
+        multi_pass_backward(model, x, y, loss)
+    model.zero_grad(set_to_none=True)
+    with SavedBytes(exclude=params) as summed:
+        logits = [model.forward_submodel(x, i) for i in range(model.num_submodels)]
+        distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau).backward()
+        del logits
+    model.zero_grad(set_to_none=True)
+    return Figure(per_model.peak / summed.peak,
+                  details={"multi_pass_peak_bytes": per_model.peak, "summed_peak_bytes": summed.peak})
+
+
+def kd_models(s: Settings) -> tuple[kdreg.FlexibleBackbone, kdreg.FlexibleBackbone]:
+    torch.manual_seed(0)
+    teacher = kdreg.build_backbone("resnet56", num_classes=NUM_CLASSES, input_size=(s.size, s.size))
+    student = kdreg.build_backbone("resnet20", num_classes=NUM_CLASSES, input_size=(s.size, s.size))
+    return freeze(teacher.to(s.device)), student.to(s.device).train()
+
+
+def kd_setup(s: Settings, teacher: kdreg.FlexibleBackbone) -> tuple[LossSettings, Teachers]:
+    graph = kdreg.get_teacher_graph("kd", 1, teacher="teacher")
+    teachers = Teachers({"teacher": teacher}, {node: ("teacher", 0) for node in graph.external})
+    return LossSettings(graph, LAM, TAU), teachers
+
+
+def teacher_saved(s: Settings) -> Figure:
+    teacher, _ = kd_models(s)
+    _, teachers = kd_setup(s, teacher)
+    x, _ = batch(s)
+    with SavedBytes() as saved:
+        teachers.outputs(x, None)
+    return Figure(saved.packed, details={"peak_bytes": saved.peak})
+
+
+def loader_fraction(s: Settings, workdir: Path) -> Figure:
+    if s.data:
+        from kdreg_plugins.datasets.folder import load_image_folder
+
+        data = load_image_folder(Path(s.data))
+        splits = Splits(TensorSet(data.train_images, data.train_labels),
+                        TensorSet(data.test_images[:0], data.test_labels[:0]),
+                        TensorSet(data.test_images[:0], data.test_labels[:0]),
+                        classes=data.classes, mean=data.mean, std=data.std)
+        source = f"{s.data} ({len(splits.train)} training images)"
+    else:
+        splits = synthetic_splits(s.images, s.size)
+        source = f"synthetic: {s.images} uint8 images of 3x{s.size}x{s.size}"
+    model = mobilenet(s)
+    tr = trainer(s, model, ipkd_ta_m(model.num_submodels), workdir, splits=splits)
+    real: BatchLoader = tr.train_loader
+    steps = min(s.loader_steps, len(real))
+    timed = TimedLoader(real, steps, s.device)
+    t0 = time.perf_counter()
+    run_epoch(tr, timed)
+    total = time.perf_counter() - t0
+    setup = timed.data_times[0]           # the epoch's draws and its first batch
+    per_batch = median(timed.data_times[1:] or timed.data_times)
+    per_step = (total - sum(timed.data_times)) / steps
+    epoch_steps = len(real)
+    data = setup + per_batch * (epoch_steps - 1)
+    whole = data + per_step * epoch_steps
+    return Figure(data / whole, details={
+        "source": source, "measured_steps": steps, "epoch_steps": epoch_steps,
+        "first_batch_s": setup, "batch_s": per_batch, "step_s_without_data": per_step,
+        "measured_fraction": sum(timed.data_times) / total})
+
+
+def host_syncs(s: Settings, workdir: Path) -> Figure:
+    model = mobilenet(s)
+    x, y = batch(s)
+    tr = trainer(s, model, ipkd_ta_m(model.num_submodels), workdir)
+    counted = 2                             # a step in the middle: not the epoch's logging step
+    modes: dict[int, HostReads] = {}
+    cuda_syncs: list[Any] = []
+
+    def around(step: int) -> Any:
+        if step != counted:
+            return None
+        mode = modes.setdefault(step, HostReads())
+        if s.device.type != "cuda":
+            return mode
+        stack = contextlib.ExitStack()
+        stack.enter_context(mode)
+        cuda_syncs.extend([stack.enter_context(warnings.catch_warnings(record=True))])
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        stack.callback(torch.cuda.set_sync_debug_mode, "default")
+        return stack
+
+    loader = Interleaved(tr.train_loader, (x, y), counted + 2, {}, warmup=0, device=s.device,
+                         around_step=around)
+    with _no_sync_in(loader):
+        run_epoch(tr, loader)
+    mode = modes[counted]
+    details: dict[str, Any] = {"sites": dict(mode.sites)}
+    value = mode.count
+    if s.device.type == "cuda":
+        records = cuda_syncs[0] if cuda_syncs else []
+        details["cuda_sync_warnings"] = len(records)
+        value = max(value, len(records))
+    return Figure(value, details=details)
+
+
+@contextlib.contextmanager
+def _no_sync_in(loader: Interleaved) -> Any:
+    """The loader's own synchronisations (for timing) off while host reads are counted."""
+    device = loader.device
+    loader.device = torch.device("cpu")
+    try:
+        yield
+    finally:
+        loader.device = device
+
+
+def peer(s: Settings, workdir: Path) -> Figure:
+    try:
+        import torchdistill
+        from torchdistill.losses.mid_level import KDLoss
+    except Exception as exc:  # any failure to import is the reason it is missing
+        return Figure(None, f"missing: torchdistill cannot be imported ({type(exc).__name__}: {exc}); "
+                            'pip install -e ".[bench]"')
+    teacher, student = kd_models(s)
+    loss, teachers = kd_setup(s, teacher)
+    x, y = batch(s)
+    tr = trainer(s, student, loss, workdir, teachers=teachers)
+    kd_loss = KDLoss("fc", "output", "fc", "output", temperature=TAU, alpha=1 - LAM).to(s.device)
+    opt = sgd(student)
+
+    def theirs() -> None:
+        with torch.no_grad():
+            t_logits = teacher.forward_submodel(x, 0)
+        s_logits = student.forward_submodel(x, 0)
+        value = kd_loss({"fc": {"output": s_logits}}, {"fc": {"output": t_logits}}, y)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    loader = Interleaved(tr.train_loader, (x, y), s.warmup + s.steps, {"torchdistill": theirs},
+                         warmup=s.warmup, device=s.device)
+    run_epoch(tr, loader)
+    ours, other = median(loader.trainer_times), median(loader.other_times["torchdistill"])
+    return Figure(ours / other, details={"kdreg_step_s": ours, "torchdistill_step_s": other,
+                                         "torchdistill_version": torchdistill.__version__})
+
+
+# ------------------------------------------------------------------------------ report
+def measure(s: Settings) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    with tempfile.TemporaryDirectory(prefix="kdreg-bench-") as tmp:
+        work = Path(tmp)
+        jobs: list[tuple[tuple[str, ...], Callable[[], Any]]] = [
+            (("overhead_ratio",), lambda: overhead(s, work)),
+            (("width_cost_ratio", "distill_cost_ratio"), lambda: width_and_distill(s)),
+            (("activation_memory_ratio",), lambda: activation_memory(s)),
+            (("teacher_saved_bytes",), lambda: teacher_saved(s)),
+            (("loader_fraction",), lambda: loader_fraction(s, work)),
+            (("host_syncs_per_step",), lambda: host_syncs(s, work)),
+            (("peer_ratio",), lambda: peer(s, work)),
+        ]
+        for keys, job in jobs:
+            print(f"measuring {', '.join(keys)} ...", file=sys.stderr, flush=True)
+            try:
+                out = job()
+            except Exception as exc:  # one broken figure must not hide the others
+                out = tuple(Figure(None, f"missing: the measurement failed ({type(exc).__name__}: {exc})")
+                            for _ in keys)
+            figures.update(zip(keys, out if isinstance(out, tuple) else (out,)))
+    return figures
+
+
+def passed(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, bound = TARGETS[key]
+    return value <= bound if op == "<=" else value == bound
+
+
+def machine(s: Settings) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(s.device), "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in attrs.asdict(s).items()},
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = os.getloadavg()
+    if s.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(s.device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def report(figures: dict[str, Figure], s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {k: _finite(f.value) for k, f in figures.items()}
+    out["targets"] = {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()}
+    out["passed"] = {k: passed(k, out[k]) for k in TARGETS}
+    out["notes"] = {k: f.note for k, f in figures.items() if f.note}
+    out["details"] = {k: f.details for k, f in figures.items() if f.details}
+    out["machine"] = machine(s)
+    return out
+
+
+def _finite(value: float | int | None) -> float | int | None:
+    if value is None or isinstance(value, int):
+        return value
+    return value if math.isfinite(value) else None
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [("figure", "value", "target", "result")]
+    for key in TARGETS:
+        value = result[key]
+        shown = ("null" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+        ok = result["passed"][key]
+        rows.append((key, shown, result["targets"][key],
+                     "missing" if ok is None else "pass" if ok else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{k}: {v}" for k, v in result["notes"].items()]
+    return "\n".join(lines)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        return Settings(device=device, batch=args.batch or 16, steps=args.steps or 3, warmup=1,
+                        images=2_000, loader_steps=3, data=args.data)
+    return Settings(device=device, batch=args.batch or 128, steps=max(args.steps or 20, 20),
+                    loader_steps=args.loader_steps, data=args.data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True, help="where the results go (JSON)")
+    p.add_argument("--quick", action="store_true", help="few steps on small batches: a smoke test")
+    p.add_argument("--data", help="an image folder or archive instead of synthetic CIFAR-10-sized data")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch", type=int, help="batch size (default 128; --quick 16)")
+    p.add_argument("--steps", type=int, help="timed steps per figure (at least 20; --quick 3)")
+    p.add_argument("--loader-steps", type=int, default=40, help="steps of the epoch loader_fraction times")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = settings_from(args)
+    result = report(measure(s), s)
+    print(table(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

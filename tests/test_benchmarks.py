@@ -1,0 +1,84 @@
+"""benchmarks/run.py: its instruments count what they claim, and ``--quick`` writes every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from probes import HostReads, Interleaved, SavedBytes  # noqa: E402
+
+FIGURES = ("overhead_ratio", "width_cost_ratio", "distill_cost_ratio", "activation_memory_ratio",
+           "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step", "peer_ratio")
+
+
+def test_host_reads_counts_reads_of_values_with_their_call_site() -> None:
+    t = torch.ones(3)
+    with HostReads() as reads:
+        t.sum().item()
+        if t.any():
+            t.tolist()
+        t.add(1).mul(2)          # no read
+        t.to("cpu")              # already on the host: no read
+    assert reads.count == 3
+    assert sorted(site.split(" at ")[0] for site in reads.sites) == ["__bool__", "item", "tolist"]
+    assert all(" at tests/test_benchmarks.py:" in site for site in reads.sites), reads.sites
+
+
+def test_saved_bytes_peak_counts_a_storage_once_and_releases_it() -> None:
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(64, 256)
+    with SavedBytes(exclude=[w]) as saved:
+        h = (x @ w).relu()                 # saves x (64 KiB; w excluded) and relu's result
+        out = (h * h).sum()                # saves h twice: one storage
+    assert saved.peak == 2 * 64 * 256 * 4
+    out.backward()
+    del h, out
+    assert saved.alive == 0
+    with SavedBytes() as nothing, torch.no_grad():
+        (x @ w).relu().sum()
+    assert nothing.packed == 0 and nothing.peak == 0
+
+
+def test_interleaved_runs_the_other_step_between_two_steps_of_the_loop() -> None:
+    order: list[str] = []
+    batch = (torch.zeros(1), torch.zeros(1))
+    loader = Interleaved(object(), batch, 4, {"other": lambda: order.append("other")}, warmup=1,
+                         device=torch.device("cpu"))
+    for _ in loader:
+        order.append("loop")
+    assert order == ["other", "loop"] * 4
+    assert len(loader.trainer_times) == len(loader.other_times["other"]) == 3
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--json", str(out),
+                           "--quick", "--batch", "8", "--steps", "2", "--threads", "2"],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(FIGURES) <= set(result) and set(result["targets"]) == set(FIGURES)
+    for key in FIGURES:
+        value = result[key]
+        if value is None:
+            assert result["notes"][key].startswith("missing: ")
+            assert result["passed"][key] is None
+        else:
+            assert isinstance(value, (int, float)) and math.isfinite(value)
+            assert isinstance(result["passed"][key], bool)
+        assert key in proc.stdout
+    assert result["teacher_saved_bytes"] == 0           # the teacher runs under no_grad
+    assert 0 < result["activation_memory_ratio"] < 1    # one width's activations at a time
+    assert 0 < result["loader_fraction"] < 1
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["targets"]["overhead_ratio"] == "<= 1.05"
