@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="one run per seed into DIR/seed-<s>/ and a summary.json (sets the recipe's seeds)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar (there is none either when stderr is not a terminal: a line per epoch)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train data-parallel on N local processes (starts torchrun; GPUs: one each)")
 
     val = sub.add_parser("validate", help="check a recipe without training")
     val.add_argument("recipe")
@@ -59,10 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("teacher", help="a registered backbone name")
     cap.add_argument("student", help="a registered backbone name")
     cap.add_argument("--num-classes", type=int, default=10)
-    for command in sub.choices.values():   # --debug after the command too: `kdreg run --debug ...`
-        # SUPPRESS: when it is not given there, the top-level flag stays as it is
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    return p
 
     exp = sub.add_parser("export", help="one sub-model of a run as a standalone network (.pt2 or safetensors)")
     exp.add_argument("directory", help="the run directory")
@@ -72,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["pt2", "safetensors"],
                      help="pt2: a torch.export program; safetensors: the state dict (default: from FILE's suffix, else pt2)")
     exp.add_argument("--force", action="store_true", help="overwrite FILE and its .json")
+    for command in sub.choices.values():   # --debug after the command too: `kdreg run --debug ...`
+        # SUPPRESS: when it is not given there, the top-level flag stays as it is
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
 
 
 def _version() -> str:
@@ -81,7 +83,7 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdreg.engine import repeats
+    from kdreg.engine import distributed, repeats
 
     if args.resume and args.seeds is not None:
         raise UserError("--resume DIR takes no --seeds: the run directory holds its recipe and seeds")
@@ -91,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("kdreg run needs a RECIPE (or --resume DIR)")
     progress = not args.no_progress
     overrides = args.overrides + ([_seeds_override(args.seeds)] if args.seeds is not None else [])
+    if args.nproc is not None:
+        return _run_under_torchrun(args, overrides)
     run = repeats.resume(args.resume, progress=progress) if args.resume else repeats.start(
         args.recipe, args.out, overrides, progress=progress)
     try:
@@ -98,7 +102,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: kdreg run --resume {run.directory}", file=sys.stderr)
         return 130
+    distributed.shutdown()
     return EXIT_OK
+
+
+def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``kdreg run --nproc N``: the recipe is checked here first (a bad one exits 2 before any
+    process starts) and the run directory named here, then torchrun starts N processes."""
+    from pathlib import Path
+
+    from kdreg.engine.assemble import static_problems
+    from kdreg.engine.launch import launch
+    from kdreg.engine.run import RECIPE_FILE, default_directory
+    from kdreg.errors import RecipeError
+    from kdreg.recipe import load_recipe
+
+    if args.resume:
+        if not (Path(args.resume) / RECIPE_FILE).is_file():
+            raise UserError(f"{args.resume} is not a kdreg run directory: {Path(args.resume) / RECIPE_FILE} is missing")
+        load_recipe(Path(args.resume) / RECIPE_FILE)  # a broken recipe exits 2 here
+        forwarded = ["run", "--resume", args.resume]
+    else:
+        recipe = load_recipe(args.recipe, overrides)
+        problems = static_problems(recipe)
+        if problems:
+            raise RecipeError([f"{args.recipe}: {p}" for p in problems])
+        out = Path(args.out) if args.out else default_directory(recipe)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"run directory {out} is not empty; it may hold an earlier run: continue it "
+                            f"with `kdreg run --resume {out}` or choose another --out")
+        forwarded = ["run", args.recipe, "--out", str(out), *(f"--set={o}" for o in overrides)]
+    forwarded += ["--no-progress"] if args.no_progress else []
+    forwarded += ["--debug"] if args.debug else []
+    return launch(args.nproc, forwarded)
 
 
 def _seeds_override(text: str) -> str:
@@ -254,6 +290,18 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdreg.export import export_submodel
+
+    info = export_submodel(args.directory, args.out, label=args.submodel, stage=args.stage,
+                           fmt=args.format, force=args.force)
+    acc = info["test_accuracy"]
+    print(f"wrote {args.out} and its .json: {info['label']} of stage {info['stage']}, "
+          f"{info['params']:,} params, {info['macs'] / 1e6:.2f} M MACs"
+          + (f", test accuracy {acc:.2f} %" if acc is not None else ""))
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
             "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export}
 
@@ -282,15 +330,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-def cmd_export(args: argparse.Namespace) -> int:
-    from kdreg.export import export_submodel
-
-    info = export_submodel(args.directory, args.out, label=args.submodel, stage=args.stage,
-                           fmt=args.format, force=args.force)
-    acc = info["test_accuracy"]
-    print(f"wrote {args.out} and its .json: {info['label']} of stage {info['stage']}, "
-          f"{info['params']:,} params, {info['macs'] / 1e6:.2f} M MACs"
-          + (f", test accuracy {acc:.2f} %" if acc is not None else ""))
-    return EXIT_OK
-
-

@@ -11,7 +11,9 @@ the batch (batch mean), never over classes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,18 @@ from kdreg.graph import TeacherGraph
 DIVERGENCES = ("kl", "ce")
 
 
+@contextlib.contextmanager
+def fp32(like: Tensor) -> Iterator[None]:
+    """Autocast off on ``like``'s device: a loss is computed in fp32 whatever the step's precision
+    (under bf16 autocast an einsum or a matmul would otherwise run in bf16)."""
+    with torch.autocast(device_type=like.device.type, enabled=False):
+        yield
+
+
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """CE(a, y), batch mean (ipkd-ta eq. 1)."""
-    return F.cross_entropy(logits.float(), labels)
+    """CE(a, y), batch mean (ipkd-ta eq. 1), in fp32."""
+    with fp32(logits):
+        return F.cross_entropy(logits.float(), labels)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, *, tau: float, divergence: str = "kl") -> Tensor:
@@ -33,11 +44,12 @@ def kd_loss(student: Tensor, teacher: Tensor, *, tau: float, divergence: str = "
     The teacher's logits are used as given; detach them to stop gradients (the graph loss does).
     """
     _check_divergence(divergence)
-    log_ps = F.log_softmax(student.float() / tau, dim=-1)
-    log_pt = F.log_softmax(teacher.float() / tau, dim=-1)
-    pt = log_pt.exp()
-    per_sample = (pt * ((log_pt if divergence == "kl" else 0.0) - log_ps)).sum(-1)
-    return tau * tau * per_sample.mean()
+    with fp32(student):
+        log_ps = F.log_softmax(student.float() / tau, dim=-1)
+        log_pt = F.log_softmax(teacher.float() / tau, dim=-1)
+        pt = log_pt.exp()
+        per_sample = (pt * ((log_pt if divergence == "kl" else 0.0) - log_ps)).sum(-1)
+        return tau * tau * per_sample.mean()
 
 
 def submodel_loss(
@@ -83,16 +95,21 @@ def distillation_loss(
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    with fp32(logits[0]):
+        return _graph_loss(logits, labels, graph, lam=lam, tau=tau, divergence=divergence,
+                           external=external)
+
+
+def _graph_loss(logits: Sequence[Tensor], labels: Tensor, graph: TeacherGraph, *, lam: float,
+                tau: float, divergence: str, external: Mapping[str, Tensor] | None) -> Tensor:
+    n = len(logits)
     a = torch.stack([t.float() for t in logits])                      # [n, B, C]
     batch = a.shape[1]
+    has_teacher, w = _graph_tensors(graph, a.device)
     ce = F.cross_entropy(a.flatten(0, 1), labels.repeat(n), reduction="none").view(n, batch).mean(1)
-    has_teacher = torch.tensor([graph.has_teachers(i) for i in range(n)], device=a.device)
     total = torch.where(has_teacher, 1.0 - lam, 1.0).mul(ce).sum()
-    if not graph.edges:
-        return total
-    log_ps = F.log_softmax(a / tau, dim=-1)                           # [n, B, C]
-    w = graph.weight_matrix().to(a.device)                            # [n(s), n(t)]
-    if w.any():
+    if w is not None:
+        log_ps = F.log_softmax(a / tau, dim=-1)                       # [n, B, C]
         log_pt = log_ps.detach()
         pt = log_pt.exp()
         # cross[s, t] = mean_b sum_c p_t log p_s ; negent[t] = mean_b sum_c p_t log p_t
@@ -107,6 +124,16 @@ def distillation_loss(
         teacher = external[e.teacher].detach()  # type: ignore[index]
         total = total + lam * e.weight * kd_loss(a[e.student], teacher, tau=tau, divergence=divergence)
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _graph_tensors(graph: TeacherGraph, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The graph's constants on ``device``, made once (no host-device traffic in a step): which
+    sub-models have teachers, and the internal weight matrix (None when no internal edge)."""
+    n = graph.num_submodels
+    has_teacher = torch.tensor([graph.has_teachers(i) for i in range(n)], device=device)
+    internal = any(isinstance(e.teacher, int) for e in graph.edges)
+    return has_teacher, graph.weight_matrix().to(device) if internal else None
 
 
 def _check_divergence(divergence: str) -> None:

@@ -67,7 +67,7 @@ class DataConfig:
     dataset: str = setting("cifar10", "Data source: `cifar10`, `cifar100`, `imagefolder`, `cifar10-sample`, `synthetic` or a plugin's.")
     root: str = setting("~/.cache/kdreg/data", "Folder (or `.tar`/`.tar.gz` archive for `imagefolder`) of the data.")
     download: bool = setting(False, "Allow `cifar10`/`cifar100` to download when the files are missing.")
-    batch_size: int = setting(128, "Training batch size.", low=1)
+    batch_size: int = setting(128, "Training batch size, global: under torchrun with N processes each takes `batch_size / N` images of every batch (it must divide), so a recipe means the same optimisation on any number of processes.", low=1)
     eval_batch_size: int = setting(500, "Batch size of evaluation.", low=1)
     val_split: int = setting(5000, "Training images held out (class-balanced) for model selection; 0 selects on nothing.", low=0)
     train_limit: int = setting(0, "0: all training images; N: a class-balanced random subset of N, the same in every run.", low=0)
@@ -84,6 +84,10 @@ class TrainConfig:
     device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
     precision: str = setting("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`.",
                              choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = setting(False, "Train in the channels-last memory format (often faster for convolutions on CUDA with bf16/fp16).")
+    compile: bool = setting(False, "Compile the model with `torch.compile` (its forward calls); when compilation fails the run says so and trains without it.")
+    compile_backend: str = setting("inductor", "The `torch.compile` backend (`inductor`; `eager` or `aot_eager` to debug).")
+    sync_bn: bool = setting(False, "Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm); without it each process normalises its own shard and the running statistics are averaged after every epoch.")
     log_interval: int = setting(20, "Training steps between progress-bar updates (metrics are read from the device then).", low=1)
     loggers: tuple[str, ...] = setting(
         ("jsonl",), "Where every epoch's metrics go: any of `jsonl` (`metrics.jsonl`, a line per epoch, what "

@@ -25,11 +25,20 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). ``auto``: bf16 on CUDA, fp32 on CPU."""
+def resolve_precision(spec: str, device: torch.device, where: str = "recipe.train.precision") -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). ``auto``: bf16 on CUDA, fp32 on CPU. ``fp16``
+    needs CUDA (it trains with a gradient scaler there); on the CPU it is an error."""
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if spec == "fp16" and device.type != "cuda":
+        raise UserError(f"precision 'fp16' needs a CUDA device (this run is on {device}); use 'bf16' "
+                        f"or 'fp32' on the CPU @ {where}")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """The gradient scaler fp16 training needs (None for fp32 and bf16)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 @contextlib.contextmanager

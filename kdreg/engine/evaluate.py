@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.engine import distributed
 from kdreg.engine.device import autocast
 
 
@@ -19,12 +20,14 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype | None = None,
 ) -> list[float]:
-    """Top-1 accuracy (percent) of each sub-model, smallest first; one read from the device."""
+    """Top-1 accuracy (percent) of each sub-model, smallest first; one read from the device.
+
+    Under torchrun every process evaluates its shard of ``batches`` and the counts are summed."""
     was_training = model.training
     model.eval()
     n = model.num_submodels
     correct = torch.zeros(n, dtype=torch.long, device=device)
-    seen = 0
+    seen = torch.zeros((), dtype=torch.long, device=device)
     try:
         for x, y in batches:
             with autocast(device, dtype):
@@ -36,6 +39,7 @@ def evaluate(
             seen += y.numel()
     finally:
         model.train(was_training)
-    if seen == 0:
+    counts = distributed.all_reduce_sum(torch.cat([correct, seen.view(1)])).tolist()
+    if counts[-1] == 0:
         return [float("nan")] * n
-    return [100.0 * c / seen for c in correct.tolist()]
+    return [100.0 * c / counts[-1] for c in counts[:-1]]

@@ -58,14 +58,20 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, A
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s trainable parameters: the fused kernels on CUDA,
+    the multi-tensor (``foreach``) ones elsewhere."""
     groups = parameter_groups(model, cfg)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
+    cuda = device is not None and device.type == "cuda"
+    fused, foreach = (True, None) if cuda else (None, True)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, foreach=foreach, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=foreach, fused=fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

@@ -8,15 +8,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
 from kdreg.data import Splits, load_data
-from kdreg.engine import checkpoint
+from kdreg.engine import checkpoint, distributed
 from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
-from kdreg.engine.device import resolve_device, resolve_precision
+from kdreg.engine.device import grad_scaler, resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.step import LossSettings, Teachers
 from kdreg.engine.trainer import StageTrainer, eval_loader
@@ -40,6 +38,15 @@ def default_directory(recipe: Recipe, base: Path = Path("runs")) -> Path:
     return path
 
 
+def check_processes(recipe: Recipe) -> None:
+    """The global batch must split evenly over torchrun's processes."""
+    world = distributed.world_size()
+    if recipe.data.batch_size % world:
+        raise UserError(f"batch_size {recipe.data.batch_size} does not split over {world} processes "
+                        f"(it is the global batch; each process takes batch_size / {world}) "
+                        "@ recipe.data.batch_size")
+
+
 class Run:
     """Trains a recipe's stages into ``directory``; see :meth:`start` and :meth:`resume`."""
 
@@ -53,7 +60,10 @@ class Run:
         self.source = source
         self.progress = progress
         self.pm = plugins.plugin_manager()
-        self.device = resolve_device(recipe.train.device)
+        self.device = distributed.setup(resolve_device(recipe.train.device))
+        check_processes(recipe)
+        for stage in recipe.stages:  # e.g. fp16 on the CPU: refused before anything is written
+            resolve_precision(recipe.stage_train(stage).precision, self.device)
         self.models: dict[str, FlexibleBackbone] = {}    # finished stages, frozen
         self.plans: list[StagePlan] = []                  # every stage, once assembled
         self.results: dict[str, Any] = {}
@@ -66,13 +76,17 @@ class Run:
         problems = static_problems(recipe)
         if problems:
             raise RecipeError([f"{recipe_path}: {p}" for p in problems])
-        directory = Path(out) if out else default_directory(recipe)
+        run = cls(recipe, Path("."), source=str(recipe_path), progress=progress)  # joins torchrun's group
+        # rank 0's name (a time stamp) for every process; every one checks before any writes
+        directory = Path(distributed.broadcast(str(Path(out) if out else default_directory(recipe))))
         if directory.exists() and any(directory.iterdir()):
             raise UserError(
                 f"run directory {directory} is not empty; it may hold an earlier run: "
                 f"continue it with `kdreg run --resume {directory}` or choose another --out"
             )
-        return cls(recipe, directory, source=str(recipe_path), progress=progress)
+        distributed.barrier()
+        run.directory = directory
+        return run
 
     @classmethod
     def resume(cls, directory: str | Path, progress: bool = True, overrides: Iterable[str] = ()) -> Run:
@@ -94,7 +108,8 @@ class Run:
         except RecipeError as exc:
             raise RecipeError([f"{self.source}: {p}" for p in exc.problems]) from None
         self.plans = [plan.to(self.device) for plan in plans]
-        if not (self.directory / RECIPE_FILE).is_file():  # created once the data and models are there
+        main = distributed.is_main()
+        if main and not (self.directory / RECIPE_FILE).is_file():  # once the data and models are there
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / RECIPE_FILE).write_text(dump_recipe(recipe))
         done = {s["name"]: s for s in self.results.get("stages", [])}
@@ -108,7 +123,8 @@ class Run:
             "stages": [],
             "finished": False,
         }
-        self.pm.hook.kdreg_run_started(run=self)
+        if main:
+            self.pm.hook.kdreg_run_started(run=self)
         for plan in self.plans:
             trainer = self._trainer(plan, splits)
             if plan.name in done:
@@ -123,11 +139,12 @@ class Run:
             self.models[plan.name] = freeze(plan.model)
             self.results["stages"].append(result)
             self._write_results()
-            if plan.name not in done:
+            if plan.name not in done and main:
                 self.pm.hook.kdreg_stage_finished(run=self, stage=plan.name, result=result)
         self.results["finished"] = True
         self._write_results()
-        self.pm.hook.kdreg_run_finished(run=self, results=self.results)
+        if main:
+            self.pm.hook.kdreg_run_finished(run=self, results=self.results)
         return self.results
 
     def evaluate(self) -> list[dict[str, Any]]:
@@ -160,7 +177,7 @@ class Run:
     def _trainer(self, plan: StagePlan, splits: Splits) -> StageTrainer:
         recipe, stage = self.recipe, plan.config
         dtype = resolve_precision(plan.train.precision, self.device)
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and self.device.type == "cuda" else None
+        scaler = grad_scaler(dtype, self.device)
         loss = LossSettings(plan.graph, stage.lam, stage.tau, stage.divergence, dtype=dtype, scaler=scaler)
         teachers = None
         if plan.teachers:
@@ -210,10 +227,13 @@ class Run:
     # ------------------------------------------------------------------ files
     def _notify(self, record: dict[str, Any]) -> None:
         """The ``kdreg_epoch_finished`` event, once the epoch's checkpoint is saved: the loggers
-        (``[train] loggers``) write the metrics files then."""
-        self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
+        (``[train] loggers``) write the metrics files then. Rank 0 alone fires it."""
+        if distributed.is_main():
+            self.pm.hook.kdreg_epoch_finished(run=self, stage=record["stage"], record=record)
 
     def _write_results(self) -> None:
+        if not distributed.is_main():
+            return
         tmp = self.directory / (RESULTS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.results, indent=2) + "\n")
         tmp.replace(self.directory / RESULTS_FILE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import attrs
@@ -11,6 +12,7 @@ from torch import Tensor
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge, BridgeBatch
 from kdreg.engine.device import autocast
+from kdreg.engine.runner import Runner, as_runner
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss, submodel_loss
 
@@ -38,7 +40,7 @@ class StepOutput:
 
 
 def multi_pass_backward(
-    model: FlexibleBackbone,
+    model: FlexibleBackbone | Runner,
     x: Tensor,
     y: Tensor,
     loss: LossSettings,
@@ -46,19 +48,22 @@ def multi_pass_backward(
 ) -> StepOutput:
     """Sub-models largest first; each loss is backpropagated as soon as it exists, so at most
     one sub-model's activations are alive. Teachers' detached logits are kept only while a
-    smaller student still needs them. Gradients accumulate: the caller zeroes and steps."""
-    n, g = model.num_submodels, loss.graph
+    smaller student still needs them. Gradients accumulate: the caller zeroes and steps. Under
+    DDP every backward but the last runs under ``no_sync``: one all-reduce per step."""
+    run = as_runner(model)
+    n, g = run.num_submodels, loss.graph
     needed_until = {t: g.last_student_of(t) for t in g.internal_teachers()}
     teachers: dict[int | str, Tensor] = {}
     teachers.update(external or {})
     total = torch.zeros((), device=x.device)
     correct = torch.zeros(n, dtype=torch.long, device=x.device)
     for i in reversed(range(n)):
-        with autocast(x.device, loss.dtype):
-            logits = model.forward_submodel(x, i)
+        with run.no_sync() if i > 0 else contextlib.nullcontext():
+            with autocast(x.device, loss.dtype):
+                logits = run.forward_submodel(x, i)
             li = submodel_loss(i, logits, y, g, teachers, lam=loss.lam, tau=loss.tau,
                                divergence=loss.divergence)
-        loss.backward(li)
+            loss.backward(li)
         total += li.detach()
         correct[i] = (logits.detach().argmax(-1) == y).sum()
         if i in needed_until:
@@ -70,7 +75,7 @@ def multi_pass_backward(
 
 
 def single_pass_backward(
-    model: FlexibleBackbone,
+    model: FlexibleBackbone | Runner,
     x: Tensor,
     y: Tensor,
     loss: LossSettings,
@@ -78,15 +83,15 @@ def single_pass_backward(
 ) -> StepOutput:
     """One forward yields every sub-model; one backward of the summed graph loss."""
     with autocast(x.device, loss.dtype):
-        logits = model(x)
-        total = distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau,
-                                  divergence=loss.divergence, external=external)
+        logits = as_runner(model)(x)
+    total = distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau,
+                              divergence=loss.divergence, external=external)
     loss.backward(total)
     correct = torch.stack([(a.detach().argmax(-1) == y).sum() for a in logits])
     return StepOutput(total.detach(), correct)
 
 
-def backward(model: FlexibleBackbone, x: Tensor, y: Tensor, loss: LossSettings,
+def backward(model: FlexibleBackbone | Runner, x: Tensor, y: Tensor, loss: LossSettings,
              external: Mapping[str, Tensor] | None = None) -> StepOutput:
     """The step's forward and backward passes, chosen by ``model.single_pass``."""
     fn = single_pass_backward if model.single_pass else multi_pass_backward
@@ -137,7 +142,7 @@ class Teachers:
 
 
 def bridge_backward(
-    model: FlexibleBackbone,
+    model: FlexibleBackbone | Runner,
     bridge: Bridge,
     x: Tensor,
     y: Tensor,
@@ -148,7 +153,7 @@ def bridge_backward(
     """One forward of a one-sub-model student that also yields its features at the bridge's split;
     ``alpha * L_bridge + (1 - alpha) * L_graph``, one backward."""
     with autocast(x.device, loss.dtype):
-        feats, logits = model.forward_stages(x, [bridge.student_split])
+        feats, logits = as_runner(model).forward_stages(x, [bridge.student_split])
         graph_loss = distillation_loss([logits], y, loss.graph, lam=loss.lam, tau=loss.tau,
                                        divergence=loss.divergence, external=external)
         term = bridge(feats[0], BridgeBatch(y, teacher_logits, loss.tau))
@@ -159,7 +164,7 @@ def bridge_backward(
 
 
 def stage_backward(
-    model: FlexibleBackbone,
+    model: FlexibleBackbone | Runner,
     x: Tensor,
     y: Tensor,
     loss: LossSettings,

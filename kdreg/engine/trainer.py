@@ -16,9 +16,10 @@ from tqdm import tqdm
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.data import BatchLoader, Splits
-from kdreg.engine import checkpoint
+from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
+from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import KdregError
 from kdreg.recipe import TrainConfig
@@ -56,13 +57,19 @@ class StageTrainer:
     bridge: Bridge | None = None                 # trained with the model, used at training only
 
     def __attrs_post_init__(self) -> None:
-        s = self.splits
+        s, cfg = self.splits, self.train_cfg
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
-        self.optimizer = build_optimizer(trained, self.train_cfg.optimizer)
-        self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size,
-                                        mean=s.mean, std=s.std, device=self.device, train=True, seed=self.seed)
+        self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
+        world = distributed.world_size()
+        self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size // world,
+                                        mean=s.mean, std=s.std, device=self.device, train=True, seed=self.seed,
+                                        rank=distributed.rank(), world_size=world)
         if len(self.train_loader) == 0:
             raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
+        self.runner = build_runner(self.model, self.bridge, self.device, sync_bn=cfg.sync_bn,
+                                   compile=cfg.compile, compile_backend=cfg.compile_backend)
         self.state = StageState()
 
     @property
@@ -74,6 +81,8 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_last(self) -> None:
+        if not distributed.is_main():
+            return
         checkpoint.save(self.checkpoint_dir / "last.pt", stage=self.name, model=self.model.state_dict(),
                         optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
                         rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
@@ -106,8 +115,9 @@ class StageTrainer:
             improved = mean_val is not None and (not self.state.best_val or mean_val > _mean(self.state.best_val))
             if improved or not has_val:
                 self.state.best_epoch, self.state.best_val = epoch + 1, val
-                checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=epoch + 1,
-                                model=self.model.state_dict())
+                if distributed.is_main():
+                        checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=epoch + 1,
+                                    model=self.model.state_dict())
             record = {"stage": self.name, "epoch": epoch + 1, **train, "val_accuracy": val,
                       "mean_val_accuracy": mean_val, "best_epoch": self.state.best_epoch,
                       "seconds": round(time.perf_counter() - t0, 3)}
@@ -126,15 +136,20 @@ class StageTrainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros(model.num_submodels, dtype=torch.long, device=self.device)
         seen = 0
+        world = distributed.world_size()
+        channels_last = self.train_cfg.channels_last
         bar = tqdm(total=steps, desc=f"{self.name} {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   file=sys.stderr, disable=not (self.progress and stderr_is_terminal()), dynamic_ncols=True)
+                   file=sys.stderr, dynamic_ncols=True,
+                   disable=not (self.progress and distributed.is_main() and stderr_is_terminal()))
         t0 = time.perf_counter()
         lr = base_lr
         for step, (x, y) in enumerate(loader):
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
-            out = stage_backward(model, x, y, self.loss, self.teachers, self.bridge)
+            out = stage_backward(self.runner, x, y, self.loss, self.teachers, self.bridge)
             if self.loss.scaler is not None:
                 self.loss.scaler.step(opt)
                 self.loss.scaler.update()
@@ -142,9 +157,11 @@ class StageTrainer:
                 opt.step()
             loss_sum += out.loss
             correct += out.correct
-            seen += y.numel()
+            seen += y.numel() * world
             if (step + 1) % self.train_cfg.log_interval == 0 or step + 1 == steps:
-                mean_loss = (loss_sum / (step + 1)).item()
+                # every process reads the mean over all of them: a loss that diverges anywhere
+                # stops every process at the same step
+                mean_loss = (distributed.all_reduce_sum(loss_sum.clone()) / (world * (step + 1))).item()
                 if not math.isfinite(mean_loss):
                     bar.close()
                     raise TrainingFailed(
@@ -154,16 +171,21 @@ class StageTrainer:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
             bar.update(1)
         bar.close()
+        distributed.average_buffers(model)
+        if self.bridge is not None:
+            distributed.average_buffers(self.bridge)
+        totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), correct.to(loss_sum.dtype)]))
         elapsed = time.perf_counter() - t0
         return {
             "lr": lr,
-            "train_loss": (loss_sum / steps).item(),
-            "train_accuracy": [100.0 * c / seen for c in correct.tolist()],
+            "train_loss": (totals[0] / (world * steps)).item(),
+            "train_accuracy": [100.0 * c / seen for c in totals[1:].tolist()],
             "images_per_second": round(seen / elapsed, 1),
         }
 
     def load_best(self) -> None:
         """Put the selected epoch's weights into the model (what later stages and the test use)."""
+        distributed.barrier()  # rank 0 has written it
         self.model.load_state_dict(checkpoint.load(self.checkpoint_dir / "best.pt")["model"])
 
     def test(self) -> list[float]:
@@ -176,8 +198,9 @@ class StageTrainer:
         val = evaluate(self.model, self.eval_loader("val"), device=self.device,
                        dtype=self.loss.dtype) if has_val else []
         self.state = StageState(epoch=0, best_epoch=0, best_val=val)
-        checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=0,
-                        model=self.model.state_dict())
+        if distributed.is_main():
+            checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=0,
+                            model=self.model.state_dict())
         return self.state
 
 
@@ -185,7 +208,8 @@ def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device
     """Fixed-order, unaugmented batches of ``splits.<part>`` (``val`` or ``test``) on ``device``."""
     ts = getattr(splits, part)
     return BatchLoader(ts.images, ts.labels, batch_size=batch_size, mean=splits.mean, std=splits.std,
-                       device=device, train=False, seed=0)
+                       device=device, train=False, seed=0, rank=distributed.rank(),
+                       world_size=distributed.world_size())
 
 
 def stderr_is_terminal() -> bool:

@@ -1,0 +1,142 @@
+"""How a training step calls the model it trains: directly, through DistributedDataParallel, or
+compiled with ``torch.compile``.
+
+A :class:`Runner` offers the three calls a step makes (every sub-model, one sub-model, the
+features at split points with the logits) and ``no_sync()``, the context in which a backward pass
+only accumulates gradients. Under torchrun the calls go through one ``DistributedDataParallel``
+module, so gradients are all-reduced by PyTorch's own reducer: once per step, in the last backward
+of the step (a multi-pass model runs its other sub-models under ``no_sync``), every width's
+BatchNorm parameters included. Frozen teachers are never wrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdreg.backbone import FlexibleBackbone
+from kdreg.engine import distributed
+from kdreg.errors import UserError
+
+
+class Runner:
+    """The model as a training step calls it (see the module docstring)."""
+
+    def __init__(self, model: FlexibleBackbone, call: Callable[..., Any],
+                 no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                 ddp: nn.Module | None = None):
+        self.model = model
+        self._call = call                    # call(x, kind, arg) -> the model's output
+        self._no_sync = no_sync
+        #: the DistributedDataParallel module under torchrun (None in one process)
+        self.ddp = ddp
+
+    @classmethod
+    def plain(cls, model: FlexibleBackbone) -> Runner:
+        return cls(model, _Entry(model))
+
+    @property
+    def num_submodels(self) -> int:
+        return self.model.num_submodels
+
+    @property
+    def single_pass(self) -> bool:
+        return self.model.single_pass
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        """Logits of every sub-model, smallest first."""
+        out: list[Tensor] = self._call(x, "all", None)
+        return out
+
+    def forward_submodel(self, x: Tensor, index: int) -> Tensor:
+        out: Tensor = self._call(x, "submodel", index)
+        return out
+
+    def forward_stages(self, x: Tensor, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+        out: tuple[list[Tensor], Tensor] = self._call(x, "stages", list(points))
+        return out
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Backward passes in this context accumulate gradients without all-reducing them."""
+        return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
+
+
+def as_runner(model: FlexibleBackbone | Runner) -> Runner:
+    return model if isinstance(model, Runner) else Runner.plain(model)
+
+
+class _Entry(nn.Module):
+    """One ``forward`` for the three calls, as DistributedDataParallel needs (its reducer is
+    prepared in ``forward``). The bridge is held so its own parameters are replicated too."""
+
+    def __init__(self, model: FlexibleBackbone, bridge: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.bridge = bridge
+
+    def forward(self, x: Tensor, kind: str, arg: Any) -> Any:  # noqa: D102
+        if kind == "all":
+            return self.model(x)
+        if kind == "submodel":
+            return self.model.forward_submodel(x, arg)
+        return self.model.forward_stages(x, arg)
+
+
+def build_runner(model: FlexibleBackbone, bridge: nn.Module | None, device: torch.device, *,
+                 sync_bn: bool = False, compile: bool = False, compile_backend: str = "inductor",
+                 say: Callable[[str], None] | None = None) -> Runner:
+    """The runner of a stage: DDP under torchrun (with SyncBatchNorm when ``sync_bn``), compiled
+    when ``compile`` (falling back to eager execution, with a message, when compilation fails)."""
+    say = say or _say
+    entry = _Entry(model, bridge)
+    call: Callable[..., Any] = entry
+    no_sync, ddp = None, None
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        if sync_bn:
+            if device.type != "cuda":
+                raise UserError("sync_bn needs CUDA (SyncBatchNorm does not run on the CPU) "
+                                "@ recipe.train.sync_bn")
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # find_unused_parameters: a slimmable width or an exit uses only some parameters, and
+        # the other sub-models' gradients, accumulated under no_sync, are reduced with them.
+        ddp = DistributedDataParallel(entry, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True, forward_sync_buffers=False)
+        call, no_sync = ddp, ddp.no_sync
+    if compile:
+        call = _compiled(call, compile_backend, say)
+    return Runner(model, call, no_sync, ddp)
+
+
+def _compiled(fn: Callable[..., Any], backend: str, say: Callable[[str], None]) -> Callable[..., Any]:
+    """``torch.compile(fn)``; the eager ``fn`` (and one message) if compiling fails."""
+    try:
+        compiled = torch.compile(fn, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to eager execution
+        say(f"torch.compile (backend {backend!r}) failed: {type(exc).__name__}: {exc}; training without it")
+        return fn
+    failed = False
+
+    def call(*args: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001
+                failed = True
+                say(f"torch.compile (backend {backend!r}) failed: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}; training without it")
+        return fn(*args)
+
+    return call
+
+
+def _say(message: str) -> None:
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)

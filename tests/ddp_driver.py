@@ -1,0 +1,72 @@
+"""Started by torchrun from tests/test_distributed.py (real processes, the gloo backend).
+
+    torchrun --nproc_per_node 2 tests/ddp_driver.py grads RECIPE OUT_FILE
+        one training step's gradients (every BatchNorm in eval mode, so the combined batch gives
+        the same gradients whatever the split) and how often each DDP bucket was all-reduced
+    torchrun --nproc_per_node 2 tests/ddp_driver.py interrupt RECIPE RUN_DIR
+        a run stopped (as Ctrl-C would) after its first epoch
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from kdreg import plugins
+from kdreg.data import load_data
+from kdreg.engine import distributed
+from kdreg.engine.assemble import DataShape, assemble
+from kdreg.engine.run import Run
+from kdreg.engine.step import stage_backward
+from kdreg.hookspecs import hookimpl
+
+
+def step_gradients(recipe_path: str) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    """The gradients of one step of the recipe's first stage on its first batch, and the number
+    of all-reduces of each gradient bucket (empty in one process)."""
+    run = Run.start(recipe_path, Path("unused-run-dir"), progress=False)
+    splits = load_data(run.recipe.data)
+    plan = assemble(run.recipe, DataShape.of(splits), seed=run.recipe.seed)[0].to(run.device)
+    trainer = run._trainer(plan, splits)
+    reduced: Counter[int] = Counter()
+    if trainer.runner.ddp is not None:
+        def counting(state, bucket):  # type: ignore[no-untyped-def]  # (no string annotations: DDP checks them)
+            reduced[bucket.index()] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        trainer.runner.ddp.register_comm_hook(None, counting)
+    plan.model.eval()     # running statistics: the same gradients for any split of the batch
+    trainer.train_loader.set_epoch(0)
+    x, y = next(iter(trainer.train_loader))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stage_backward(trainer.runner, x, y, trainer.loss)
+    grads = {n: p.grad.detach().clone() for n, p in plan.model.named_parameters() if p.grad is not None}
+    return grads, dict(reduced)
+
+
+class Interrupt:
+    @hookimpl
+    def kdreg_epoch_finished(self, run, stage, record):  # type: ignore[no-untyped-def]
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+
+def main(mode: str, recipe: str, out: str) -> None:
+    if mode == "grads":
+        grads, reduced = step_gradients(recipe)
+        if distributed.is_main():
+            torch.save({"grads": grads, "reduced": reduced, "world": distributed.world_size()}, out)
+    elif mode == "interrupt":
+        plugins.reset(plugins.make_plugin_manager(extra=[Interrupt()]))
+        Run.start(recipe, out, progress=False).execute()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])     # a failure ends this process at once: torchrun then stops the others
+    distributed.shutdown()

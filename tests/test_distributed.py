@@ -1,0 +1,111 @@
+"""Data-parallel training under real torchrun processes (the gloo backend on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdreg.engine.launch import torchrun_command
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).resolve().parent / "ddp_driver.py"
+sys.path.insert(0, str(DRIVER.parent))
+from ddp_driver import step_gradients  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)
+
+
+def _why(proc: subprocess.CompletedProcess[str]) -> str:
+    """The processes' own error lines (torchrun's summary alone says little)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[rank") or "Error" in line]
+    return "\n".join(lines[-40:]) or _why(proc)
+
+
+def _kdreg(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kdreg", *args], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=240)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits"])
+def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tmp_path: Path,
+                                                                backbone: str) -> None:  # type: ignore[no-untyped-def]
+    """Each process takes half of the global batch; after the step's all-reduce every gradient
+    (every width's BatchNorm parameters included) is the one-process gradient of the whole batch,
+    and each gradient bucket was all-reduced once per step, not once per width."""
+    recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
+    proc = _torchrun(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
+    assert proc.returncode == 0, _why(proc)
+    two = torch.load(tmp_path / "grads.pt", weights_only=False)
+    one, reduced = step_gradients(str(recipe))
+    assert two["world"] == 2 and reduced == {}
+    assert set(two["grads"]) == set(one)
+    bn = [n for n in one if ".bn." in n or "bn" in n.split(".")[-2]]
+    if backbone == "tiny_slimmable":
+        assert len(bn) >= 8  # per-width BatchNorm parameters are among the compared gradients
+    for name, g in one.items():
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
+
+
+def test_a_two_process_run_writes_one_set_of_files_and_resumes_under_torchrun(
+        smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = smoke_recipe(epochs=2)
+    full = tmp_path / "full"
+    proc = _kdreg("run", str(recipe), "--out", str(full), "--nproc", "2")
+    assert proc.returncode == 0, _why(proc)
+    assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.toml", "results.json"]
+    lines = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]          # one line per epoch: rank 0 alone writes
+    results = json.loads((full / "results.json").read_text())
+    assert results["finished"] and len(results["stages"]) == 1
+    assert proc.stdout.count("stage student") <= 2        # the console speaks once, not per process
+    # the same run stopped after its first epoch, then resumed under torchrun
+    cut = tmp_path / "cut"
+    stopped = _torchrun(str(DRIVER), "interrupt", str(recipe), str(cut))
+    assert stopped.returncode != 0
+    assert [json.loads(m)["epoch"] for m in (cut / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = _kdreg("run", "--resume", str(cut), "--nproc", "2")
+    assert resumed.returncode == 0, _why(resumed)
+    assert [json.loads(m)["epoch"] for m in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    again = json.loads((cut / "results.json").read_text())
+    assert again["stages"][0]["test_accuracy"] == results["stages"][0]["test_accuracy"]
+    a = torch.load(full / "checkpoints" / "student" / "last.pt", weights_only=False)["model"]
+    b = torch.load(cut / "checkpoints" / "student" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_nproc_checks_the_recipe_before_starting_processes(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = smoke_recipe(epochs=1)
+    proc = _kdreg("run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2", "--set", "stages.student.lam=7")
+    assert proc.returncode == 2 and "lam" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_batch_size_is_global_and_must_split(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = smoke_recipe(epochs=1, extra="")
+    text = recipe.read_text().replace("batch_size = 32", "batch_size = 33")
+    recipe.write_text(text)
+    proc = _kdreg("run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2")
+    assert proc.returncode != 0
+    assert "batch_size 33 does not split over 2 processes" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_command() -> None:
+    assert torchrun_command(4, ["run", "r.toml"])[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "kdreg", "run", "r.toml"]
