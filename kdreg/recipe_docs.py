@@ -86,6 +86,41 @@ Every stage inherits `epochs` from `[train]` unless it sets its own, so `--set t
 shortens every trained stage of a recipe. `results.json` has an entry per stage (teachers and every
 chain link too) with its sub-models, parameters, MACs, accuracies and the stages it learned from.
 
+## Many processes and GPUs (torchrun)
+
+`kdreg run RECIPE --nproc N` starts `torchrun --standalone --nproc_per_node N -m kdreg run RECIPE`
+on this machine; on several nodes start torchrun yourself on every node with the same rendezvous:
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        --rdzv_id my-run -m kdreg run recipe.toml --out /shared/runs/my-run
+
+(`--out` on a file system every node sees; rank 0 alone writes there). The training is PyTorch's
+DistributedDataParallel: NCCL on CUDA (each process on `cuda:LOCAL_RANK`), gloo on the CPU.
+
+- `data.batch_size` is the **global** batch: each of N processes takes `batch_size / N` images of
+  every batch (N must divide it), so a recipe means the same optimisation (the same learning rate
+  for the same batch) on any number of processes, and the gradient of a step equals the
+  one-process gradient of the whole batch.
+- Gradients are all-reduced once per step: a multi-pass (slimmable) model runs every width but the
+  last under `no_sync`, so its last backward reduces every width's gradients together, each
+  width's BatchNorm parameters included. Frozen teachers are not wrapped; each process runs them
+  on its own shard.
+- BatchNorm normalises each process's shard; its running statistics are averaged over the
+  processes after every epoch. `sync_bn = true` (CUDA only) normalises over the global batch.
+- Every process evaluates its shard of the validation and test splits; the counts are summed.
+- Rank 0 alone writes files (`results.json`, `metrics.jsonl`, checkpoints), prints and fires the
+  run events. `kdreg run --resume DIR --nproc N` (or torchrun with `--resume DIR`) continues a run.
+
+## Precision and speed
+
+`precision = "auto"` autocasts to bf16 on CUDA and stays in fp32 on the CPU; `"bf16"` autocasts on
+either; `"fp16"` needs CUDA and trains with a gradient scaler (on the CPU it is an error). The
+losses are always computed in fp32 from the upcast logits. `channels_last = true` trains in the
+channels-last memory format; `compile = true` compiles the model's forward with `torch.compile`
+(when compilation fails the run says so and trains without it). Optimizers use the fused kernels
+on CUDA and the multi-tensor ones elsewhere. A training step reads nothing from the device: the
+loss and accuracy stay there and are read once per `log_interval` steps.
+
 This file is generated from the recipe classes (`python -m kdreg.recipe_docs > docs/recipes.md`);
 a test fails when it is out of date.
 """
