@@ -74,6 +74,7 @@ import kdreg  # noqa: E402
 from kdreg.data import BatchLoader, Splits, TensorSet, channel_stats  # noqa: E402
 from kdreg.engine.step import LossSettings, Teachers, multi_pass_backward  # noqa: E402
 from kdreg.engine.trainer import StageTrainer  # noqa: E402
+from kdreg.errors import UserError  # noqa: E402
 from kdreg.losses import distillation_loss  # noqa: E402
 from kdreg.recipe import OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: E402
 from kdreg.stages import freeze  # noqa: E402
@@ -474,12 +475,29 @@ def table(result: dict[str, Any]) -> str:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The run's settings, or :class:`UserError` (a line per bad flag)."""
+    problems = []
+    if args.data and not Path(args.data).expanduser().exists():
+        problems.append(f"--data {args.data}: no such folder or archive")
+    if args.steps is not None and args.steps < (1 if args.quick else 20):
+        problems.append(f"--steps {args.steps}: every time is a median of at least 20 steps "
+                        "(--quick for a smoke test of fewer)")
+    for flag in ("batch", "threads", "loader_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        problems.append(f"--device {args.device}: auto, cpu or cuda[:N]")
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available here")
+    if problems:
+        raise UserError(problems)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         return Settings(device=device, batch=args.batch or 16, steps=args.steps or 3, warmup=1,
                         images=2_000, loader_steps=3, data=args.data)
-    return Settings(device=device, batch=args.batch or 128, steps=max(args.steps or 20, 20),
+    return Settings(device=device, batch=args.batch or 128, steps=args.steps or 20,
                     loader_steps=args.loader_steps, data=args.data)
 
 
@@ -494,9 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per figure (at least 20; --quick 3)")
     p.add_argument("--loader-steps", type=int, default=40, help="steps of the epoch loader_fraction times")
     args = p.parse_args(argv)
+    try:
+        s = settings_from(args)
+    except UserError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = settings_from(args)
     result = report(measure(s), s)
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -59,12 +59,12 @@ def test_interleaved_runs_the_other_step_between_two_steps_of_the_loop() -> None
     assert len(loader.trainer_times) == len(loader.other_times["other"]) == 3
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--json", str(out),
                            "--quick", "--batch", "8", "--steps", "2", "--threads", "2"],
-                          capture_output=True, text=True, timeout=110)
+                          capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert set(FIGURES) <= set(result) and set(result["targets"]) == set(FIGURES)
@@ -82,3 +82,16 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert 0 < result["loader_fraction"] < 1
     assert result["machine"]["torch"] == torch.__version__
     assert result["targets"]["overhead_ratio"] == "<= 1.05"
+
+
+def test_bad_flags_are_errors_with_a_line_each_and_nothing_written(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--json", str(out),
+                           "--data", str(tmp_path / "absent"), "--steps", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: --data {tmp_path / 'absent'}: no such folder or archive",
+                     "error: --steps 5: every time is a median of at least 20 steps "
+                     "(--quick for a smoke test of fewer)"]
+    assert not out.exists()
