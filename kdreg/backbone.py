@@ -167,7 +167,9 @@ class FlexibleBackbone(nn.Module):
     def export_submodel(self, index: int) -> nn.Module:
         """Sub-model ``index`` as a standalone network (``kdreg export``): an ``nn.Module`` in
         eval mode whose ``forward(x)`` returns that sub-model's logits, as
-        ``forward_submodel(x, index)`` does, and that holds only the weights the sub-model uses.
+        ``forward_submodel(x, index)`` does, and that holds the parameters
+        ``count_params()[index]`` counts (for an early exit: everything up to it, the earlier
+        exits' heads included, though only its own head runs).
 
         The default serves a model with one sub-model: a deep copy of itself
         (:class:`SubmodelModule`). A single-pass model whose ``forward_submodel`` runs only up to
@@ -227,16 +229,22 @@ class Pruned(nn.Module):
                            "sub-model does not use it")
 
 
-def truncated_copy(model: FlexibleBackbone, index: int) -> SubmodelModule:
-    """Sub-model ``index`` of a copy of ``model`` that holds only what it uses
-    (:func:`pruned_copy` of ``forward_submodel(x, index)``), in eval mode.
+def truncated_copy(
+    model: FlexibleBackbone, index: int,
+    run: Callable[[FlexibleBackbone, Tensor], Tensor | Sequence[Tensor]] | None = None,
+) -> SubmodelModule:
+    """Sub-model ``index`` of a copy of ``model`` in eval mode, holding only what ``run(model,
+    x)`` (default: ``forward_submodel(x, index)``) uses (:func:`pruned_copy`); its forward is
+    ``forward_submodel(x, index)``.
 
-    For single-pass models whose ``forward_submodel`` stops at the chosen exit (the later stages
-    and the other exits' heads never run): an early-exit network truncated at its exit.
+    For single-pass models whose ``forward_submodel`` stops at the chosen exit: an early-exit
+    network truncated at its exit. A model that counts exits the anytime way (exit ``i`` costs
+    heads ``1..i`` too) passes a ``run`` that evaluates every exit up to ``index``, so that the
+    copy holds what ``count_params()[index]`` counts, earlier heads included.
     """
     index = model.check_index(index)
-    return SubmodelModule(pruned_copy(model, lambda m, x: m.forward_submodel(x, index)),
-                          index).eval()
+    keep = run or (lambda m, x: m.forward_submodel(x, index))
+    return SubmodelModule(pruned_copy(model, keep), index).eval()
 
 
 def pruned_copy(model: FlexibleBackbone,

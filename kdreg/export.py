@@ -1,8 +1,9 @@
 """``kdreg export``: one sub-model of a run as a standalone network.
 
 The sub-model's network comes from its backbone (:meth:`kdreg.FlexibleBackbone.export_submodel`):
-a width as plain layers, an early exit truncated at its exit, a plain network (an STC student) as
-itself. :func:`export_submodel` loads a stage's selected weights, checks that the network
+a width as plain layers, an early exit truncated at its exit (everything up to it, the earlier
+exits' heads included, as its anytime parameter count; only its own logits are returned), a plain
+network (an STC student) as itself. Its parameters are the sub-model's ``count_params()``. :func:`export_submodel` loads a stage's selected weights, checks that the network
 reproduces the sub-model's logits, and writes
 
 - ``.pt2``: a ``torch.export`` program (load it with ``torch.export.load``; kdreg is not needed)
@@ -159,9 +160,10 @@ def standalone(model: FlexibleBackbone, index: int, mean: Sequence[float],
 def describe(net: nn.Module, model: FlexibleBackbone, index: int, result: dict[str, Any], *,
              classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
              fmt: str) -> dict[str, Any]:
-    """The JSON description of an exported sub-model: what it takes, what it returns, its own
-    parameters and MACs, and results.json's counts (``run_params``, ``run_macs``: for early exits
-    these count every earlier exit's head too) and test accuracy of that sub-model."""
+    """The JSON description of an exported sub-model: what it takes, what it returns, its
+    parameters (results.json's count of that sub-model), the MACs of one image through it and
+    results.json's (``run_macs``: for an early exit these count every earlier exit's head too,
+    which the network holds but does not run) and test accuracy of that sub-model."""
     import kdreg
 
     size = (model.in_chans, *model.input_size)
@@ -186,7 +188,6 @@ def describe(net: nn.Module, model: FlexibleBackbone, index: int, result: dict[s
         "std": list(std),
         "params": sum(p.numel() for p in net.parameters()),
         "macs": macs,
-        "run_params": of("params"),
         "run_macs": of("macs"),
         "test_accuracy": of("test_accuracy"),
     }

@@ -136,11 +136,13 @@ def kdreg_register_backbones(register: Register) -> None:
 
     ``kdreg export`` asks the model for ``export_submodel(index)``: sub-model ``index`` as a
     standalone ``nn.Module`` in eval mode whose ``forward(x)`` returns that sub-model's logits and
-    that holds only the weights it uses (it must trace with ``torch.export``). The default serves
-    a model with one sub-model (a deep copy of itself) and raises ``kdreg.errors.ExportError``
-    for others; an early-exit model whose ``forward_submodel`` stops at the chosen exit returns
-    ``kdreg.backbone.truncated_copy(self, index)``; the slimmable backbones build plain layers
-    holding their width's slices. A trunk's ``export_front(split)`` (the features at a split point,
+    that holds the parameters ``count_params()[index]`` counts (it must trace with
+    ``torch.export``). The default serves a model with one sub-model (a deep copy of itself) and
+    raises ``kdreg.errors.ExportError`` for others; an early-exit model whose
+    ``forward_submodel`` stops at the chosen exit returns
+    ``kdreg.backbone.truncated_copy(self, index)`` (with a ``run`` that evaluates every exit up to
+    ``index`` where it counts earlier heads, as MSDNet does); the slimmable backbones build
+    plain layers holding their width's slices. A trunk's ``export_front(split)`` (the features at a split point,
     for exits on it) defaults to a copy without the modules after ``split``.
 
     A factory that builds on a model trained in an earlier stage of the same recipe (for example an

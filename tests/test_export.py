@@ -3,7 +3,8 @@
 Two tiny runs (synthetic data, one epoch): a pipeline of a slimmable net, an early-exit net and
 an STC student with its teacher, and an ``exits`` backbone on a timm ResNet-18. Each export is
 checked against the flexible model it came from (logits within 1e-5), results.json's parameter
-count and test accuracy, and loaded where kdreg, kdreg_plugins and timm cannot be imported.
+count (for an exit the anytime count: its program holds the earlier exits' heads too) and test
+accuracy, and loaded where kdreg, kdreg_plugins and timm cannot be imported.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def check_program(run: Trained, stage: str, label: str, out: Path) -> dict[str, 
         assert got.shape == (batch, 10)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     params = sum(program.state_dict[name].numel() for name in program.graph_signature.parameters)
-    assert params == info["params"]
+    assert params == info["params"] == result["params"][i] == model.count_params()[i]
     # the run's test accuracy of that sub-model, from the program on the test split's images
     test = run.splits.test
     with torch.no_grad():
@@ -135,7 +136,7 @@ def check_program(run: Trained, stage: str, label: str, out: Path) -> dict[str, 
     assert (info["label"], info["stage"], info["file_format"]) == (label, stage, "pt2")
     assert info["classes"] == [f"class{k}" for k in range(10)] == list(run.splits.classes)
     assert info["input_size"] == [3, 16, 16]
-    assert info["run_params"] == result["params"][i] and info["run_macs"] == result["macs"][i]
+    assert info["run_macs"] == result["macs"][i] and "run_params" not in info
     return info
 
 
@@ -153,29 +154,36 @@ def test_a_slimmable_width_is_a_plain_network_of_its_own_channels(pipeline: Trai
     assert not any(".bn." in n for n in program.state_dict)          # only the width's own BN
 
 
+def _modules(program: torch.export.ExportedProgram, prefix: str) -> set[str]:
+    """The first name after ``prefix`` of the program's parameters under ``prefix``."""
+    return {n[len(prefix):].split(".")[0] for n in program.graph_signature.parameters
+            if n.startswith(prefix)}
+
+
 def test_an_early_exit_is_truncated_at_its_exit(pipeline: Trained, tmp_path: Path) -> None:
     out = tmp_path / "exit2.pt2"
     assert export(pipeline, "--stage", "exits", "--submodel", "exit2", "--out", str(out)) == 0
-    info = check_program(pipeline, "exits", "exit2", out)
+    info = check_program(pipeline, "exits", "exit2", out)  # params == results.json's, exactly
     model = pipeline.models["exits"]
     own = params_depended_on(model, lambda x: [model.forward_submodel(x, 1)])[0]
     head1 = sum(p.numel() for p in model.heads[0].parameters())
-    # only what exit 2 depends on: results.json's anytime count includes exit 1's head too
-    assert info["params"] == own == pipeline.results["exits"]["params"][1] - head1
-    assert info["params"] < sum(p.numel() for p in model.parameters())
+    # everything up to exit 2, exit 1's head included (anytime), though exit 2's logits skip it
+    assert info["params"] == own + head1 < sum(p.numel() for p in model.parameters())
+    program = torch.export.load(str(out))
+    assert _modules(program, "net.model.stages.") == _modules(program, "net.model.heads.") == {"0", "1"}
 
 
 def test_an_exit_on_a_timm_trunk(timm_run: Trained, tmp_path: Path) -> None:
     out = tmp_path / "timm-exit2.pt2"
     assert export(timm_run, "--submodel", "exit2", "--out", str(out)) == 0  # the only stage
-    info = check_program(timm_run, "timm", "exit2", out)
+    info = check_program(timm_run, "timm", "exit2", out)  # params == results.json's, exactly
     model = timm_run.models["timm"]
     own = params_depended_on(model, lambda x: [model.forward_submodel(x, 1)])[0]
     head1 = sum(p.numel() for p in model.heads[0].parameters())
-    assert info["params"] == own == timm_run.results["timm"]["params"][1] - head1
+    assert info["params"] == own + head1
     program = torch.export.load(str(out))
-    trunk = {n.split(".")[3] for n in program.state_dict if n.startswith("net.front.graph.")}
-    assert trunk == {"conv1", "bn1", "layer1", "layer2"}  # no layer3, layer4 nor timm's fc
+    assert _modules(program, "net.front.graph.") == {"conv1", "bn1", "layer1", "layer2"}  # no fc
+    assert _modules(program, "net.heads.") == {"0", "1"}
 
 
 def test_an_stc_student_is_exported_alone(pipeline: Trained, tmp_path: Path,
@@ -244,6 +252,15 @@ def test_safetensors_round_trip(pipeline: Trained, tmp_path: Path) -> None:
     other = tmp_path / "weights.bin"
     assert export(pipeline, "--stage", "slim", "--format", "safetensors", "--out", str(other)) == 0
     assert set(load_file(str(other))) == set(model.export_submodel(2).state_dict())
+    # an exit's state dict holds exit 1's head too: its parameters are results.json's count
+    out = tmp_path / "exit2.safetensors"
+    assert export(pipeline, "--stage", "exits", "--submodel", "exit2", "--out", str(out)) == 0
+    net = pipeline.models["exits"].export_submodel(1)
+    state = load_file(str(out))
+    assert set(state) == set(net.state_dict()) and "model.heads.0.fc.weight" in state
+    params = sum(state[name].numel() for name, _ in net.named_parameters())
+    assert params == pipeline.results["exits"]["params"][1] == json.loads(
+        out.with_suffix(".json").read_text())["params"]
 
 
 def test_refusals_exit_2_and_overwrite_nothing(pipeline: Trained, tmp_path: Path,
@@ -328,24 +345,27 @@ def test_every_width_exports_its_own_slices_and_bn(name: str) -> None:
                 torch.testing.assert_close(value, source[tuple(slice(0, s) for s in value.shape)])
 
 
-@pytest.mark.parametrize(("name", "options"), [
-    ("tiny_exits", {}),
-    ("msdnet", {"blocks": 3, "base": 1, "step": 1, "channels": 4, "growth_rate": 2}),
+@pytest.mark.parametrize(("name", "options", "heads"), [
+    ("tiny_exits", {"exits": 4}, "model.heads."),
+    ("msdnet", {"blocks": 3, "base": 1, "step": 1, "channels": 4, "growth_rate": 2}, "model.heads."),
+    ("exits", {"trunk": {"name": "resnet8"}}, "heads."),
 ])
-def test_every_exit_exports_its_front_and_its_own_head(name: str, options: dict[str, Any]) -> None:
+def test_every_exit_exports_everything_up_to_it(name: str, options: dict[str, Any],
+                                                heads: str) -> None:
     model = _randomise(kdreg.build_backbone(name, num_classes=10, **options))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    stages = model.stages if name == "tiny_exits" else model.blocks
+    counts = model.count_params()  # anytime: exit i counts heads 1..i
+    exits = len(model.heads)
     for i in range(model.num_submodels):
         net = model.export_submodel(i)
         with torch.no_grad():
             torch.testing.assert_close(net(x), model.forward_submodel(x, i), atol=1e-5, rtol=0)
-        own = sum(p.numel() for s in stages[: i + 1] for p in s.parameters())
-        assert sum(p.numel() for p in net.parameters()) == own + sum(
-            p.numel() for p in model.heads[i].parameters())
-        if name == "tiny_exits":
-            assert sum(p.numel() for p in net.parameters()) == params_depended_on(
-                model, lambda x, i=i: [model.forward_submodel(x, i)])[0]
+        assert sum(p.numel() for p in net.parameters()) == counts[i]
+        held = {n[len(heads):].split(".")[0] for n, _ in net.named_parameters() if n.startswith(heads)}
+        assert held == {str(k) for k in range(min(i + 1, exits))}  # final: every head
+    program = torch.export.export(net, (x,))  # unused heads stay in the program
+    assert sum(program.state_dict[n].numel() for n in program.graph_signature.parameters) == counts[-1]
+    assert counts == sorted(set(counts))
 
 
 def test_a_plain_network_exports_a_copy_and_its_front() -> None:

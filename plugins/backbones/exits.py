@@ -315,25 +315,34 @@ class ExitsBackbone(FlexibleBackbone):
         return self.probe(measure, input_size)
 
     def export_submodel(self, index: int) -> nn.Module:
-        """Exit ``index`` alone: the trunk's front up to its point (the trunk's
-        ``export_front``) and a copy of its own head; ``final``: the trunk's own full model."""
+        """Exit ``index`` truncated at it, as :meth:`count_params` counts it: the trunk's front
+        up to its point (the trunk's ``export_front``) and copies of heads 1..index, of which
+        only the last runs; ``final``: the trunk's own full model and copies of every head,
+        none of which runs."""
         index = self.check_index(index)
-        if index == len(self.points):
-            return self.trunk.export_submodel(self.trunk.num_submodels - 1)
-        front = self.trunk.export_front(self.points[index])
-        return ExitNetwork(front, copy.deepcopy(self.heads[index])).eval()
+        final = index == len(self.points)
+        if final:
+            front = self.trunk.export_submodel(self.trunk.num_submodels - 1)
+        else:
+            front = self.trunk.export_front(self.points[index])
+        heads = copy.deepcopy(self.heads if final else self.heads[: index + 1])
+        return ExitNetwork(front, heads, final=final).eval()
 
 
 class ExitNetwork(nn.Module):
-    """One exit as a standalone network: ``head(front(x))``."""
+    """One exit as a standalone network: ``heads[-1](front(x))``; with ``final``, ``front(x)``
+    (the trunk's own logits). The other heads are held, not run: the earlier exits' heads an
+    anytime prediction up to this exit evaluates, which its parameter count includes."""
 
-    def __init__(self, front: nn.Module, head: nn.Module):
+    def __init__(self, front: nn.Module, heads: nn.ModuleList, *, final: bool = False):
         super().__init__()
         self.front = front
-        self.head = head
+        self.heads = heads
+        self.final = final
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.front(x))
+        h = self.front(x)
+        return h if self.final else self.heads[-1](h)
 
 
 def trunk_params_up_to(trunk: FlexibleBackbone, points: Sequence[str]) -> list[int]:

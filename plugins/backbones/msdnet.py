@@ -310,8 +310,10 @@ class MSDNet(FlexibleBackbone):
         return self.probe(measure, input_size)
 
     def export_submodel(self, index: int) -> nn.Module:
-        """Exit ``index + 1`` alone: blocks 1..index + 1 and its own head (no earlier heads)."""
-        return truncated_copy(self, index)
+        """Exit ``index + 1`` truncated at it: blocks and heads 1..index + 1 (what
+        :meth:`count_params` counts); its forward runs only the exit's own head."""
+        index = self.check_index(index)
+        return truncated_copy(self, index, lambda _m, x: self.forward_exits(x, index + 1))
 
 
 def _counted(module: nn.Module, h: Tensor | Features) -> tuple[Tensor | Features, int]:

@@ -146,8 +146,10 @@ class TinyExits(FlexibleBackbone):
                                      for k in range(self.num_submodels)], input_size)
 
     def export_submodel(self, index: int) -> nn.Module:
-        """Exit ``index`` alone: the stages up to it and its own head."""
-        return truncated_copy(self, index)
+        """Exit ``index`` truncated at it: the stages and heads up to it (what
+        :meth:`count_params` counts); its forward runs only the exit's own head."""
+        index = self.check_index(index)
+        return truncated_copy(self, index, lambda _m, x: self._run(x, index, every_head=True))
 
 
 def build_tiny_slimmable(
