@@ -96,7 +96,7 @@ def build_runner(model: FlexibleBackbone, bridge: nn.Module | None, device: torc
     entry = _Entry(model, bridge)
     call: Callable[..., Any] = entry
     no_sync, ddp = None, None
-    if distributed.active():
+    if distributed.active() and any(p.requires_grad for p in entry.parameters()):
         from torch.nn.parallel import DistributedDataParallel
 
         if sync_bn:
