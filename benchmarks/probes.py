@@ -54,11 +54,9 @@ class Interleaved:
     """
 
     def __init__(self, loader: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int,
-                 others: dict[str, Callable[[], Any]], *, warmup: int, device: torch.device,
-                 around_step: Callable[[int], Any] | None = None):
+                 others: dict[str, Callable[[], Any]], *, warmup: int, device: torch.device):
         self.loader, self.batch, self.steps = loader, batch, steps
         self.others, self.warmup, self.device = others, warmup, device
-        self.around_step = around_step
         self.trainer_times: list[float] = []
         self.other_times: dict[str, list[float]] = {name: [] for name in others}
 
@@ -77,16 +75,11 @@ class Interleaved:
                 sync(self.device)
                 if step >= self.warmup:
                     self.other_times[name].append(time.perf_counter() - t0)
-            context = self.around_step(step) if self.around_step is not None else None
-            if context is not None:
-                context.__enter__()
             sync(self.device)
             t0 = time.perf_counter()
             yield self.batch
             sync(self.device)
             elapsed = time.perf_counter() - t0
-            if context is not None:
-                context.__exit__(None, None, None)
             if step >= self.warmup:
                 self.trainer_times.append(elapsed)
 
@@ -113,6 +106,29 @@ class TimedLoader:
             sync(self.device)
             self.data_times.append(time.perf_counter() - t0)
             yield item
+
+
+class WithinStep:
+    """``loader``'s first ``steps`` batches; step ``step`` (producing its batch, then the loop's
+    work on it until the next batch is asked for) runs inside ``context``."""
+
+    def __init__(self, loader: Any, steps: int, step: int, context: Any):
+        self.loader, self.steps, self.step, self.context = loader, steps, step, context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.loader)
+        for step in range(self.steps):
+            if step != self.step:
+                yield next(it)
+                continue
+            with self.context:
+                yield next(it)
 
 
 class SavedBytes:

@@ -28,7 +28,8 @@ Figures (4-width slimmable MobileNet-V1 on 32x32 inputs, CIFAR-10 classes, batch
   the whole epoch (the epoch's set-up once, the per-batch times ``len(loader)`` times).
 * ``host_syncs_per_step``: host reads of tensor data (``item``, ``tolist``, ``__bool__``,
   ``numpy``, ``nonzero``, ``cpu()`` / ``to("cpu")`` off the device, ...; a ``TorchFunctionMode``)
-  during a normal (not logging) step of the trainer; their call sites go to ``details``. On CUDA
+  during a normal (not logging) step of the trainer (its batch from ``BatchLoader``, then the
+  trainer's work on it); their call sites go to ``details``. On CUDA
   ``torch.cuda.set_sync_debug_mode`` counts the synchronisations too.
 * ``peer_ratio``: kdreg's KD step (the trainer's step; frozen ``resnet56`` teacher, ``resnet20``
   student, graph ``kd``, lam 0.9, tau 4) / torchdistill's: its ``KDLoss`` module (alpha 0.1,
@@ -66,6 +67,7 @@ from probes import (  # noqa: E402  (a sibling module of this script)
     Interleaved,
     SavedBytes,
     TimedLoader,
+    WithinStep,
     alternate,
     median,
 )
@@ -309,51 +311,39 @@ def loader_fraction(s: Settings, workdir: Path) -> Figure:
         "measured_fraction": sum(timed.data_times) / total})
 
 
+@contextlib.contextmanager
+def counting(reads: HostReads, device: torch.device, cuda_syncs: list[Any]) -> Any:
+    """Host reads counted; on CUDA also the synchronisations ``set_sync_debug_mode`` reports."""
+    with reads:
+        if device.type != "cuda":
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                cuda_syncs.extend(str(w.message) for w in caught)
+
+
 def host_syncs(s: Settings, workdir: Path) -> Figure:
     model = mobilenet(s)
-    x, y = batch(s)
-    tr = trainer(s, model, ipkd_ta_m(model.num_submodels), workdir)
+    tr = trainer(s, model, ipkd_ta_m(model.num_submodels), workdir,
+                 splits=synthetic_splits(8 * s.batch, s.size))
     counted = 2                             # a step in the middle: not the epoch's logging step
-    modes: dict[int, HostReads] = {}
-    cuda_syncs: list[Any] = []
-
-    def around(step: int) -> Any:
-        if step != counted:
-            return None
-        mode = modes.setdefault(step, HostReads())
-        if s.device.type != "cuda":
-            return mode
-        stack = contextlib.ExitStack()
-        stack.enter_context(mode)
-        cuda_syncs.extend([stack.enter_context(warnings.catch_warnings(record=True))])
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        stack.callback(torch.cuda.set_sync_debug_mode, "default")
-        return stack
-
-    loader = Interleaved(tr.train_loader, (x, y), counted + 2, {}, warmup=0, device=s.device,
-                         around_step=around)
-    with _no_sync_in(loader):
-        run_epoch(tr, loader)
-    mode = modes[counted]
-    details: dict[str, Any] = {"sites": dict(mode.sites)}
-    value = mode.count
+    reads, cuda_syncs = HostReads(), []
+    loader = WithinStep(tr.train_loader, counted + 2, counted, counting(reads, s.device, cuda_syncs))
+    run_epoch(tr, loader)
+    details: dict[str, Any] = {"sites": dict(reads.sites),
+                               "counted": f"step {counted + 1} of {counted + 2}: its batch from "
+                                          "BatchLoader, then the trainer's work on it"}
+    value = reads.count
     if s.device.type == "cuda":
-        records = cuda_syncs[0] if cuda_syncs else []
-        details["cuda_sync_warnings"] = len(records)
-        value = max(value, len(records))
+        details["cuda_sync_warnings"] = cuda_syncs
+        value = max(value, len(cuda_syncs))
     return Figure(value, details=details)
-
-
-@contextlib.contextmanager
-def _no_sync_in(loader: Interleaved) -> Any:
-    """The loader's own synchronisations (for timing) off while host reads are counted."""
-    device = loader.device
-    loader.device = torch.device("cpu")
-    try:
-        yield
-    finally:
-        loader.device = device
 
 
 def peer(s: Settings, workdir: Path) -> Figure:

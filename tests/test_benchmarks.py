@@ -95,3 +95,18 @@ def test_bad_flags_are_errors_with_a_line_each_and_nothing_written(tmp_path) -> 
                      "error: --steps 5: every time is a median of at least 20 steps "
                      "(--quick for a smoke test of fewer)"]
     assert not out.exists()
+
+
+def test_host_syncs_figure_finds_the_trainers_loss_read_on_its_logging_step(tmp_path,
+                                                                            monkeypatch) -> None:
+    import run
+
+    settings = run.Settings(device=torch.device("cpu"), batch=4, steps=1, warmup=0, size=16)
+    normal = run.host_syncs(settings, tmp_path)
+    assert normal.value == 0 and normal.details["sites"] == {}
+    within = run.WithinStep
+    monkeypatch.setattr(run, "WithinStep", lambda loader, steps, step, context:
+                        within(loader, steps, steps - 1, context))   # the last step logs
+    logging = run.host_syncs(settings, tmp_path)
+    assert logging.value >= 1
+    assert any(" at kdreg/engine/trainer.py:" in site for site in logging.details["sites"])
