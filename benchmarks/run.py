@@ -369,11 +369,14 @@ def peer(s: Settings, workdir: Path) -> Figure:
         value.backward()
         opt.step()
 
-    loader = Interleaved(tr.train_loader, (x, y), s.warmup + s.steps, {"torchdistill": theirs},
-                         warmup=s.warmup, device=s.device)
+    others = {"torchdistill": theirs, "teacher": lambda: teachers.outputs(x, None)}
+    loader = Interleaved(tr.train_loader, (x, y), s.warmup + s.steps, others, warmup=s.warmup,
+                         device=s.device)
     run_epoch(tr, loader)
     ours, other = median(loader.trainer_times), median(loader.other_times["torchdistill"])
+    teacher_s = median(loader.other_times["teacher"])
     return Figure(ours / other, details={"kdreg_step_s": ours, "torchdistill_step_s": other,
+                                         "teacher_outputs_s": teacher_s,
                                          "torchdistill_version": torchdistill.__version__})
 
 
