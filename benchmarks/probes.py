@@ -27,10 +27,14 @@ def sync(device: torch.device) -> None:
 def alternate(steps: dict[str, Callable[[], Any]], *, rounds: int, warmup: int,
               device: torch.device) -> dict[str, list[float]]:
     """Seconds of each step over ``rounds`` rounds that run every step once, in turn, after
-    ``warmup`` such rounds (side by side: the machine's load hits every step alike)."""
+    ``warmup`` such rounds (side by side: the machine's load hits every step alike). Each round
+    starts one step later than the one before, so no step always follows the same other one."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for r in range(warmup + rounds):
-        for name, fn in steps.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = steps[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
