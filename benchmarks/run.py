@@ -33,7 +33,8 @@ Figures (4-width slimmable MobileNet-V1 on 32x32 inputs, CIFAR-10 classes, batch
   ``torch.cuda.set_sync_debug_mode`` counts the synchronisations too.
 * ``peer_ratio``: kdreg's KD step (the trainer's step; frozen ``resnet56`` teacher, ``resnet20``
   student, graph ``kd``, lam 0.9, tau 4) / torchdistill's: its ``KDLoss`` module (alpha 0.1,
-  T 4, given the logits as its io dicts) in the equivalent step on the same models and batch.
+  T 4, given the logits as its io dicts) in the equivalent step on copies of the same models
+  (same weights) and the same batch.
 
 torchdistill comes with the ``bench`` extra (``pip install -e ".[bench]"``). Its declared
 requirements (numpy, pyyaml, scipy, cython) may move the installed torch; where they would, install
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -354,16 +356,19 @@ def peer(s: Settings, workdir: Path) -> Figure:
         return Figure(None, f"missing: torchdistill cannot be imported ({type(exc).__name__}: {exc}); "
                             'pip install -e ".[bench]"')
     teacher, student = kd_models(s)
+    # torchdistill's own copies (same weights): what the engine does to its models (memory
+    # format, compilation) stays kdreg's
+    their_teacher, their_student = copy.deepcopy(teacher), copy.deepcopy(student)
     loss, teachers = kd_setup(s, teacher)
     x, y = batch(s)
     tr = trainer(s, student, loss, workdir, teachers=teachers)
     kd_loss = KDLoss("fc", "output", "fc", "output", temperature=TAU, alpha=1 - LAM).to(s.device)
-    opt = sgd(student)
+    opt = sgd(their_student)
 
     def theirs() -> None:
         with torch.no_grad():
-            t_logits = teacher.forward_submodel(x, 0)
-        s_logits = student.forward_submodel(x, 0)
+            t_logits = their_teacher.forward_submodel(x, 0)
+        s_logits = their_student.forward_submodel(x, 0)
         value = kd_loss({"fc": {"output": s_logits}}, {"fc": {"output": t_logits}}, y)
         opt.zero_grad(set_to_none=True)
         value.backward()
