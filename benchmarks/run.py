@@ -1,6 +1,6 @@
 """kdreg's performance figures, every one measured side by side in one process.
 
-    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N]
+    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N] [--channels-last]
 
 Prints a table (figure, value, target, pass/fail) and writes the JSON
 ``{figure: value, ..., "targets": {...}, "passed": {...}, "notes": {...}, "details": {...},
@@ -110,6 +110,8 @@ class Settings:
     images: int = 50_000
     loader_steps: int = 40
     data: str | None = None
+    #: the trainer's ``train.channels_last`` (the trainer-based figures)
+    channels_last: bool = False
 
 
 @attrs.define
@@ -138,9 +140,11 @@ def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
-def train_config() -> TrainConfig:
+def train_config(s: Settings) -> TrainConfig:
+    """A recipe's defaults but for one epoch, SGD at lr 0.1, cosine, fp32."""
     return TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=LR, momentum=0.9, weight_decay=5e-4),
-                       schedule=ScheduleConfig(name="cosine"), device="auto", precision="fp32")
+                       schedule=ScheduleConfig(name="cosine"), device="auto", precision="fp32",
+                       channels_last=s.channels_last)
 
 
 def synthetic_splits(n: int, size: int, seed: int = 0) -> Splits:
@@ -157,7 +161,7 @@ def trainer(s: Settings, model: kdreg.FlexibleBackbone, loss: LossSettings, dire
             teachers: Teachers | None = None, splits: Splits | None = None) -> StageTrainer:
     """The engine's stage trainer, as a run builds it (no progress bar, no files written)."""
     splits = splits or synthetic_splits(2 * s.batch, s.size)
-    return StageTrainer(name="bench", model=model, splits=splits, train_cfg=train_config(), loss=loss,
+    return StageTrainer(name="bench", model=model, splits=splits, train_cfg=train_config(s), loss=loss,
                         device=s.device, seed=0, batch_size=s.batch, eval_batch_size=s.batch,
                         directory=directory, notify=lambda record: None, progress=False,
                         teachers=teachers)
@@ -494,12 +498,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         return Settings(device=device, batch=args.batch or 16, steps=args.steps or 3, warmup=1,
-                        images=2_000, loader_steps=3, data=args.data)
+                        images=2_000, loader_steps=3, data=args.data,
+                        channels_last=args.channels_last)
     return Settings(device=device, batch=args.batch or 128, steps=args.steps or 20,
-                    loader_steps=args.loader_steps, data=args.data)
+                    loader_steps=args.loader_steps, data=args.data, channels_last=args.channels_last)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="few steps on small batches: a smoke test")
@@ -509,7 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="batch size (default 128; --quick 16)")
     p.add_argument("--steps", type=int, help="timed steps per figure (at least 20; --quick 3)")
     p.add_argument("--loader-steps", type=int, default=40, help="steps of the epoch loader_fraction times")
-    args = p.parse_args(argv)
+    p.add_argument("--channels-last", action="store_true",
+                   help="the trainer with train.channels_last = true (default: the recipe default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         s = settings_from(args)
     except UserError as exc:

@@ -110,3 +110,14 @@ def test_host_syncs_figure_finds_the_trainers_loss_read_on_its_logging_step(tmp_
     logging = run.host_syncs(settings, tmp_path)
     assert logging.value >= 1
     assert any(" at kdreg/engine/trainer.py:" in site for site in logging.details["sites"])
+
+
+def test_channels_last_flag_reaches_the_trainers_config() -> None:
+    import run
+
+    def config(*flags: str):
+        args = run.parser().parse_args(["--json", "out.json", "--quick", "--device", "cpu", *flags])
+        return run.train_config(run.settings_from(args))
+
+    assert config().channels_last is False
+    assert config("--channels-last").channels_last is True
