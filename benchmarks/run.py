@@ -1,6 +1,6 @@
 """kdreg's performance figures, every one measured side by side in one process.
 
-    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N] [--channels-last]
+    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N] [--channels-last true|false]
 
 Prints a table (figure, value, target, pass/fail) and writes the JSON
 ``{figure: value, ..., "targets": {...}, "passed": {...}, "notes": {...}, "details": {...},
@@ -110,8 +110,8 @@ class Settings:
     images: int = 50_000
     loader_steps: int = 40
     data: str | None = None
-    #: the trainer's ``train.channels_last`` (the trainer-based figures)
-    channels_last: bool = False
+    #: the trainer's ``train.channels_last`` (the trainer-based figures); None: the recipe default
+    channels_last: bool | None = None
 
 
 @attrs.define
@@ -142,9 +142,10 @@ def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def train_config(s: Settings) -> TrainConfig:
     """A recipe's defaults but for one epoch, SGD at lr 0.1, cosine, fp32."""
+    layout = {} if s.channels_last is None else {"channels_last": s.channels_last}
     return TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=LR, momentum=0.9, weight_decay=5e-4),
                        schedule=ScheduleConfig(name="cosine"), device="auto", precision="fp32",
-                       channels_last=s.channels_last)
+                       **layout)
 
 
 def synthetic_splits(n: int, size: int, seed: int = 0) -> Splits:
@@ -494,14 +495,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         problems.append(f"--device {args.device}: CUDA is not available here")
     if problems:
         raise UserError(problems)
+    layout = None if args.channels_last is None else args.channels_last == "true"
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         return Settings(device=device, batch=args.batch or 16, steps=args.steps or 3, warmup=1,
                         images=2_000, loader_steps=3, data=args.data,
-                        channels_last=args.channels_last)
+                        channels_last=layout)
     return Settings(device=device, batch=args.batch or 128, steps=args.steps or 20,
-                    loader_steps=args.loader_steps, data=args.data, channels_last=args.channels_last)
+                    loader_steps=args.loader_steps, data=args.data, channels_last=layout)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -514,8 +516,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch size (default 128; --quick 16)")
     p.add_argument("--steps", type=int, help="timed steps per figure (at least 20; --quick 3)")
     p.add_argument("--loader-steps", type=int, default=40, help="steps of the epoch loader_fraction times")
-    p.add_argument("--channels-last", action="store_true",
-                   help="the trainer with train.channels_last = true (default: the recipe default)")
+    p.add_argument("--channels-last", choices=["true", "false"],
+                   help="the trainer's train.channels_last (default: the recipe default, true)")
     return p
 
 

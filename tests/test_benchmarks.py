@@ -119,5 +119,6 @@ def test_channels_last_flag_reaches_the_trainers_config() -> None:
         args = run.parser().parse_args(["--json", "out.json", "--quick", "--device", "cpu", *flags])
         return run.train_config(run.settings_from(args))
 
-    assert config().channels_last is False
-    assert config("--channels-last").channels_last is True
+    assert config().channels_last is True      # the recipe default
+    assert config("--channels-last", "false").channels_last is False
+    assert config("--channels-last", "true").channels_last is True

@@ -92,12 +92,13 @@ def _losses(directory: Path) -> list[float]:
 
 
 def test_channels_last_trains_the_same_model(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    plain = Run.start(smoke_recipe(epochs=1), tmp_path / "plain", progress=False).execute()
+    plain = Run.start(_with_train_keys(smoke_recipe(epochs=1), "channels_last = false"), tmp_path / "plain",
+                      progress=False).execute()
     run = Run.start(_with_train_keys(smoke_recipe(epochs=1, extra=" "), "channels_last = true"),
                     tmp_path / "cl", progress=False)
     cl = run.execute()
     conv = next(m for m in run.plans[0].model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[1] > 1
     assert _losses(tmp_path / "cl") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-4)
     assert cl["stages"][0]["params"] == plain["stages"][0]["params"]
 
