@@ -92,7 +92,7 @@ chain link too) with its sub-models, parameters, MACs, accuracies and the stages
 on this machine; on several nodes start torchrun yourself on every node with the same rendezvous:
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
-        --rdzv_id my-run -m kdreg run recipe.toml --out /shared/runs/my-run
+        --rdzv_id my-run -m kdreg run recipe.toml --out /mnt/team/runs/my-run
 
 (`--out` on a file system every node sees; rank 0 alone writes there). The training is PyTorch's
 DistributedDataParallel: NCCL on CUDA (each process on `cuda:LOCAL_RANK`), gloo on the CPU.

@@ -65,12 +65,15 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
 def test_a_two_process_run_writes_one_set_of_files_and_resumes_under_torchrun(
         smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     recipe = smoke_recipe(epochs=2)
+    recipe.write_text(recipe.read_text().replace("log_interval = 2", 'log_interval = 2\nloggers = ["jsonl", "csv"]'))
     full = tmp_path / "full"
     proc = _kdreg("run", str(recipe), "--out", str(full), "--nproc", "2")
     assert proc.returncode == 0, _why(proc)
-    assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.toml", "results.json"]
+    assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "metrics-student.csv", "metrics.jsonl",
+                                                      "recipe.toml", "results.json"]
     lines = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]          # one line per epoch: rank 0 alone writes
+    assert len((full / "metrics-student.csv").read_text().splitlines()) == 3   # header + 2 epochs
     results = json.loads((full / "results.json").read_text())
     assert results["finished"] and len(results["stages"]) == 1
     assert proc.stdout.count("stage student") <= 2        # the console speaks once, not per process

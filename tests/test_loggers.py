@@ -233,16 +233,3 @@ def test_bad_loggers_are_recipe_errors(tmp_path: Path, capsys: pytest.CaptureFix
     path.write_text(RECIPE.format(epochs=1, loggers=f"loggers = {json.dumps(loggers)}"))
     assert main(["validate", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: {expected}\n"
-
-
-def test_only_rank_0_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = recipe(tmp_path, ["jsonl", "csv"], epochs=1)
-    monkeypatch.setenv("RANK", "1")
-    other = tmp_path / "rank1"
-    Run.start(path, other, progress=False).execute()
-    assert (other / "results.json").is_file()
-    assert not (other / "metrics.jsonl").exists() and not list(other.glob("*.csv"))
-    monkeypatch.setenv("RANK", "0")
-    first = tmp_path / "rank0"
-    Run.start(path, first, progress=False).execute()
-    assert len(jsonl(first)) == 2 and len(csv_rows(first, "student")[1]) == 1
