@@ -23,14 +23,19 @@ from kdreg.engine.assemble import DataShape, assemble
 from kdreg.engine.run import Run
 from kdreg.engine.step import stage_backward
 from kdreg.hookspecs import hookimpl
+from kdreg.stages import freeze
 
 
 def step_gradients(recipe_path: str) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
-    """The gradients of one step of the recipe's first stage on its first batch, and the number
-    of all-reduces of each gradient bucket (empty in one process)."""
+    """The gradients of one step of the recipe's last stage on its first batch (its model's and
+    its bridge's; earlier stages frozen as they were built), and the number of all-reduces of each
+    gradient bucket (empty in one process)."""
     run = Run.start(recipe_path, Path("unused-run-dir"), progress=False)
     splits = load_data(run.recipe.data)
-    plan = assemble(run.recipe, DataShape.of(splits), seed=run.recipe.seed)[0].to(run.device)
+    plans = [p.to(run.device) for p in assemble(run.recipe, DataShape.of(splits), seed=run.recipe.seed)]
+    for earlier in plans[:-1]:
+        freeze(earlier.model)
+    plan = plans[-1]
     trainer = run._trainer(plan, splits)
     reduced: Counter[int] = Counter()
     if trainer.runner.ddp is not None:
@@ -39,12 +44,14 @@ def step_gradients(recipe_path: str) -> tuple[dict[str, torch.Tensor], dict[int,
             return default_hooks.allreduce_hook(state, bucket)
 
         trainer.runner.ddp.register_comm_hook(None, counting)
-    plan.model.eval()     # running statistics: the same gradients for any split of the batch
+    for module in plan.modules():
+        module.eval()     # running statistics: the same gradients for any split of the batch
     trainer.train_loader.set_epoch(0)
     x, y = next(iter(trainer.train_loader))
     trainer.optimizer.zero_grad(set_to_none=True)
-    stage_backward(trainer.runner, x, y, trainer.loss)
-    grads = {n: p.grad.detach().clone() for n, p in plan.model.named_parameters() if p.grad is not None}
+    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers, trainer.bridge)
+    grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in enumerate(plan.modules())
+             for n, p in m.named_parameters() if p.grad is not None}
     return grads, dict(reduced)
 
 

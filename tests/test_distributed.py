@@ -41,13 +41,31 @@ def _kdreg(*args: str) -> subprocess.CompletedProcess[str]:
                           env=_env(), cwd=ROOT, timeout=240)
 
 
-@pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits"])
+STC = """
+[[stages]]
+name = "teacher"
+backbone = "wrn16_2"
+[[stages]]
+name = "stc"
+backbone = "resnet8"
+graph = { name = "kd", teacher = "teacher" }
+bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 0.5 }
+"""
+
+
+@pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits", "stc"])
 def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tmp_path: Path,
                                                                 backbone: str) -> None:  # type: ignore[no-untyped-def]
     """Each process takes half of the global batch; after the step's all-reduce every gradient
-    (every width's BatchNorm parameters included) is the one-process gradient of the whole batch,
-    and each gradient bucket was all-reduced once per step, not once per width."""
-    recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
+    (every width's BatchNorm parameters included; an STC bridge's adapter too) is the
+    one-process gradient of the whole batch, and each gradient bucket was all-reduced once per
+    step, not once per width."""
+    if backbone == "stc":   # a student through a frozen teacher's back part, + KD from it
+        recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
+        text = recipe.read_text()
+        recipe.write_text(text[:text.index("[[stages]]")] + STC)
+    else:
+        recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
     proc = _torchrun(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
     assert proc.returncode == 0, _why(proc)
     two = torch.load(tmp_path / "grads.pt", weights_only=False)
@@ -57,6 +75,8 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
     bn = [n for n in one if ".bn." in n or "bn" in n.split(".")[-2]]
     if backbone == "tiny_slimmable":
         assert len(bn) >= 8  # per-width BatchNorm parameters are among the compared gradients
+    if backbone == "stc":
+        assert any(n.startswith("1.adapter.") for n in one)   # the bridge's own parameters
     for name, g in one.items():
         torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]

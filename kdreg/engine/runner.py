@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.bridge import Bridge
 from kdreg.engine import distributed
 from kdreg.errors import UserError
 
@@ -29,16 +30,21 @@ class Runner:
 
     def __init__(self, model: FlexibleBackbone, call: Callable[..., Any],
                  no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                 ddp: nn.Module | None = None):
+                 ddp: nn.Module | None = None, bridge: Bridge | None = None):
         self.model = model
+        self.bridge = bridge
         self._call = call                    # call(x, kind, arg) -> the model's output
         self._no_sync = no_sync
         #: the DistributedDataParallel module under torchrun (None in one process)
         self.ddp = ddp
 
     @classmethod
-    def plain(cls, model: FlexibleBackbone) -> Runner:
-        return cls(model, _Entry(model))
+    def plain(cls, model: FlexibleBackbone, bridge: Bridge | None = None) -> Runner:
+        return cls(model, _Entry(model, bridge), bridge=bridge)
+
+    @property
+    def has_bridge(self) -> bool:
+        return self.bridge is not None
 
     @property
     def num_submodels(self) -> int:
@@ -61,6 +67,12 @@ class Runner:
         out: tuple[list[Tensor], Tensor] = self._call(x, "stages", list(points))
         return out
 
+    def forward_bridge(self, x: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """The student's logits and its bridge's term (the bridge runs inside the same forward,
+        so that under DDP its own parameters are reduced with the model's)."""
+        out: tuple[Tensor, Tensor] = self._call(x, "bridge", batch)
+        return out
+
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         """Backward passes in this context accumulate gradients without all-reducing them."""
         return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
@@ -74,7 +86,7 @@ class _Entry(nn.Module):
     """One ``forward`` for the three calls, as DistributedDataParallel needs (its reducer is
     prepared in ``forward``). The bridge is held so its own parameters are replicated too."""
 
-    def __init__(self, model: FlexibleBackbone, bridge: nn.Module | None = None):
+    def __init__(self, model: FlexibleBackbone, bridge: Bridge | None = None):
         super().__init__()
         self.model = model
         self.bridge = bridge
@@ -84,10 +96,15 @@ class _Entry(nn.Module):
             return self.model(x)
         if kind == "submodel":
             return self.model.forward_submodel(x, arg)
+        if kind == "bridge":
+            if self.bridge is None:
+                raise TypeError("forward_bridge needs a runner built with the stage's bridge")
+            feats, logits = self.model.forward_stages(x, [self.bridge.student_split])
+            return logits, self.bridge(feats[0], arg)
         return self.model.forward_stages(x, arg)
 
 
-def build_runner(model: FlexibleBackbone, bridge: nn.Module | None, device: torch.device, *,
+def build_runner(model: FlexibleBackbone, bridge: Bridge | None, device: torch.device, *,
                  sync_bn: bool = False, compile: bool = False, compile_backend: str = "inductor",
                  say: Callable[[str], None] | None = None) -> Runner:
     """The runner of a stage: DDP under torchrun (with SyncBatchNorm when ``sync_bn``), compiled
@@ -111,7 +128,7 @@ def build_runner(model: FlexibleBackbone, bridge: nn.Module | None, device: torc
         call, no_sync = ddp, ddp.no_sync
     if compile:
         call = _compiled(call, compile_backend, say)
-    return Runner(model, call, no_sync, ddp)
+    return Runner(model, call, no_sync, ddp, bridge)
 
 
 def _compiled(fn: Callable[..., Any], backend: str, say: Callable[[str], None]) -> Callable[..., Any]:
