@@ -88,18 +88,26 @@ class Interleaved:
                 self.trainer_times.append(elapsed)
 
 
-class TimedLoader:
-    """``loader``'s first ``steps`` batches, with the seconds each took to produce."""
+class FirstSteps:
+    """``loader``'s first ``steps`` batches (its other attributes are the loader's)."""
 
-    def __init__(self, loader: Any, steps: int, device: torch.device):
-        self.loader, self.steps, self.device = loader, steps, device
-        self.data_times: list[float] = []
+    def __init__(self, loader: Any, steps: int):
+        self.loader, self.steps = loader, steps
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)
 
     def __len__(self) -> int:
         return self.steps
+
+
+class TimedLoader(FirstSteps):
+    """``loader``'s first ``steps`` batches, with the seconds each took to produce."""
+
+    def __init__(self, loader: Any, steps: int, device: torch.device):
+        super().__init__(loader, steps)
+        self.device = device
+        self.data_times: list[float] = []
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.loader)
@@ -112,18 +120,13 @@ class TimedLoader:
             yield item
 
 
-class WithinStep:
+class WithinStep(FirstSteps):
     """``loader``'s first ``steps`` batches; step ``step`` (producing its batch, then the loop's
     work on it until the next batch is asked for) runs inside ``context``."""
 
     def __init__(self, loader: Any, steps: int, step: int, context: Any):
-        self.loader, self.steps, self.step, self.context = loader, steps, step, context
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return self.steps
+        super().__init__(loader, steps)
+        self.step, self.context = step, context
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.loader)
