@@ -25,14 +25,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_precision(spec: str, device: torch.device, where: str = "recipe.train.precision") -> torch.dtype | None:
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32). ``auto``: bf16 on CUDA, fp32 on CPU. ``fp16``
     needs CUDA (it trains with a gradient scaler there); on the CPU it is an error."""
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if spec == "fp16" and device.type != "cuda":
         raise UserError(f"precision 'fp16' needs a CUDA device (this run is on {device}); use 'bf16' "
-                        f"or 'fp32' on the CPU @ {where}")
+                        "or 'fp32' on the CPU @ recipe.train.precision")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
 
 

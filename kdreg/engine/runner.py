@@ -2,7 +2,7 @@
 compiled with ``torch.compile``.
 
 A :class:`Runner` offers the three calls a step makes (every sub-model, one sub-model, the
-features at split points with the logits) and ``no_sync()``, the context in which a backward pass
+logits with the bridge's term) and ``no_sync()``, the context in which a backward pass
 only accumulates gradients. Under torchrun the calls go through one ``DistributedDataParallel``
 module, so gradients are all-reduced by PyTorch's own reducer: once per step, in the last backward
 of the step (a multi-pass model runs its other sub-models under ``no_sync``), every width's
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,10 +43,6 @@ class Runner:
         return cls(model, _Entry(model, bridge), bridge=bridge)
 
     @property
-    def has_bridge(self) -> bool:
-        return self.bridge is not None
-
-    @property
     def num_submodels(self) -> int:
         return self.model.num_submodels
 
@@ -63,10 +59,6 @@ class Runner:
         out: Tensor = self._call(x, "submodel", index)
         return out
 
-    def forward_stages(self, x: Tensor, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
-        out: tuple[list[Tensor], Tensor] = self._call(x, "stages", list(points))
-        return out
-
     def forward_bridge(self, x: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
         """The student's logits and its bridge's term (the bridge runs inside the same forward,
         so that under DDP its own parameters are reduced with the model's)."""
@@ -78,8 +70,14 @@ class Runner:
         return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
 
 
-def as_runner(model: FlexibleBackbone | Runner) -> Runner:
-    return model if isinstance(model, Runner) else Runner.plain(model)
+def as_runner(model: FlexibleBackbone | Runner, bridge: Bridge | None = None) -> Runner:
+    """``model`` itself when it is a runner (holding ``bridge`` when one is asked for); else a
+    plain runner of the model (and ``bridge``)."""
+    if isinstance(model, Runner):
+        if bridge is None or model.bridge is not None:
+            return model
+        model = model.model
+    return Runner.plain(model, bridge)
 
 
 class _Entry(nn.Module):
@@ -96,12 +94,10 @@ class _Entry(nn.Module):
             return self.model(x)
         if kind == "submodel":
             return self.model.forward_submodel(x, arg)
-        if kind == "bridge":
-            if self.bridge is None:
-                raise TypeError("forward_bridge needs a runner built with the stage's bridge")
-            feats, logits = self.model.forward_stages(x, [self.bridge.student_split])
-            return logits, self.bridge(feats[0], arg)
-        return self.model.forward_stages(x, arg)
+        if self.bridge is None:
+            raise TypeError("forward_bridge needs a runner built with the stage's bridge")
+        feats, logits = self.model.forward_stages(x, [self.bridge.student_split])
+        return logits, self.bridge(feats[0], arg)
 
 
 def build_runner(model: FlexibleBackbone, bridge: Bridge | None, device: torch.device, *,

@@ -152,12 +152,8 @@ def bridge_backward(
 ) -> StepOutput:
     """One forward of a one-sub-model student that also yields its features at the bridge's split;
     ``alpha * L_bridge + (1 - alpha) * L_graph``, one backward."""
-    if isinstance(model, Runner):
-        run = model if model.has_bridge else Runner.plain(model.model, bridge)
-    else:
-        run = Runner.plain(model, bridge)
     with autocast(x.device, loss.dtype):
-        logits, term = run.forward_bridge(x, BridgeBatch(y, teacher_logits, loss.tau))
+        logits, term = as_runner(model, bridge).forward_bridge(x, BridgeBatch(y, teacher_logits, loss.tau))
     graph_loss = distillation_loss([logits], y, loss.graph, lam=loss.lam, tau=loss.tau,
                                    divergence=loss.divergence, external=external)
     total = bridge.alpha * term + (1.0 - bridge.alpha) * graph_loss

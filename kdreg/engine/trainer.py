@@ -80,13 +80,16 @@ class StageTrainer:
         return eval_loader(self.splits, part, self.eval_batch_size, self.device)
 
     # ------------------------------------------------------------------ checkpoints
+    def _save(self, filename: str, **content: Any) -> None:
+        """Write ``checkpoints/<stage>/<filename>``: rank 0 alone (the others read it after a barrier)."""
+        if distributed.is_main():
+            checkpoint.save(self.checkpoint_dir / filename, stage=self.name, **content)
+
     def save_last(self) -> None:
-        if not distributed.is_main():
-            return
-        checkpoint.save(self.checkpoint_dir / "last.pt", stage=self.name, model=self.model.state_dict(),
-                        optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
-                        rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
-                        bridge=self.bridge.state_dict() if self.bridge is not None else None)
+        self._save("last.pt", model=self.model.state_dict(),
+                   optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
+                   rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
+                   bridge=self.bridge.state_dict() if self.bridge is not None else None)
 
     def resume(self) -> None:
         data = checkpoint.load(self.checkpoint_dir / "last.pt")
@@ -115,9 +118,7 @@ class StageTrainer:
             improved = mean_val is not None and (not self.state.best_val or mean_val > _mean(self.state.best_val))
             if improved or not has_val:
                 self.state.best_epoch, self.state.best_val = epoch + 1, val
-                if distributed.is_main():
-                        checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=epoch + 1,
-                                    model=self.model.state_dict())
+                self._save("best.pt", epoch=epoch + 1, model=self.model.state_dict())
             record = {"stage": self.name, "epoch": epoch + 1, **train, "val_accuracy": val,
                       "mean_val_accuracy": mean_val, "best_epoch": self.state.best_epoch,
                       "seconds": round(time.perf_counter() - t0, 3)}
@@ -198,9 +199,7 @@ class StageTrainer:
         val = evaluate(self.model, self.eval_loader("val"), device=self.device,
                        dtype=self.loss.dtype) if has_val else []
         self.state = StageState(epoch=0, best_epoch=0, best_val=val)
-        if distributed.is_main():
-            checkpoint.save(self.checkpoint_dir / "best.pt", stage=self.name, epoch=0,
-                            model=self.model.state_dict())
+        self._save("best.pt", epoch=0, model=self.model.state_dict())
         return self.state
 
 
