@@ -24,22 +24,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from kdreg.engine.distributed import is_main
 from kdreg.hookspecs import hookimpl
 
 JSONL_FILE = "metrics.jsonl"
 CSV_FILE = "metrics-{stage}.csv"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def rank_zero() -> bool:
-    """False in a process of a distributed run that is not rank 0 (``RANK`` set, not ``"0"``)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def file_part(stage: str) -> str:
@@ -188,13 +183,13 @@ def _start(run: Any) -> _RunLoggers:
 
 @hookimpl
 def kdreg_run_started(run: Any) -> None:
-    if rank_zero():
+    if is_main():
         _start(run)
 
 
 @hookimpl(tryfirst=True)   # before plugins that may stop the run (Ctrl-C in another plugin)
 def kdreg_epoch_finished(run: Any, stage: str, record: dict[str, Any]) -> None:
-    if not rank_zero():
+    if not is_main():
         return
     state = _runs.get(str(run.directory)) or _start(run)
     first = stage not in state.started
