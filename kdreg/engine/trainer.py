@@ -18,6 +18,7 @@ from kdreg.bridge import Bridge
 from kdreg.data import BatchLoader, Splits
 from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
+from kdreg.engine.host_memory import keep_freed_memory
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
 from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
@@ -58,6 +59,8 @@ class StageTrainer:
 
     def __attrs_post_init__(self) -> None:
         s, cfg = self.splits, self.train_cfg
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
