@@ -237,3 +237,66 @@ def _call_site() -> str:
         if REPO in path.parents and path.parent.name != "benchmarks":
             return f"{path.relative_to(REPO)}:{frame.lineno}"
     return "outside the repository"
+
+
+# ------------------------------------------------------------------------------ kernel classes
+KERNEL_CLASSES = ("pointwise conv", "depthwise conv", "other conv", "batch norm + relu", "the rest")
+_NORM_RELU = ("batch_norm", "threshold_backward", "relu", "clamp_min")
+
+
+def conv_class(weight_shape: list[int] | tuple[int, ...]) -> str:
+    """``pointwise conv`` (1x1), ``depthwise conv`` (one input channel per group, k > 1) or
+    ``other conv``, from a conv's weight shape (out, in / groups, kh, kw)."""
+    if list(weight_shape[2:]) == [1, 1]:
+        return "pointwise conv"
+    return "depthwise conv" if weight_shape[1] == 1 else "other conv"
+
+
+def kernel_class(name: str, input_shapes: list[Any]) -> str:
+    """The class of a profiled CPU op (its name and input shapes): convolutions by their weight
+    (forward ops take it second, ``convolution_backward`` third), then batch norm and ReLU
+    (forward and backward), then everything else."""
+    if "convolution" in name:
+        weight = input_shapes[2] if "backward" in name else input_shapes[1]
+        if len(weight) == 4:
+            return conv_class(weight)
+    if any(part in name for part in _NORM_RELU):
+        return "batch norm + relu"
+    return "the rest"
+
+
+def kernel_seconds(fn: Callable[[], Any], rounds: int) -> dict[str, float]:
+    """Seconds of the CPU's own work per call of ``fn``, by :data:`KERNEL_CLASSES` (the
+    profiler's self times, ``rounds`` calls; one call first, unprofiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(rounds):
+            fn()
+    out = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    for event in prof.key_averages(group_by_input_shape=True):
+        out[kernel_class(event.key, event.input_shapes)] += event.self_cpu_time_total / 1e6 / rounds
+    return out
+
+
+def conv_macs(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str, int]:
+    """Multiply-accumulates of every ``Conv2d`` in ``model`` during ``run()``, by conv class
+    (one sample: output elements x input channels per group x kernel area)."""
+    macs: dict[str, int] = {}
+
+    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        depthwise = module.groups > 1 and module.groups == module.in_channels  # (a slimmable one too)
+        per_group = 1 if depthwise else args[0].shape[1] // module.groups
+        kh, kw = module.kernel_size
+        cls = conv_class((out.shape[1], per_group, kh, kw))
+        macs[cls] = macs.get(cls, 0) + out[0].numel() * per_group * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return macs

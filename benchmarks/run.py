@@ -65,17 +65,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import (  # noqa: E402  (a sibling module of this script)
+    KERNEL_CLASSES,
     HostReads,
     Interleaved,
     SavedBytes,
     TimedLoader,
     WithinStep,
     alternate,
+    conv_macs,
+    kernel_seconds,
     median,
 )
 
 import kdreg  # noqa: E402
 from kdreg.data import BatchLoader, Splits, TensorSet, channel_stats  # noqa: E402
+from kdreg.engine.host_memory import keep_freed_memory  # noqa: E402
 from kdreg.engine.step import LossSettings, Teachers, multi_pass_backward  # noqa: E402
 from kdreg.engine.trainer import StageTrainer  # noqa: E402
 from kdreg.errors import UserError  # noqa: E402
@@ -241,9 +245,35 @@ def width_and_distill(s: Settings) -> tuple[Figure, Figure]:
     details["images_per_second"] = {k: s.batch / v for k, v in m.items()}
     macs = model.count_macs((s.size, s.size))
     details["mac_ratio"] = sum(macs) / macs[-1]
+    if s.device.type == "cpu":
+        details["breakdown"] = width_breakdown(model, x, y, rounds=max(2, s.steps // 4))
     return (Figure(m["ipkd-ta-m"] / m["full"], details=details),
             Figure(m["ipkd-ta-m"] / m["none"], details={k: details[k] for k in
                                                           ("ipkd-ta-m_step_s", "none_step_s")}))
+
+
+def width_breakdown(model: kdreg.FlexibleBackbone, x: torch.Tensor, y: torch.Tensor,
+                    rounds: int) -> dict[str, dict[str, Any]]:
+    """Where the width cost goes (CPU): each width's forward and backward (CE) profiled, the CPU
+    time of each kernel class per width (smallest first), the class's time summed over the widths
+    / its time at full width, and the same ratio of its MACs (convolutions)."""
+    n = model.num_submodels
+    seconds, macs = [], []
+    for i in range(n):
+        def width(i: int = i) -> None:
+            F.cross_entropy(model.forward_submodel(x, i), y).backward()
+        seconds.append(kernel_seconds(width, rounds))
+        macs.append(conv_macs(model, lambda i=i: model.forward_submodel(x, i)))
+    model.zero_grad(set_to_none=True)
+    out: dict[str, dict[str, Any]] = {}
+    for cls in [*KERNEL_CLASSES, "all"]:
+        per_width = [sum(t.values()) if cls == "all" else t[cls] for t in seconds]
+        row: dict[str, Any] = {"ms_per_width": [round(1e3 * t, 2) for t in per_width],
+                               "time_ratio": sum(per_width) / per_width[-1] if per_width[-1] else None}
+        if macs[-1].get(cls):
+            row["mac_ratio"] = sum(m.get(cls, 0) for m in macs) / macs[-1][cls]
+        out[cls] = row
+    return out
 
 
 def activation_memory(s: Settings) -> Figure:
@@ -393,6 +423,8 @@ def peer(s: Settings, workdir: Path) -> Figure:
 # ------------------------------------------------------------------------------ report
 def measure(s: Settings) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
+    if s.device.type == "cpu":
+        keep_freed_memory()  # as a CPU training stage does, for every figure alike
     with tempfile.TemporaryDirectory(prefix="kdreg-bench-") as tmp:
         work = Path(tmp)
         jobs: list[tuple[tuple[str, ...], Callable[[], Any]]] = [
@@ -433,6 +465,8 @@ def machine(s: Settings) -> dict[str, Any]:
         info["load_average"] = os.getloadavg()
     if s.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(s.device)
+    else:
+        info["host_memory_kept"] = keep_freed_memory()
     return info
 
 
@@ -474,6 +508,22 @@ def table(result: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"{k}: {v}" for k, v in result["notes"].items()]
+    return "\n".join(lines)
+
+
+def breakdown_table(result: dict[str, Any]) -> str:
+    """The width cost by kernel class (empty when it was not measured)."""
+    rows = result["details"].get("width_cost_ratio", {}).get("breakdown")
+    if not rows:
+        return ""
+    span = 7 * len(next(iter(rows.values()))["ms_per_width"]) - 1
+    lines = ["width_cost_ratio by kernel class (CPU ms per width, smallest first; summed / full width):",
+             f"  {'class':18s} {'ms per width':>{span}s}  {'time':>5s}  {'MACs':>5s}"]
+    for cls, row in rows.items():
+        ms = " ".join(f"{t:6.1f}" for t in row["ms_per_width"])
+        time_ratio = "-" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
+        mac = f"{row['mac_ratio']:.2f}" if "mac_ratio" in row else "-"
+        lines.append(f"  {cls:18s} {ms:>{span}s}  {time_ratio:>5s}  {mac:>5s}")
     return "\n".join(lines)
 
 
@@ -533,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = report(measure(s), s)
     print(table(result))
+    if breakdown := breakdown_table(result):
+        print(breakdown)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from probes import HostReads, Interleaved, SavedBytes  # noqa: E402
+from probes import HostReads, Interleaved, SavedBytes, conv_macs, kernel_class, kernel_seconds  # noqa: E402
 
 FIGURES = ("overhead_ratio", "width_cost_ratio", "distill_cost_ratio", "activation_memory_ratio",
            "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step", "peer_ratio")
@@ -60,6 +60,46 @@ def test_interleaved_runs_the_other_step_between_two_steps_of_the_loop() -> None
 
 
 @pytest.mark.timeout(300)
+def test_conv_macs_counts_each_conv_class_by_hand() -> None:
+    """8x8 input: a 3x3 conv 3->16 (16*64 outputs x 3*9), a depthwise 3x3 on 16 channels with
+    stride 2 (16*16 outputs x 9), a 1x1 conv 16->32 (32*16 outputs x 16)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
+                              torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
+                              torch.nn.Conv2d(16, 32, 1))
+    macs = conv_macs(net, lambda: net(torch.randn(5, 3, 8, 8)))
+    assert macs == {"other conv": 16 * 64 * 27, "depthwise conv": 16 * 16 * 9, "pointwise conv": 32 * 16 * 16}
+
+
+def test_conv_macs_of_a_slimmable_width_count_its_channels_only() -> None:
+    import kdreg
+
+    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=10)
+    full = conv_macs(model, lambda: model.forward_submodel(torch.randn(1, 3, 32, 32), 3))
+    quarter = conv_macs(model, lambda: model.forward_submodel(torch.randn(1, 3, 32, 32), 0))
+    assert sum(full.values()) + 10 * 1024 == model.count_macs((32, 32))[3]   # the classifier's
+    assert sum(quarter.values()) + 10 * 256 == model.count_macs((32, 32))[0]
+    assert quarter["depthwise conv"] * 4 == full["depthwise conv"]          # channels x 1/4
+
+
+def test_kernel_seconds_puts_each_op_in_its_class() -> None:
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    pointwise, depthwise = torch.randn(8, 8, 1, 1), torch.randn(8, 1, 3, 3)
+    bn = torch.nn.BatchNorm2d(8)
+
+    def step() -> None:
+        h = torch.nn.functional.conv2d(x, pointwise)
+        h = torch.nn.functional.conv2d(h, depthwise, padding=1, groups=8)
+        bn(h).relu().sum().backward()
+
+    seconds = kernel_seconds(step, rounds=2)
+    assert all(seconds[c] > 0 for c in ("pointwise conv", "depthwise conv", "batch norm + relu", "the rest"))
+    assert seconds["other conv"] == 0
+    assert kernel_class("aten::convolution_backward", [[4, 8, 16, 16], [4, 8, 16, 16], [8, 1, 3, 3]]) \
+        == "depthwise conv"
+    assert kernel_class("aten::native_batch_norm_backward", [[4, 8, 16, 16]]) == "batch norm + relu"
+    assert kernel_class("aten::add_", [[8], [8]]) == "the rest"
+
+
 def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--json", str(out),
@@ -82,6 +122,12 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert 0 < result["loader_fraction"] < 1
     assert result["machine"]["torch"] == torch.__version__
     assert result["targets"]["overhead_ratio"] == "<= 1.05"
+    assert result["machine"]["host_memory_kept"] is True
+    rows = result["details"]["width_cost_ratio"]["breakdown"]   # where the width cost goes
+    assert rows["pointwise conv"]["mac_ratio"] == pytest.approx(1.875)      # 1/16 + 1/4 + 9/16 + 1
+    assert rows["depthwise conv"]["mac_ratio"] == pytest.approx(2.5)
+    assert all(len(r["ms_per_width"]) == 4 and r["time_ratio"] > 1 for r in rows.values())
+    assert "by kernel class" in proc.stdout
 
 
 def test_bad_flags_are_errors_with_a_line_each_and_nothing_written(tmp_path) -> None:
