@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,19 +266,32 @@ def kernel_class(name: str, input_shapes: list[Any]) -> str:
     return "the rest"
 
 
-def kernel_seconds(fn: Callable[[], Any], rounds: int) -> dict[str, float]:
-    """Seconds of the CPU's own work per call of ``fn``, by :data:`KERNEL_CLASSES` (the
-    profiler's self times, ``rounds`` calls; one call first, unprofiled)."""
-    from torch.profiler import ProfilerActivity, profile
+class KernelTimes(TorchDispatchMode):
+    """Seconds spent inside the CPU's aten ops while active, by :data:`KERNEL_CLASSES` (each op
+    timed around its own call: forward and the backward the autograd engine runs in this thread;
+    no profiler, whose buffers would grow the heap while it measures)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = dict.fromkeys(KERNEL_CLASSES, 0.0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - t0
+        shapes = [list(a.shape) if isinstance(a, torch.Tensor) else [] for a in args]
+        self.seconds[kernel_class(func.__name__, shapes)] += elapsed
+        return out
+
+
+def kernel_seconds(fn: Callable[[], Any], rounds: int) -> dict[str, float]:
+    """Seconds per call of ``fn`` inside each class of CPU ops (:class:`KernelTimes`), over
+    ``rounds`` calls after one untimed call."""
     fn()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with KernelTimes() as times:
         for _ in range(rounds):
             fn()
-    out = dict.fromkeys(KERNEL_CLASSES, 0.0)
-    for event in prof.key_averages(group_by_input_shape=True):
-        out[kernel_class(event.key, event.input_shapes)] += event.self_cpu_time_total / 1e6 / rounds
-    return out
+    return {cls: t / rounds for cls, t in times.seconds.items()}
 
 
 def conv_macs(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str, int]:
