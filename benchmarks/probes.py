@@ -254,7 +254,7 @@ def conv_class(weight_shape: list[int] | tuple[int, ...]) -> str:
 
 
 def kernel_class(name: str, input_shapes: list[Any]) -> str:
-    """The class of a profiled CPU op (its name and input shapes): convolutions by their weight
+    """The class of a CPU op (its name and input shapes): convolutions by their weight
     (forward ops take it second, ``convolution_backward`` third), then batch norm and ReLU
     (forward and backward), then everything else."""
     if "convolution" in name:

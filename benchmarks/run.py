@@ -254,8 +254,8 @@ def width_and_distill(s: Settings) -> tuple[Figure, Figure]:
 
 def width_breakdown(model: kdreg.FlexibleBackbone, x: torch.Tensor, y: torch.Tensor,
                     rounds: int) -> dict[str, dict[str, Any]]:
-    """Where the width cost goes (CPU): each width's forward and backward (CE) profiled, the CPU
-    time of each kernel class per width (smallest first), the class's time summed over the widths
+    """Where the width cost goes (CPU): each width's forward and backward (CE) timed op by op
+    (:class:`probes.KernelTimes`), the time of each kernel class per width (smallest first), the class's time summed over the widths
     / its time at full width, and the same ratio of its MACs (convolutions)."""
     n = model.num_submodels
     seconds, macs = [], []

@@ -4,7 +4,7 @@ By default glibc gives freed blocks of more than a few megabytes back to the ope
 maps fresh pages for the next allocation, which the kernel must fault in and zero page by page. A
 CPU training step allocates and frees its activations and gradients (tens of megabytes each) every
 step, so it pays that again each step: on slimmable MobileNet-V1 at batch 128 about 70,000 page
-faults, a third of a full-width step. :func:`keep_freed_memory` tells malloc to keep freed memory
+faults, a quarter to a third of a full-width step. :func:`keep_freed_memory` tells malloc to keep freed memory
 in the process and serve the next step from it; the process's resident memory then stays at its
 peak until it exits.
 
