@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from ddp_driver import step_gradients  # noqa: E402
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"    # a process that aborts prints its Python stack
     return env
 
 
@@ -30,10 +32,27 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)
 
 
+def _torchrun_step(*args: str) -> subprocess.CompletedProcess[str]:
+    """``_torchrun`` of a run that writes nothing but its output file, started once more if a
+    process died of SIGABRT (once in CI a worker of this run aborted without a Python error; a few
+    hundred starts here never did). A failure of kdreg's own comes back on the second start and
+    fails the test; the first start's abort is reported as a warning, with its output."""
+    proc = _torchrun(*args)
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr:
+        warnings.warn(f"a torchrun worker aborted; started again. Its output:\n{_why(proc)}", stacklevel=2)
+        proc = _torchrun(*args)
+    return proc
+
+
+WHY = ("[rank", "Error", "error", "terminate", "what()", "Fatal Python", "File \"", "Signal", "signal")
+
+
 def _why(proc: subprocess.CompletedProcess[str]) -> str:
-    """The processes' own error lines (torchrun's summary alone says little)."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("[rank") or "Error" in line]
-    return "\n".join(lines[-40:]) or _why(proc)
+    """The processes' own error lines, C++ aborts and Python stacks among them (torchrun's
+    summary alone says little); the end of stderr when none is there."""
+    lines = proc.stderr.splitlines()
+    picked = [line for line in lines if any(mark in line for mark in WHY)]
+    return "\n".join((picked or lines)[-60:])
 
 
 def _kdreg(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +85,7 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
         recipe.write_text(text[:text.index("[[stages]]")] + STC)
     else:
         recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
-    proc = _torchrun(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
+    proc = _torchrun_step(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
     assert proc.returncode == 0, _why(proc)
     two = torch.load(tmp_path / "grads.pt", weights_only=False)
     one, reduced = step_gradients(str(recipe))
