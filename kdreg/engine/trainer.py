@@ -20,6 +20,7 @@ from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
+from kdreg.engine.pointwise import guard_convs
 from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import KdregError
@@ -59,11 +60,12 @@ class StageTrainer:
 
     def __attrs_post_init__(self) -> None:
         s, cfg = self.splits, self.train_cfg
+        trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
         if self.device.type == "cpu":
             keep_freed_memory()
+            guard_convs(trained)   # strided 1x1 convs of few channels: around a broken oneDNN kernel
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
         self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
         world = distributed.world_size()
         self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size // world,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone, segment_range
 from kdreg.engine.optim import NoDecayKind, no_decay_kind  # one rule, the engine's
+from kdreg.engine.pointwise import pointwise_conv2d
 from kdreg.errors import OptionError
 
 DEFAULT_WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
@@ -164,7 +165,8 @@ class SlimmableConv2d(nn.Conv2d, SlimmableMixin):
         weight = corner(self.weight, cout, None if self.depthwise else cin)
         bias = corner(self.bias, cout) if self.bias is not None else None
         groups = cin if self.depthwise else 1
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        # a strided 1x1 conv of few channels avoids oneDNN's broken AVX2 weight-gradient kernel
+        return pointwise_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def params_at(self, index: int) -> int:
         i = self.check_width(index)
