@@ -118,8 +118,11 @@ either; `"fp16"` needs CUDA and trains with a gradient scaler (on the CPU it is 
 losses are always computed in fp32 from the upcast logits. `channels_last = true` trains in the
 channels-last memory format; `compile = true` compiles the model's forward with `torch.compile`
 (when compilation fails the run says so and trains without it). Optimizers use the fused kernels
-on CUDA and the multi-tensor ones elsewhere. A training step reads nothing from the device: the
-loss and accuracy stay there and are read once per `log_interval` steps.
+on CUDA and the multi-tensor ones elsewhere. On the CPU a strided 1x1 convolution of fewer than
+8 input channels (a slimmable ResNet's narrowest shortcut) runs as a subsample then a stride-1
+convolution: the same numbers, but never oneDNN's AVX2 kernel for its weight gradient, which
+gets them wrong, or hangs, on CPUs without AVX-512. A training step reads nothing from the
+device: the loss and accuracy stay there and are read once per `log_interval` steps.
 
 This file is generated from the recipe classes (`python -m kdreg.recipe_docs > docs/recipes.md`);
 a test fails when it is out of date.
