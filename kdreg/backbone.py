@@ -35,6 +35,10 @@ class FlexibleBackbone(nn.Module):
     #: Number of input channels and the input resolution the model was built for.
     in_chans: int = 3
     input_size: tuple[int, int] = (32, 32)
+    #: The per-channel mean and std (of images in [0, 1]) this model's weights expect, e.g. a
+    #: pretrained model's ``pretrained_cfg``; None: the data set's statistics (a model trained here).
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     @property
     def num_submodels(self) -> int:
