@@ -176,7 +176,7 @@ def stage_problems(name: str, model: FlexibleBackbone) -> list[str]:
 
 def evaluate_run(directory: Path, stage: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The anytime curve of ``stage`` (default: the last trained one) of the run in ``directory``."""
-    from kdreg.data import load_data
+    from kdreg.data.loading import load_data
     from kdreg.engine.device import resolve_precision
     from kdreg.engine.run import Run
     from kdreg.engine.trainer import eval_loader

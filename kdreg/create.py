@@ -13,7 +13,6 @@ from typing import Any
 
 from kdreg.backbone import FlexibleBackbone, backbone_problems
 from kdreg.bridge import Bridge
-from kdreg.data import check_image_data
 from kdreg.errors import RecipeError, UserError
 from kdreg.graph import TeacherGraph
 from kdreg.options import bind, call, stage_refs
@@ -33,14 +32,17 @@ def create(
     refs: Resolver | None = None,
     registry: Registry | None = None,
     name_key: str | None = None,
+    result: tuple[str, Callable[[Any, str], Any]] | None = None,
 ) -> Any:
     """Build the registered ``kind`` called ``name`` from ``options`` plus the ``provided`` values.
 
     ``path`` is the recipe key of the table (``recipe.stages.student.graph``); ``refs`` resolves
     options annotated as :class:`kdreg.StageRef` (without it, as from Python, the factory gets the
-    names as given); ``name_key`` is the key of the name (default ``path.name``).
+    names as given); ``name_key`` is the key of the name (default ``path.name``); ``result`` is
+    (what the factory must return, its check) for a kind without one in :data:`RESULTS` (the data
+    layer checks its own sources: a malformed one raises :class:`kdreg.errors.DataError`).
     Raises :class:`kdreg.errors.RecipeError` (or :class:`UnknownNameError`) with one line per
-    problem; a dataset whose images are malformed raises :class:`kdreg.errors.DataError`.
+    problem.
     """
     registry = registry or get_registry(kind)
     name_key = name_key or f"{path}.name"
@@ -51,7 +53,7 @@ def create(
     if refs is not None:
         _resolve(kwargs, stage_refs(entry.factory, options), refs)
     built = call(entry.factory, kwargs, path=path)
-    expected, check = RESULTS[kind]
+    expected, check = result or RESULTS[kind]
     who = f"{kind} {name!r} of plugin {entry.plugin!r} ({entry.distribution})"
     try:
         return check(built, name)
@@ -110,5 +112,4 @@ RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "backbone": ("a kdreg.FlexibleBackbone (an nn.Module)", _check_backbone),
     "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
     "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
-    "dataset": ("a kdreg.data.ImageData", check_image_data),  # raises DataError, line by line
 }

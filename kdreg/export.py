@@ -60,7 +60,7 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
     Refuses (:class:`UserError`) an unknown stage or label, a stage without selected weights or
     results, and an existing ``out`` or JSON file unless ``force``. Everything runs on the CPU.
     """
-    from kdreg.data import load_data
+    from kdreg.data.loading import load_data
     from kdreg.engine.run import Run
     from kdreg.rundirs import is_repeat, seed_dirs
 

@@ -23,7 +23,8 @@ import torch
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.create import create
-from kdreg.data import Splits, read_data
+from kdreg.data.loading import read_data
+from kdreg.data.splits import Splits
 from kdreg.engine import checkpoint
 from kdreg.errors import CheckpointError, RecipeError, UserError
 from kdreg.graph import TeacherGraph, parse_external_node

@@ -11,7 +11,8 @@ from typing import Any
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
-from kdreg.data import Splits, load_data
+from kdreg.data.loading import load_data
+from kdreg.data.splits import Splits
 from kdreg.engine import checkpoint, distributed
 from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
 from kdreg.engine.device import grad_scaler, resolve_device, resolve_precision

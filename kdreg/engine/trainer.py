@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
-from kdreg.data import BatchLoader, Splits
+from kdreg.data.batches import BatchLoader
+from kdreg.data.splits import Splits
 from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory

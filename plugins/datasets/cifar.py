@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdreg.data import ImageData, channel_stats
+from kdreg.data.sources import ImageData, channel_stats
 from kdreg.errors import DataError
 
 # name -> (torchvision class, folder under root, files torchvision expects there)

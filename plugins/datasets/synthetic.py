@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdreg.data import ImageData, channel_stats
+from kdreg.data.sources import ImageData, channel_stats
 from kdreg.errors import OptionError
 
 
