@@ -39,6 +39,10 @@ class FlexibleBackbone(nn.Module):
     #: pretrained model's ``pretrained_cfg``; None: the data set's statistics (a model trained here).
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    #: Where the model's pretrained weights come from (a timm model and tag, a weights file); None
+    #: for a model initialised at random. A stage whose model has them may have ``epochs = 0``
+    #: without ``init``: it is evaluated (and may teach later stages), not trained.
+    pretrained: str | None = None
 
     @property
     def num_submodels(self) -> int:
