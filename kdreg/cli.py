@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["pt2", "safetensors"],
                      help="pt2: a torch.export program; safetensors: the state dict (default: from FILE's suffix, else pt2)")
     exp.add_argument("--force", action="store_true", help="overwrite FILE and its .json")
+    trust_help = ("read checkpoints that are not weights-only (e.g. written by an earlier kdreg) with Python's "
+                  "full unpickler: only for files you trust, it lets them run any code")
+    for command in (run, val, ev, exp):
+        command.add_argument("--trust-checkpoints", action="store_true", help=trust_help)
     for command in sub.choices.values():   # --debug after the command too: `kdreg run --debug ...`
         # SUPPRESS: when it is not given there, the top-level flag stays as it is
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -134,6 +138,7 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
         forwarded = ["run", args.recipe, "--out", str(out), *(f"--set={o}" for o in overrides)]
     forwarded += ["--no-progress"] if args.no_progress else []
     forwarded += ["--debug"] if args.debug else []
+    forwarded += ["--trust-checkpoints"] if args.trust_checkpoints else []
     return launch(args.nproc, forwarded)
 
 
@@ -307,7 +312,10 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "l
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kdreg.engine.checkpoint import trust_checkpoints
+
     args = _parser().parse_args(argv)
+    trust_checkpoints(getattr(args, "trust_checkpoints", False))
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kdreg.data import ImageData, cache_dir, channel_stats
+from kdreg.data.sources import ImageData, cache_dir, channel_stats
 from kdreg.errors import DataError, OptionError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -33,10 +33,16 @@ MODES = {"RGB": 3, "L": 1}
 CACHE_VERSION = 1
 EXTRACTED_MARKER = ".kdreg-extracted"
 LAYOUT = "train/<class>/*.jpg and test/<class>/*.jpg"
+#: PIL's own default limit on the pixels of one image (decompression bombs).
+MAX_IMAGE_PIXELS = 89_478_485
 
 
-def load_image_folder(root: Path, *, mode: str = "RGB", use_cache: bool = True) -> ImageData:
-    """The images under ``root`` (a folder, or an archive of one), decoded or from the cache."""
+def load_image_folder(root: Path, *, mode: str = "RGB", use_cache: bool = True,
+                      max_image_pixels: int = MAX_IMAGE_PIXELS) -> ImageData:
+    """The images under ``root`` (a folder, or an archive of one), decoded or from the cache.
+
+    An image of more than ``max_image_pixels`` pixels is refused before it is decoded.
+    """
     if mode not in MODES:
         raise OptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
     folder = resolve_root(Path(root).expanduser())
@@ -46,7 +52,7 @@ def load_image_folder(root: Path, *, mode: str = "RGB", use_cache: bool = True) 
         cached = _read_cache(folder, key, mode)
         if cached is not None:
             return cached
-    data = decode(folder, files, classes, mode)
+    data = decode(folder, files, classes, mode, max_image_pixels)
     if use_cache:
         _write_cache(folder, key, mode, data)
     return data
@@ -255,8 +261,28 @@ def _pil_decode(path: Path, mode: str) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _decode_one(path: Path, mode: str, fast: Callable[[Path], Tensor] | None) -> Tensor:
-    """One image as uint8 ``[C, H, W]`` in ``mode`` (RGB or L)."""
+def check_image_size(path: Path, limit: int) -> None:
+    """Refuse ``path`` if its header declares more than ``limit`` pixels (read before decoding,
+    so a decompression bomb never reaches a decoder)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # this check replaces PIL's warning with an error of ours
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    if width * height > limit:
+        raise DataError(f"image {path} has {width}x{height} = {width * height:,} pixels, more than "
+                        f"the limit of {limit:,} (a decompression bomb?); if it is genuine, raise "
+                        f"data.options.max_image_pixels @ recipe.data.options.max_image_pixels")
+
+
+def _decode_one(path: Path, mode: str, fast: Callable[[Path], Tensor] | None,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
+    """One image as uint8 ``[C, H, W]`` in ``mode`` (RGB or L), at most ``max_pixels`` pixels."""
+    check_image_size(path, max_pixels)
     if fast is not None:
         try:
             image = fast(path)
@@ -268,15 +294,15 @@ def _decode_one(path: Path, mode: str, fast: Callable[[Path], Tensor] | None) ->
 
 
 def decode(folder: Path, files: dict[str, list[Entry]], classes: tuple[str, ...],
-           mode: str = "RGB") -> ImageData:
+           mode: str = "RGB", max_image_pixels: int = MAX_IMAGE_PIXELS) -> ImageData:
     """Decode every image; all must have the same size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's decoders
-        return _decode_all(folder, files, classes, mode)
+        return _decode_all(folder, files, classes, mode, max_image_pixels)
 
 
 def _decode_all(folder: Path, files: dict[str, list[Entry]], classes: tuple[str, ...],
-                mode: str) -> ImageData:
+                mode: str, max_image_pixels: int) -> ImageData:
     fast = _torchvision_decoder(mode)
     first: tuple[str, tuple[int, ...]] | None = None
     tensors: dict[str, tuple[Tensor, Tensor]] = {}
@@ -284,7 +310,7 @@ def _decode_all(folder: Path, files: dict[str, list[Entry]], classes: tuple[str,
         entries = files[split]
         out: Tensor | None = None
         for i, (rel, *_) in enumerate(entries):
-            image = _decode_one(folder / rel, mode, fast)
+            image = _decode_one(folder / rel, mode, fast, max_image_pixels)
             if first is None:
                 first = (rel, tuple(image.shape))
             if tuple(image.shape) != first[1]:
