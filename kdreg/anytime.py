@@ -29,6 +29,7 @@ from torch import Tensor
 from kdreg.backbone import FlexibleBackbone
 from kdreg.engine.device import autocast
 from kdreg.errors import UserError
+from kdreg.normalise import normalise
 
 #: MSDNet's budget parameters (``p = 1/20 .. 39/20``), between the two ends ``0`` and ``inf``.
 GRID: tuple[float, ...] = (0.0, *(i / 20 for i in range(1, 40)), math.inf)
@@ -156,7 +157,7 @@ def exit_logits(model: FlexibleBackbone, batches: Iterable[tuple[Tensor, Tensor]
     logits, labels = [], []
     for x, y in batches:
         with autocast(device, dtype):
-            outs = model(x)
+            outs = model(normalise(model, x))
         logits.append(torch.stack([o.float() for o in outs]).cpu())
         labels.append(y.cpu())
     return torch.cat(logits, dim=1), torch.cat(labels)

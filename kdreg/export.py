@@ -8,7 +8,8 @@ reproduces the sub-model's logits, and writes
 
 - ``.pt2``: a ``torch.export`` program (load it with ``torch.export.load``; kdreg is not needed)
   that takes float images in [0, 1], ``[B, C, H, W]`` with any batch size, normalises them with
-  the data's mean and std and returns the logits ``[B, num_classes]``;
+  the model's own mean and std (those it was trained or pretrained with: the data set's, or a
+  pretrained configuration's; :mod:`kdreg.normalise`) and returns the logits ``[B, num_classes]``;
 - ``.safetensors`` (``fmt="safetensors"``): the network's state dict, without the normalisation;
 
 and a JSON file of the same stem beside it (:func:`describe`).
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone, count_macs
 from kdreg.errors import ExportError, UserError
+from kdreg.normalise import input_stats
 
 FORMATS = ("pt2", "safetensors")
 FORMAT = "kdreg-export-1"
@@ -105,13 +107,14 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
         raise UserError(f"stage {stage!r} has no sub-model {label!r}; its sub-models: "
                         f"{', '.join(labels)}")
     index = labels.index(label)
-    net = standalone(model, index, splits.mean, splits.std)
-    info = describe(net, model, index, result, classes=splits.classes, mean=splits.mean,
-                    std=splits.std, fmt=fmt)
+    mean, std = input_stats(model) or (splits.mean, splits.std)  # the model's own statistics
+    net = standalone(model, index, mean, std)
+    info = describe(net, model, index, result, classes=splits.classes, mean=mean, std=std,
+                    fmt=fmt)
     info.update(file=out.name, run=str(run.directory), recipe=run.recipe.name, stage=stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pt2":
-        program = to_program(Normalised(net, splits.mean, splits.std).eval(),
+        program = to_program(Normalised(net, mean, std).eval(),
                              (model.in_chans, *model.input_size))
         _atomic(out, lambda tmp: torch.export.save(program, tmp))
     else:

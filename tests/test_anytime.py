@@ -146,10 +146,11 @@ def saved_logits(directory: Path, part: str) -> tuple[torch.Tensor, torch.Tensor
     model = build_backbone("tiny_exits", num_classes=10, input_size=(8, 8))
     checkpoint.load_weights(model, directory / "checkpoints" / "student" / "best.pt")
     model.eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (splits.mean, splits.std))
     outs, ys = [], []
     with torch.no_grad():
-        for x, y in eval_loader(splits, part, 100, torch.device("cpu")):
-            outs.append(torch.stack(model(x)))
+        for x, y in eval_loader(splits, part, 100, torch.device("cpu")):  # in [0, 1]
+            outs.append(torch.stack(model((x - mean) / std)))
             ys.append(y)
     return torch.cat(outs, dim=1), torch.cat(ys)
 

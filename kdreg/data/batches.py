@@ -23,10 +23,11 @@ def _reflect_table(size: int, pad: int) -> Tensor:
 
 
 class BatchLoader:
-    """Batches of one set, normalised (and augmented when training) on ``device``.
+    """Batches of one set, scaled (and augmented when training) on ``device``.
 
     The uint8 images move to ``device`` once. Each iteration yields ``(x, y)``: x float32
-    ``[B, C, H, W]`` normalised with ``mean``/``std``, y int64 ``[B]``. With ``train=True`` each
+    ``[B, C, H, W]`` in [0, 1] (the engine's batches: each model normalises its own input), or
+    normalised with ``mean``/``std`` when given; y int64 ``[B]``. With ``train=True`` each
     epoch has its own permutation and augmentation (``padding``-pixel reflect-pad random crop,
     horizontal flip with p = 0.5), all drawn from a CPU generator seeded with
     ``kdreg.streams.stream_seed(seed, epoch)`` (no epoch of one seed is an epoch of another);
@@ -37,8 +38,9 @@ class BatchLoader:
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                 train: bool, seed: int, drop_last: bool | None = None, padding: int = 4,
+                 device: torch.device | str, train: bool, seed: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 drop_last: bool | None = None, padding: int = 4,
                  rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
@@ -50,6 +52,8 @@ class BatchLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         chans, height, width = images.shape[1:]
+        mean = (0.0,) * chans if mean is None else mean
+        std = (1.0,) * chans if std is None else std
         if len(mean) != chans or len(std) != chans:
             raise ValueError(f"mean and std need {chans} values, got {len(mean)} and {len(std)}")
         self.device = torch.device(device)

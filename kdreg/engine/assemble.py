@@ -20,6 +20,7 @@ import attrs
 import numpy as np
 import torch
 
+from kdreg import normalise
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.create import create
@@ -37,15 +38,19 @@ from kdreg.streams import init_seed
 
 @attrs.frozen
 class DataShape:
-    """What the models are built for: the class count and the images' channels and size."""
+    """What the models are built for: the class count, the images' channels and size, and the
+    data set's statistics (what a model trained here is fed, :mod:`kdreg.normalise`; None when
+    unknown, as for a declared shape)."""
 
     num_classes: int
     in_chans: int = 3
     input_size: tuple[int, int] = (32, 32)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @classmethod
     def of(cls, splits: Splits) -> DataShape:
-        return cls(splits.num_classes, splits.in_chans, splits.input_size)
+        return cls(splits.num_classes, splits.in_chans, splits.input_size, splits.mean, splits.std)
 
     def provided(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "in_chans": self.in_chans,
@@ -145,6 +150,7 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     model = create("backbone", stage.backbone.name, stage.backbone.options,
                    provided=shape.provided(), path=f"{path}.backbone", refs=backbone_ref)
     model.in_chans, model.input_size = shape.in_chans, shape.input_size
+    normalise.attach(model, shape.mean, shape.std)
     if stage.init is not None:
         try:
             checkpoint.load_weights(model, stage.init)
@@ -238,7 +244,8 @@ def validation_shape(recipe: Recipe) -> tuple[DataShape | None, str]:
     try:
         data = read_data(attrs.evolve(recipe.data, download=False))  # validation never downloads
         _, chans, h, w = data.train_images.shape
-        return DataShape(len(data.classes), int(chans), (int(h), int(w))), "the data's shape"
+        return (DataShape(len(data.classes), int(chans), (int(h), int(w)), data.mean, data.std),
+                "the data's shape")
     except UserError as exc:
         why = exc.problems[0] if exc.problems else "unreadable"
     registry = get_registry("dataset")

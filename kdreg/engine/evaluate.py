@@ -10,6 +10,7 @@ from torch import Tensor
 from kdreg.backbone import FlexibleBackbone
 from kdreg.engine import distributed
 from kdreg.engine.device import autocast
+from kdreg.normalise import normalise
 
 
 @torch.no_grad()
@@ -21,6 +22,7 @@ def evaluate(
     dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Top-1 accuracy (percent) of each sub-model, smallest first; one read from the device.
+    ``batches`` are unnormalised; the model is fed them with its own statistics (:mod:`kdreg.normalise`).
 
     Under torchrun every process evaluates its shard of ``batches`` and the counts are summed."""
     was_training = model.training
@@ -30,6 +32,7 @@ def evaluate(
     seen = torch.zeros((), dtype=torch.long, device=device)
     try:
         for x, y in batches:
+            x = normalise(model, x)
             with autocast(device, dtype):
                 if model.single_pass:
                     outs = model(x)

@@ -23,6 +23,7 @@ from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.engine import distributed
 from kdreg.errors import UserError
+from kdreg.normalise import normalise
 
 
 class Runner:
@@ -90,6 +91,7 @@ class _Entry(nn.Module):
         self.bridge = bridge
 
     def forward(self, x: Tensor, kind: str, arg: Any) -> Any:  # noqa: D102
+        x = normalise(self.model, x)
         if kind == "all":
             return self.model(x)
         if kind == "submodel":

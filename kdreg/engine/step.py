@@ -15,6 +15,7 @@ from kdreg.engine.device import autocast
 from kdreg.engine.runner import Runner, as_runner
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss, submodel_loss
+from kdreg.normalise import normalise
 
 
 @attrs.frozen
@@ -131,12 +132,13 @@ class Teachers:
         out: dict[tuple[str, int], Tensor] = {}
         for stage, indices in self.wanted.items():
             model = self.models[stage]
+            xs = normalise(model, x)     # each frozen model with its own statistics
             with autocast(x.device, dtype):
                 if model.single_pass and len(indices) > 1:
-                    every = model(x)
+                    every = model(xs)
                     logits = {i: every[i] for i in indices}
                 else:
-                    logits = {i: model.forward_submodel(x, i) for i in indices}
+                    logits = {i: model.forward_submodel(xs, i) for i in indices}
             out.update({(stage, i): a.float() for i, a in logits.items()})
         return out
 

@@ -70,7 +70,7 @@ class StageTrainer:
         self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
         world = distributed.world_size()
         self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size // world,
-                                        mean=s.mean, std=s.std, device=self.device, train=True, seed=self.seed,
+                                        device=self.device, train=True, seed=self.seed,
                                         rank=distributed.rank(), world_size=world)
         if len(self.train_loader) == 0:
             raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
@@ -210,9 +210,10 @@ class StageTrainer:
 
 
 def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device) -> BatchLoader:
-    """Fixed-order, unaugmented batches of ``splits.<part>`` (``val`` or ``test``) on ``device``."""
+    """Fixed-order, unaugmented batches of ``splits.<part>`` (``val`` or ``test``) on ``device``,
+    unnormalised (each model normalises its own input)."""
     ts = getattr(splits, part)
-    return BatchLoader(ts.images, ts.labels, batch_size=batch_size, mean=splits.mean, std=splits.std,
+    return BatchLoader(ts.images, ts.labels, batch_size=batch_size,
                        device=device, train=False, seed=0, rank=distributed.rank(),
                        world_size=distributed.world_size())
 
