@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 import sys
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -349,6 +350,10 @@ def _drop_none(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- ranges
+#: Run and stage names become folder and file names (``runs/<name>-<time>``,
+#: ``checkpoints/<stage>/``): nothing in them may lead out of the run directory.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
 def check_ranges(raw: Mapping[str, Any]) -> list[str]:
     """Values of the raw recipe outside their documented range, as ``what @ recipe.path`` lines.
 
@@ -360,6 +365,12 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
     names: list[str] = [s["name"] for s in stages if isinstance(s.get("name"), str)]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"stage name {name!r} is used more than once @ recipe.stages")
+    named = [("run name", raw.get("name"), "recipe.name")] + [
+        ("stage name", s.get("name"), f"recipe.stages[{i}].name") for i, s in enumerate(stages)]
+    for what, name, where in named:
+        if isinstance(name, str) and not SAFE_NAME.fullmatch(name):
+            problems.append(f"{what} {name!r} names a folder of the run directory: use letters, "
+                            f"digits, '_', '-' and '.', not first, and no '/' or '\\' @ {where}")
     if not raw.get("stages"):
         problems.append("a recipe needs at least one [[stages]] table @ recipe.stages")
     train = _table(raw, "train")

@@ -336,3 +336,51 @@ def test_the_image_pixel_limit_is_an_option(tmp_path: Path) -> None:
         builtin.imagefolder(root=root, use_cache=False, max_image_pixels=63)
     data = builtin.imagefolder(root=root, use_cache=False, max_image_pixels=64)
     assert len(data.train_labels) == 2
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+ESCAPE = SMOKE.replace('name = "smoke"', 'name = "../../escaped"').replace(
+    'name = "student"', 'name = "a/../../../stage"')
+
+
+def test_names_cannot_lead_out_of_the_run_directory(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The run's and the stages' names become folder names; none may leave the run directory."""
+    recipe = tmp_path / "work" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(ESCAPE)
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "run name '../../escaped' names a folder of the run directory" in err and "@ recipe.name" in err
+    assert "stage name 'a/../../../stage' names a folder" in err and "@ recipe.stages[0].name" in err
+    cwd = os.getcwd()
+    os.chdir(recipe.parent)
+    try:
+        assert main(["run", str(recipe), "--no-progress"]) == 2
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("work"), Path("work/r.toml")]
+
+
+def test_no_recipe_string_reaches_a_shell() -> None:
+    """kdreg starts one kind of process (torchrun, an argument list, no shell) and evaluates no
+    string as code: a recipe's strings can name files and plugins, never run a command."""
+    import ast
+
+    found = []
+    for path in sorted([*(ROOT / "kdreg").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            where = f"{path.relative_to(ROOT)}:{node.lineno} {func}"
+            if func in ("eval", "exec", "os.system", "os.popen", "compile") or func.startswith("os.exec"):
+                found.append(where)
+            if func.startswith("subprocess."):
+                shell = [k for k in node.keywords if k.arg == "shell"]
+                if shell or not node.args or isinstance(node.args[0], ast.Constant | ast.JoinedStr):
+                    found.append(where)
+                else:
+                    found.append(f"{path.relative_to(ROOT)} {func}")
+    assert found == ["kdreg/engine/launch.py subprocess.call"], found
