@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from kdreg.recipe import (
+    AugmentConfig,
     DataConfig,
     OptimizerConfig,
     Recipe,
@@ -23,6 +24,7 @@ from kdreg.recipe import (
 SECTIONS = [
     ("Top level", "", Recipe),
     ("`[data]`", "data.", DataConfig),
+    ("`[data.augment]`", "data.augment.", AugmentConfig),
     ("`[train]`", "train.", TrainConfig),
     ("`[train.optimizer]`", "train.optimizer.", OptimizerConfig),
     ("`[train.schedule]`", "train.schedule.", ScheduleConfig),
@@ -59,10 +61,10 @@ changed. Its outputs are computed once per batch, on the same augmented batch th
   the teachers' averaged soft targets).
 - `graph = { name = "cohort", teacher = "heads" }`: taught by every output of a frozen multi-exit
   stage (K heads and the main output), each with weight 1/(K+1): EKD (ekd-thesis eq. 4.6-4.7).
-  The thesis's reference code sums the K+1 terms instead of averaging them; kdreg follows the
-  equation. The thesis writes its weight `alpha` on the distillation side (eq. 4.7) and on the CE
-  side (eq. 4.5); here `lam` always weighs distillation, so the thesis's `alpha = 0.1` on CE is
-  `lam = 0.9`.
+  The thesis's `alpha` weighs distillation (eq. 2.4, eq. 4.7 and its code; only eq. 4.5 puts it
+  on CE), as `lam` does here: its `alpha = 0.1` is `lam = 0.1`. Its code sums one
+  `alpha * KD + (1 - alpha) * CE` per cohort member instead of averaging the KD terms: K+1 times
+  the equation's loss, the same balance of KD and CE. kdreg follows the equation.
 - `backbone = { name = "exits", trunk = "teacher", freeze_trunk = true, head = "flatten_linear" }`
   with `graph = "none"`: EKD's heads, trained on labels on the frozen teacher's features (the
   trunk runs once per batch for every head).
