@@ -384,3 +384,18 @@ def test_no_recipe_string_reaches_a_shell() -> None:
                 else:
                     found.append(f"{path.relative_to(ROOT)} {func}")
     assert found == ["kdreg/engine/launch.py subprocess.call"], found
+
+
+def test_a_malicious_timm_weights_file_is_refused(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """What a built-in plugin loads is read weights-only too: timm's ``pretrained_file``."""
+    marker, evil = tmp_path / "marker", tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": Payload(marker)}, evil)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TEACHER.format(init="").replace('init = ""\n', "").replace(
+        '{ name = "resnet8" }', f'{{ name = "timm", model = "resnet18", pretrained_file = "{evil}" }}'))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "posix.system" in err and str(evil) in err, err
+    assert "@ recipe.stages.teacher.backbone.pretrained_file" in err
+    assert not marker.exists()
