@@ -73,8 +73,9 @@ changed. Its outputs are computed once per batch, on the same augmented batch th
   front part up to `student_split` feeds the frozen teacher's back part from `teacher_split` (an
   adapter, 1x1 conv + BN and resampling, joins other shapes); the stage trains on
   `alpha * CE(O_c, target) + (1 - alpha) * L_graph`, where `target` is `output` (the teacher's
-  softmax), `soft` (at temperature `tau`, times `tau^2`) or `label`. With a `kd` graph on the same
-  teacher this is STC "+KD". Gradients flow through the teacher's back part into the student; the
+  softmax), `hard` (the teacher's argmax: the paper's Table 5 calls its output-tensor target a
+  hard target), `soft` (the softmax at temperature `tau`, times `tau^2`) or `label` (the ground
+  truth). With a `kd` graph on the same teacher this is STC "+KD". Gradients flow through the teacher's back part into the student; the
   teacher's weights never change; inference uses the student alone.
 - `chain = ["resnet110", "resnet20", "resnet8"]` (instead of `backbone` and `graph`): a TAKD
   chain. It expands into one stage per link, named `<chain>_<backbone>`; the first link is trained

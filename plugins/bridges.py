@@ -7,11 +7,18 @@ network's output ``O_c`` is compared with the teacher's own output ``O_t``::
 
     L_STC = CE(O_c, target)        L = alpha * L_STC + (1 - alpha) * L_graph
 
-``target`` (stc Table 5): ``output``, the softmax of the teacher's logits (the paper's default);
-``soft``, the teacher's softmax at temperature ``tau``, compared at ``tau`` and scaled by
-``tau^2`` as in Hinton's KD; ``label``, the ground truth. The teacher's parameters never change and
-are in no optimizer, but the gradient of ``L_STC`` flows through the teacher's back part into the
-student's front part; the adapter is trained with the student.
+``target`` (stc Table 5's columns): the paper's default target is the teacher's "output tensor"
+``O_t``, which it reads two ways, so kdreg offers both:
+
+- ``output``: the softmax of the teacher's logits, ``CE(O_c, softmax(O_t))`` (sec. 3.3: "the
+  cross-entropy between the predictions from collaboration and teacher networks");
+- ``hard``: the teacher's predicted class, ``CE(O_c, argmax(O_t))`` (Table 5's caption calls the
+  output-tensor target "the hard target").
+
+The paper's other two columns: ``soft``, the teacher's softmax at temperature ``tau``, compared at
+``tau`` and scaled by ``tau^2`` as in Hinton's KD; ``label``, the ground truth. The teacher's
+parameters never change and are in no optimizer, but the gradient of ``L_STC`` flows through the
+teacher's back part into the student's front part; the adapter is trained with the student.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from kdreg.losses import cross_entropy, kd_loss
 from kdreg.options import StageRef
 from kdreg.stages import TeacherStage
 
-Target = Literal["output", "soft", "label"]
+Target = Literal["output", "hard", "soft", "label"]
 
 
 class Resample(nn.Module):
@@ -86,6 +93,8 @@ class STCBridge(Bridge):
         collab = self._stage.model.forward_back(self.adapter(features), self.teacher_split)
         if self.target == "label":
             return cross_entropy(collab, batch.labels)
+        if self.target == "hard":
+            return cross_entropy(collab, batch.teacher_logits.detach().argmax(-1))
         tau = batch.tau if self.target == "soft" else 1.0
         return kd_loss(collab, batch.teacher_logits.detach(), tau=tau, divergence="ce")
 
@@ -105,7 +114,9 @@ def _split(model: FlexibleBackbone, split: str, key: str, whose: str) -> str:
 def build_stc(*, student: FlexibleBackbone, teacher: StageRef, student_split: str,
               teacher_split: str, alpha: float = 0.3, target: Target = "output") -> STCBridge:
     """Student-teacher collaboration: the student's front part through the frozen teacher's back
-    part (stc.md); ``alpha`` weighs its term against the teacher-graph loss."""
+    part (stc eq. 1-5); ``alpha`` weighs its term against the teacher-graph loss; ``target`` is
+    ``output`` (the teacher's softmax), ``hard`` (its argmax), ``soft`` (its softmax at ``tau``)
+    or ``label`` (the ground truth)."""
     if not 0.0 <= alpha <= 1.0:
         raise OptionError(f"alpha must be in [0, 1], got {alpha}", key="alpha")
     if not isinstance(teacher, TeacherStage):

@@ -183,8 +183,18 @@ def test_stc_recipes_use_the_papers_setting(path: Path) -> None:
     assert student.bridge.to_dict() == {"name": "stc", "teacher": "teacher", "student_split": "layer2",
                                         "teacher_split": "layer2", "alpha": alpha, "target": "output"}
     classes = {"cifar10": 10, "cifar100": 100}[dataset]
-    assert "layer2" in kdreg.build_backbone(student_backbone, num_classes=classes).split_points()
-    assert "layer2" in kdreg.build_backbone(teacher_backbone, num_classes=classes).split_points()
+    s_model = kdreg.build_backbone(student_backbone, num_classes=classes)
+    t_model = kdreg.build_backbone(teacher_backbone, num_classes=classes)
+    assert "layer2" in s_model.split_points() and "layer2" in t_model.split_points()
+    # the features at the split match but for WRN-16-1 <- WRN-16-2 (32 vs 64 channels), the one
+    # pair with an adapter; the recipe's comment says which
+    s_shape, t_shape = s_model.feature_shapes()["layer2"], t_model.feature_shapes()["layer2"]
+    adapter = (student_backbone, teacher_backbone) == ("wrn16_1", "wrn16_2")
+    assert (s_shape != t_shape) == adapter and s_shape[1:] == t_shape[1:] == (16, 16)
+    comment = " ".join(line[2:] for line in path.read_text().splitlines() if line.startswith("# "))
+    assert ("adapter takes the student's 32 channels to the teacher's 64" in comment) == adapter
+    assert ("so no adapter" in comment) != adapter
+    assert "target=hard" in comment
     if variant == ["stc", "kd"]:
         assert student.graph.to_dict() == {"name": "kd", "teacher": "teacher"}
         assert (student.lam, student.tau, student.divergence) == (0.9, 4.0, "kl")

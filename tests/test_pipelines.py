@@ -369,6 +369,74 @@ def test_stc_targets(tmp_path: Path, target: str) -> None:
     torch.testing.assert_close(value, expected)
 
 
+def test_stc_hard_target_is_ce_against_the_teachers_argmax(tmp_path: Path) -> None:
+    """``target = "hard"`` (stc Table 5: the output-tensor target as a hard target): the value is
+    the mean of -log softmax(O_c)[argmax O_t], written out here with a gather, and alpha = 1 gives
+    the student's front and the adapter that loss's gradients, through the teacher's back part."""
+    torch.manual_seed(0)
+    plans = stc_plan(tmp_path, 'bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 1.0, target = "hard" }')
+    teacher, plan = plans[0].model, plans[1]
+    student, bridge = plan.model, plan.bridge
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        o_t = teacher(x)[0]
+    predicted = o_t.argmax(-1)
+    assert not torch.equal(predicted, y)            # the target is the teacher's class, not the label
+
+    def written_out() -> torch.Tensor:
+        o_c = teacher.forward_back(bridge.adapter(student.forward_front(x, "layer2")), "layer2")
+        return -torch.log_softmax(o_c, -1).gather(1, predicted[:, None]).squeeze(1).mean()
+
+    student.train()
+    bridge.train()
+    h = student.forward_front(x, "layer2")
+    value = bridge(h, kdreg.BridgeBatch(y, o_t, 3.0))
+    torch.testing.assert_close(value, written_out())
+    soft = bridge_output_target(bridge, h, y, o_t)
+    assert abs(value.item() - soft.item()) > 1e-3   # not the softmax reading of the same output
+
+    student.zero_grad(set_to_none=True)
+    bridge.zero_grad(set_to_none=True)
+    out = bridge_backward(student, bridge, x, y, LossSettings(plan.graph, 0.0, 1.0), {}, o_t)
+    got = {n: p.grad.clone() for n, p in [*student.named_parameters(), *bridge.named_parameters(prefix="bridge")]
+           if p.grad is not None}
+    assert any(n.startswith("bridge.adapter.") for n in got)
+    assert all(p.grad is None for p in teacher.parameters())
+    student.zero_grad(set_to_none=True)
+    bridge.zero_grad(set_to_none=True)
+    expected = written_out()
+    expected.backward()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    reference = {n: p.grad for n, p in [*student.named_parameters(), *bridge.named_parameters(prefix="bridge")]
+                 if p.grad is not None}
+    assert set(reference) <= set(got) and len(reference) > 4
+    for n, g in got.items():
+        if n in reference:
+            torch.testing.assert_close(g, reference[n], msg=n)
+        else:                                           # the student's back part: no L_STC gradient
+            assert g.abs().sum() == 0, n
+
+
+def bridge_output_target(bridge: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, o_t: torch.Tensor) -> torch.Tensor:
+    """The same bridge's value with ``target = "output"`` (the softmax of the teacher's logits)."""
+    target, bridge.target = bridge.target, "output"
+    try:
+        return bridge(h, kdreg.BridgeBatch(y, o_t, 3.0))
+    finally:
+        bridge.target = target
+
+
+def test_validate_rejects_an_unknown_stc_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, STC.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", target = "argmax" }'))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].endswith("expected one of 'output', 'hard', 'soft', 'label', got 'argmax' "
+                           "@ recipe.stages.student.bridge.target"), err
+    path.write_text(path.read_text().replace('"argmax"', '"hard"'))
+    assert main(["validate", str(path)]) == 0
+
+
 @pytest.mark.parametrize("kd", [False, True], ids=["stc", "stc+kd"])
 def test_stc_end_to_end_leaves_the_teacher_bit_identical(tmp_path: Path, kd: bool) -> None:
     graph = 'graph = { name = "kd", teacher = "teacher" }\nlam = 0.9\ntau = 4.0\n' if kd else ""
