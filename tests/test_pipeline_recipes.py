@@ -65,6 +65,7 @@ def test_recipe_comments_name_the_paper_and_how_to_run_it(path: Path) -> None:
     assert text.startswith("# ") and len(comments) >= 4
     assert f"kdreg run recipes/{path.parent.name}/{path.name}" in text
     assert "../shared" not in text and "design section" not in text
+    assert "# Augmentation: " in text    # how the reference's augmentation differs from kdreg's
     if load_recipe(path).data.dataset == "cifar10":   # the JPEG archive is a CIFAR-10 copy
         assert "--set data.dataset=imagefolder" in text
 
