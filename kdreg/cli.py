@@ -161,7 +161,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plans = []
     if shape is not None:
         try:
-            plans = assemble(recipe, shape)
+            plans = assemble(recipe, shape, download=False)  # validation never downloads
         except RecipeError as exc:
             problems += exc.problems
     if problems:

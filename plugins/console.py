@@ -57,8 +57,10 @@ def stage_table(result: dict[str, Any]) -> str:
 
 @hookimpl
 def kdreg_stage_finished(run: Any, stage: str, result: dict[str, Any]) -> None:
+    loaded = (f"loaded from {result['init']}" if result.get("init")
+              else f"pretrained weights of {result.get('pretrained')}")
     how = (f"best epoch {result['best_epoch']}/{result['epochs']}" if result["epochs"]
-           else f"loaded from {result.get('init')}, not trained")
+           else f"{loaded}, not trained")
     learned = ", ".join(result.get("teachers") or [])
     via = f", bridge {result['bridge']}" if result.get("bridge") else ""
     taught = f", taught by {learned}{via}" if learned else ""

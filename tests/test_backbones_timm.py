@@ -187,7 +187,9 @@ def test_reserved_and_bad_model_options() -> None:
     assert slim.net.drop_rate == 0.5
 
 
-def test_pretrained_file_loads_strictly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_pretrained_file_loads_strictly(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Every key must fit, but for the classifier of another class count (re-initialised, and the
+    console says so; more in test_timm_pretrained.py)."""
     source = timm_model("regnetx_002")
     path = tmp_path / "weights.pth"
     torch.save(source.net.state_dict(), path)
@@ -203,13 +205,26 @@ def test_pretrained_file_loads_strictly(tmp_path) -> None:  # type: ignore[no-un
     assert torch.equal(again.net.stem.conv.weight, source.net.stem.conv.weight)
 
     other = build_timm(num_classes=C + 1, in_chans=3, input_size=SIZE, model="regnetx_002")
+    six = tmp_path / "six.pth"
+    torch.save(other.net.state_dict(), six)
+    refit = timm_model("regnetx_002", pretrained_file=str(six))
+    assert torch.equal(refit.net.stem.conv.weight, other.net.stem.conv.weight)
+    assert refit.net.head.fc.weight.shape == (C, 368)
+    assert "the classifier head.fc in" in capsys.readouterr().err
+
+    state = source.net.state_dict()
+    state["stem.conv.weight"] = state["stem.conv.weight"][:, :, :1]   # misshapen, not adaptable
+    state["extra.weight"] = torch.zeros(1)
+    del state["stem.bn.weight"]
     wrong = tmp_path / "wrong.pth"
-    torch.save(other.net.state_dict(), wrong)
+    torch.save(state, wrong)
     with pytest.raises(OptionError) as err:
         timm_model("regnetx_002", pretrained_file=str(wrong))
     assert err.value.key == "pretrained_file"
     assert str(wrong) in str(err.value)
-    assert "head.fc.weight (6, 368) vs (5, 368)" in str(err.value)
+    for what in ("missing keys: stem.bn.weight", "unexpected keys: extra.weight",
+                 "stem.conv.weight (32, 3, 1, 3) vs (32, 3, 3, 3)"):
+        assert what in str(err.value)
     with pytest.raises(OptionError, match="not found"):
         timm_model("regnetx_002", pretrained_file=str(tmp_path / "missing.pth"))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from kdreg.bridge import Bridge
 from kdreg.create import create
 from kdreg.data.loading import read_data
 from kdreg.data.splits import Splits
+from kdreg.downloads import no_downloads
 from kdreg.engine import checkpoint
 from kdreg.errors import CheckpointError, RecipeError, UserError
 from kdreg.graph import TeacherGraph, parse_external_node
@@ -99,12 +101,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None) -> list[StagePlan]:
+def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
+             download: bool = True) -> list[StagePlan]:
     """Every stage's plan, in order; raises :class:`RecipeError` with every problem found.
 
     With ``seed``, the global RNGs are seeded with :func:`kdreg.streams.init_seed` of ``(seed,
     index)`` before stage ``index`` is built, so a stage's initial weights do not depend on the
-    stages before it, nor equal another seed's stage's.
+    stages before it, nor equal another seed's stage's. ``download = False`` (validation) builds
+    every stage inside :func:`kdreg.downloads.no_downloads`: no factory fetches weights.
     """
     plans: dict[str, StagePlan] = {}
     failed: set[str] = set()
@@ -114,7 +118,8 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None) -> li
         if seed is not None:
             seed_everything(init_seed(seed, index))
         try:
-            plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
+            with nullcontext() if download else no_downloads():
+                plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
         except UserError as exc:
             problems += exc.problems
             failed.add(stage.name)
@@ -156,9 +161,9 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
             checkpoint.load_weights(model, stage.init)
         except CheckpointError as exc:
             problems += [f"{p} @ {path}.init" for p in exc.problems]
-    elif train.epochs == 0:
+    elif train.epochs == 0 and model.pretrained is None:
         problems.append(f"epochs = 0 loads a stage instead of training it: give it init = "
-                        f"\"checkpoint.pt\" @ {path}.epochs")
+                        f"\"checkpoint.pt\" or a backbone with pretrained weights @ {path}.epochs")
     graph: TeacherGraph | None = None
     try:
         graph = create("graph", stage.graph.name, stage.graph.options,
@@ -271,7 +276,7 @@ def check_recipe(recipe: Recipe, shape: DataShape | None = None) -> list[str]:
         return static_problems(recipe)
     problems: list[str] = []
     try:
-        assemble(recipe, shape)
+        assemble(recipe, shape, download=False)
     except UserError as exc:
         problems += exc.problems
     return problems

@@ -221,6 +221,8 @@ class Run:
             result["bridge"] = plan.config.bridge.name
         if plan.config.init is not None:
             result["init"] = plan.config.init
+        elif plan.model.pretrained is not None:
+            result["pretrained"] = plan.model.pretrained
         if plan.config.link_of is not None:
             result["chain"] = plan.config.link_of
         return result

@@ -16,7 +16,8 @@ The trunk's parameters up to a point are those the features there depend on (rea
 autograd graph of one forward pass).
 
 A trunk given as an instance (a stage of the recipe) is shared, not copied; ``freeze_trunk`` sets
-its parameters' ``requires_grad`` to False and keeps it in eval mode.
+its parameters' ``requires_grad`` to False and keeps it in eval mode. The model expects its trunk's
+input statistics (``input_mean``, ``input_std``): a pretrained timm trunk's, else the data set's.
 """
 
 from __future__ import annotations
@@ -236,6 +237,9 @@ class ExitsBackbone(FlexibleBackbone):
     ):
         super().__init__()
         self.trunk = trunk
+        # the trunk sees the input first: its weights' statistics are the model's (its
+        # ``pretrained`` is not: the heads are new)
+        self.input_mean, self.input_std = trunk.input_mean, trunk.input_std
         self.points = tuple(points)
         self.freeze_trunk = freeze_trunk
         self.include_final = include_final

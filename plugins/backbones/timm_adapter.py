@@ -1,9 +1,25 @@
 """Any timm model as a plain kdreg backbone (``backbone = { name = "timm", model = "resnet18" }``).
 
-The model is built with ``pretrained=False`` (a local weights file may be given), with the number of
-classes and input channels of the data; models that take an ``img_size`` (ViT, DeiT, Mixer, Swin,
-...) are built for the data's input size. An input too small for the model's total stride is an
-:class:`~kdreg.errors.OptionError` naming the smallest square input that works.
+The model is built with the number of classes and input channels of the data; models that take an
+``img_size`` (ViT, DeiT, Mixer, Swin, ...) are built for the data's input size. An input too small
+for the model's total stride is an :class:`~kdreg.errors.OptionError` naming the smallest square
+input that works.
+
+**Weights.** Without more the model is initialised at random. ``pretrained = true``, or a tagged
+name (``model = "resnet50.a1_in1k"``; ``pretrained = false`` keeps such a model random), loads
+timm's pretrained weights through timm's own loader, which reads them from the Hugging Face cache
+(``HF_HOME``, ``HF_HUB_CACHE``) and downloads them there when they are missing; with
+``HF_HUB_OFFLINE=1`` and a filled cache this needs no network. ``pretrained_file`` loads a local
+weights file instead (``.pth``/``.pt``/``.safetensors``; every key must fit the model). Either way
+timm's rules adapt the weights to the data: a classifier whose class count differs from the data's
+is re-initialised at random, and a first convolution made for other input channels is adapted
+(summed over its channels for one input channel, repeated for more); the console says so. A model
+with pretrained weights records where they come from (``pretrained``, so that its stage may have
+``epochs = 0``: evaluated and used as a teacher, not trained) and the input statistics they
+expect, ``input_mean``/``input_std`` from the model's ``pretrained_cfg`` (for another channel
+count: the mean over channels for one channel, repeated for more), with which the engine
+normalises its input. ``kdreg validate`` never downloads: it checks the name, the tag and that the
+weights exist (offline: that they are in the cache) and builds the model without them.
 
 **Split points** are timm's own module names of the model's ``feature_info`` stages, so they read
 as in timm's documentation: ``act1, layer1 .. layer4`` (ResNet), ``stages.0 .. stages.3``
@@ -36,15 +52,19 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
+from kdreg.downloads import downloads_allowed
+from kdreg.engine.distributed import is_main
 from kdreg.errors import ExportError, OptionError
 
 #: Options that kdreg sets itself and a recipe may not pass through ``model_options``.
@@ -54,7 +74,8 @@ _CHECK_BATCH = 2
 
 
 def register(register: Any) -> None:
-    register("timm", build_timm, description="any model of timm.list_models() (pretrained=False)")
+    register("timm", build_timm,
+             description="any model of timm.list_models(), pretrained weights through timm's loader")
 
 
 def build_timm(
@@ -63,27 +84,49 @@ def build_timm(
     in_chans: int,
     input_size: tuple[int, int],
     model: str,
+    pretrained: bool | None = None,
     pretrained_file: str | None = None,
     model_options: Mapping[str, Any] = {},
 ) -> TimmBackbone:
     """Build timm model ``model`` as a plain backbone (one sub-model, ``full``).
 
-    ``pretrained_file`` is a local weights file (``.pth``/``.pt``/``.safetensors``), loaded strictly;
-    ``model_options`` are extra keyword arguments for ``timm.create_model``.
+    ``pretrained`` loads timm's pretrained weights of ``model`` (its tag's, else the default
+    tag's) through timm's loader and the Hugging Face cache; unset, it is true for a tagged name
+    (``resnet50.a1_in1k``) and false for a bare one. ``pretrained_file`` is a local weights file
+    (``.pth``/``.pt``/``.safetensors``) instead. ``model_options`` are extra keyword arguments for
+    ``timm.create_model``.
     """
     check_model_name(model)
     bad = sorted(set(model_options) & set(RESERVED))
     if bad:
         raise OptionError(
             f"model_options may not set {', '.join(bad)}: kdreg sets them from the data "
-            "(use pretrained_file for weights)",
+            "(use pretrained or pretrained_file for weights)",
             key="model_options",
         )
+    if pretrained and pretrained_file is not None:
+        raise OptionError("pretrained = true loads timm's weights and pretrained_file a local file: "
+                          "give one of them", key="pretrained")
+    cfg = pretrained_cfg_of(model)
+    hub = pretrained if pretrained is not None else ("." in model and pretrained_file is None)
+    key = "pretrained" if pretrained else "model"
+    load = hub and weights_reachable(model, cfg, key)
     size = (int(input_size[0]), int(input_size[1]))
-    net = _create(model, num_classes, in_chans, size, dict(model_options))
-    if pretrained_file is not None:
-        load_weights(net, pretrained_file, model)
-    return TimmBackbone(net, model_name=model, in_chans=in_chans, input_size=size)
+    net = _create(model, num_classes, in_chans, size, dict(model_options), pretrained=load, key=key)
+    source = None
+    if hub:
+        source = f"timm {_tagged(model, cfg)}"
+        for note in hub_adaptations(model, cfg, num_classes, in_chans):
+            say(note)
+    elif pretrained_file is not None:
+        for note in load_weights(net, pretrained_file, model, in_chans):
+            say(note)
+        source = str(Path(pretrained_file).expanduser())
+    backbone = TimmBackbone(net, model_name=model, in_chans=in_chans, input_size=size)
+    if source is not None:
+        backbone.pretrained = source
+        backbone.input_mean, backbone.input_std = pretrained_stats(net, in_chans)
+    return backbone
 
 
 def check_model_name(model: str) -> None:
@@ -98,18 +141,142 @@ def check_model_name(model: str) -> None:
     raise OptionError(f"unknown timm model {model!r}{hint} (see timm.list_models())", key="model")
 
 
+def say(message: str) -> None:
+    """A line on the console (stderr, the main process only), as the engine's other warnings."""
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+def pretrained_cfg_of(model: str) -> Any:
+    """timm's pretrained configuration of ``model`` (its tag's, else the default tag's; None for a
+    model without any); an unknown tag is an :class:`OptionError` listing the known ones."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        return get_pretrained_cfg(model)
+    except RuntimeError:
+        arch, tag = model.split(".", 1)
+        tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{arch}.*")]
+        known = f"; its tags with weights: {', '.join(tags)}" if tags else "; it has no pretrained weights"
+        raise OptionError(f"timm model {arch!r} has no pretrained tag {tag!r}{known}",
+                          key="model") from None
+
+
+def _tagged(model: str, cfg: Any) -> str:
+    return f"{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else model
+
+
+def weights_reachable(model: str, cfg: Any, key: str) -> bool:
+    """Whether the pretrained weights of ``model`` are to be loaded now: always when downloads are
+    allowed, from the cache only during validation. Raises an :class:`OptionError` when the model
+    has no pretrained weights, and when the Hugging Face hub is offline (``HF_HUB_OFFLINE``) and
+    the weights are not in its cache."""
+    import timm
+    from huggingface_hub import constants
+
+    if cfg is None or not cfg.has_weights:
+        arch = model.split(".", 1)[0]
+        tagged = [name for name in timm.list_pretrained(f"{arch}.*")]
+        others = f"; its tags with weights: {', '.join(tagged)}" if tagged else ""
+        raise OptionError(f"timm model {model!r} has no pretrained weights{others} (for random "
+                          "weights set pretrained = false, or give pretrained_file)", key=key)
+    where, cached = weights_location(cfg)
+    if not cached and cfg.hf_hub_id and not cfg.file and constants.is_offline_mode():
+        raise OptionError(
+            f"the pretrained weights of timm model {model!r} ({where}) are not in the Hugging Face "
+            f"cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set: fetch them once with the "
+            "network (the same HF_HOME / HF_HUB_CACHE), or give pretrained_file", key=key)
+    return downloads_allowed()
+
+
+def weights_location(cfg: Any) -> tuple[str, bool]:
+    """Where timm's loader reads ``cfg``'s weights (as timm resolves them: a file, the Hugging
+    Face hub, a URL) and whether they are there without the network."""
+    if cfg.file:
+        return str(cfg.file), Path(cfg.file).expanduser().is_file()
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        name = cfg.hf_hub_filename or "pytorch_model.bin"
+        names = [name] + ([name[:-4] + ".safetensors", "model.safetensors"] if name.endswith(".bin") else [])
+        found = any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str)
+                    for n in names)
+        return f"Hugging Face hub {cfg.hf_hub_id}", found
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    return str(cfg.url), file.is_file()
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def hub_adaptations(model: str, cfg: Any, num_classes: int, in_chans: int) -> list[str]:
+    """What timm's loader changes in ``model``'s pretrained weights for this data, a line each:
+    the classifier re-initialised for another class count, the first convolution adapted."""
+    notes = []
+    classifier = _names(cfg.classifier)
+    if classifier and cfg.num_classes != num_classes:
+        had = f"predicts {cfg.num_classes} classes" if cfg.num_classes else "is not in the weights"
+        notes.append(f"timm model {model!r}: the pretrained classifier ({', '.join(classifier)}) "
+                     f"{had} and the data has {num_classes}: it is re-initialised at random, "
+                     "the other layers keep their pretrained weights")
+    base = int((cfg.input_size or (3,))[0])
+    first = _names(cfg.first_conv)
+    if first and in_chans != base:
+        notes.append(f"timm model {model!r}: the pretrained first convolution ({', '.join(first)}) "
+                     f"takes {base} input channels and the data has {in_chans}: timm adapts its "
+                     f"weights ({'summed over channels' if in_chans == 1 else 'channels repeated'})")
+    return notes
+
+
+def pretrained_stats(net: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std that ``net``'s pretrained weights expect (timm's data config of its
+    ``pretrained_cfg``), for ``in_chans`` channels: the mean over channels for one, the channels
+    repeated for more (as timm adapts the first convolution)."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(net)
+    return _per_channel(config["mean"], in_chans), _per_channel(config["std"], in_chans)
+
+
+def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == chans:
+        return values
+    if chans == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(chans))
+
+
 # ----------------------------------------------------------------------------- building
 def _create(
-    name: str, num_classes: int, in_chans: int, size: tuple[int, int], options: dict[str, Any]
+    name: str, num_classes: int, in_chans: int, size: tuple[int, int], options: dict[str, Any], *,
+    pretrained: bool = False, key: str = "model",
 ) -> nn.Module:
     kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans, **options}
     sized = "img_size" not in options
-    try:
-        net = _create_sized(name, kwargs, size if sized else None)
-    except TypeError as exc:
-        raise OptionError(f"timm model {name!r} rejects its options: {exc}", key="model_options") from None
-    except Exception as exc:  # noqa: BLE001 - reported with the input size that caused it
-        raise _build_error(name, kwargs, size, sized, exc) from None
+    net = None
+    failed: BaseException | None = None
+    if pretrained:
+        try:
+            net = _create_sized(name, {**kwargs, "pretrained": True}, size if sized else None)
+        except Exception as exc:  # noqa: BLE001 - the build below tells the weights' fault apart
+            failed = exc
+    if net is None:
+        try:
+            net = _create_sized(name, kwargs, size if sized else None)
+        except TypeError as exc:
+            raise OptionError(f"timm model {name!r} rejects its options: {exc}", key="model_options") from None
+        except Exception as exc:  # noqa: BLE001 - reported with the input size that caused it
+            raise _build_error(name, kwargs, size, sized, exc) from None
+    if failed is not None:  # the model builds without its weights: loading them failed
+        raise OptionError(f"cannot load the pretrained weights of timm model {name!r}: "
+                          f"{_reason(failed)}", key=key)
     net.eval()
     try:
         with torch.no_grad():
@@ -140,8 +307,7 @@ def _build_error(
     name: str, kwargs: dict[str, Any], size: tuple[int, int], sized: bool, exc: BaseException
 ) -> OptionError:
     """The model fails at ``size``: say so, with the smallest square input that works if any."""
-    text = str(exc).strip()
-    reason = (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    reason = _reason(exc)
     smallest = smallest_input(name, kwargs, min(size), sized)
     if smallest is None:
         key = "model_options" if set(kwargs) - {"pretrained", "num_classes", "in_chans"} else "model"
@@ -151,6 +317,12 @@ def _build_error(
         f"the smallest square input it supports is {smallest}x{smallest}",
         key="model",
     )
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type when it has none), at most 200 characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def smallest_input(name: str, kwargs: dict[str, Any], above: int, sized: bool) -> int | None:
@@ -180,9 +352,16 @@ def smallest_input(name: str, kwargs: dict[str, Any], above: int, sized: bool) -
     return None
 
 
-def load_weights(net: nn.Module, path: str, model: str) -> None:
-    """Load the state dict in ``path`` into ``net`` strictly, naming the file on a mismatch."""
-    from timm.models import load_state_dict
+def load_weights(net: nn.Module, path: str, model: str, in_chans: int) -> list[str]:
+    """Load the state dict in ``path`` into ``net``, adapted as timm adapts pretrained weights.
+
+    A classifier (``pretrained_cfg['classifier']``) whose class count differs from ``net``'s is
+    left at its random initialisation; a first convolution (``pretrained_cfg['first_conv']``) made
+    for other input channels is adapted by timm's ``adapt_input_conv``. Any other missing,
+    unexpected or misshapen key is an :class:`OptionError` naming the file. Returns a line per
+    adaptation, for the console.
+    """
+    from timm.models import adapt_input_conv, load_state_dict
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -195,13 +374,43 @@ def load_weights(net: nn.Module, path: str, model: str) -> None:
             key="pretrained_file",
         ) from None
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    notes: list[str] = []
+
+    def differs(k: str) -> bool:
+        return k in own and isinstance(state.get(k), Tensor) and state[k].shape != own[k].shape
+
+    kept: list[str] = []  # the model's own (random) weights where the file's do not fit
+    for name in _names(cfg.get("classifier")):
+        keys = [name + suffix for suffix in (".weight", ".bias")]
+        if any(differs(k) for k in keys):
+            classes = state[keys[0]].shape[0] if keys[0] in state else "?"
+            for k in keys:
+                if k in state and k in own:
+                    del state[k]
+                    kept.append(k)
+            notes.append(f"timm model {model!r}: the classifier {name} in {str(file)!r} predicts "
+                         f"{classes} classes and the data has {own[keys[0]].shape[0]}: it is "
+                         "re-initialised at random, the other layers keep the file's weights")
+    for name in _names(cfg.get("first_conv")):
+        k = name + ".weight"
+        if not differs(k) or state[k].dim() != 4 or state[k].shape[0] != own[k].shape[0]:
+            continue
+        # the file's input channels: its conv's, less a space-to-depth stem's factor
+        base = int(state[k].shape[1]) * in_chans // int(own[k].shape[1])
+        try:
+            adapted = adapt_input_conv(in_chans, state[k], base_chans=base)
+        except (NotImplementedError, ValueError, AssertionError, RuntimeError):
+            continue  # reported below as a shape mismatch
+        if adapted.shape == own[k].shape:
+            state[k] = adapted.to(own[k].dtype)
+            notes.append(f"timm model {model!r}: the first convolution {name} in {str(file)!r} takes "
+                         f"{base} input channels and the data has {in_chans}: its weights are "
+                         f"adapted as timm adapts pretrained ones "
+                         f"({'summed over channels' if in_chans == 1 else 'channels repeated'})")
+    missing = [k for k in own if k not in state and k not in kept]
     unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and isinstance(state[k], Tensor) and state[k].shape != own[k].shape
-    ]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if differs(k)]
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("shape mismatches (file vs model)", shapes)):
@@ -213,7 +422,8 @@ def load_weights(net: nn.Module, path: str, model: str) -> None:
             f"weights file {str(file)!r} does not fit timm model {model!r}: " + "; ".join(problems),
             key="pretrained_file",
         )
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(state, strict=not kept)
+    return notes
 
 
 # ----------------------------------------------------------------------------- the backbone
