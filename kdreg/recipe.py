@@ -117,7 +117,7 @@ class StageConfig:
     tau: float = setting(1.0, "Distillation temperature.", low=0.0, low_open=True)
     divergence: str = setting("kl", "`kl` (tau^2 KL) or `ce` (tau^2 soft-target cross-entropy).", choices=("kl", "ce"))
     init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage (with `epochs = 0`: a trained model, evaluated and used as a teacher, not trained).")
-    epochs: int | None = setting(None, "Overrides `train.epochs` for this stage; 0 (with `init`) loads the stage instead of training it.", low=0)
+    epochs: int | None = setting(None, "Overrides `train.epochs` for this stage; 0 (with `init`, or a backbone with pretrained weights) loads the stage instead of training it: it is evaluated and may teach later stages.", low=0)
     optimizer: OptimizerConfig | None = setting(None, "Overrides `train.optimizer` (keys merged) for this stage.")
     schedule: ScheduleConfig | None = setting(None, "Overrides `train.schedule` (keys merged) for this stage.")
     link_of: str | None = setting(None, "Set by chain expansion: the name of the `chain` stage this stage is a link of.")

@@ -83,7 +83,13 @@ changed. Its outputs are computed once per batch, on the same augmented batch th
   link before it. Links inherit the chain stage's other keys (`lam`, `tau`, `epochs`, ...);
   `--set stages.<chain>.lam=...` sets them for every link.
 - A stage with `init = "teacher.pt"` and `epochs = 0` is a loaded, trained model: it is evaluated,
-  not trained, and later stages can learn from it.
+  not trained, and later stages can learn from it. So is a stage with `epochs = 0` whose backbone
+  has pretrained weights: `backbone = { name = "timm", model = "resnet50.a1_in1k" }` (a tagged
+  name, or `pretrained = true`) loads timm's weights through timm's loader and the Hugging Face
+  cache (offline with `HF_HUB_OFFLINE=1` once the cache holds them), `pretrained_file` a local
+  file. A classifier of another class count than the data's is re-initialised (the console says
+  so), and the model is fed its weights' own input statistics (the `pretrained_cfg`'s mean and
+  std) while models trained here get the data set's, in the same run.
 
 Every stage inherits `epochs` from `[train]` unless it sets its own, so `--set train.epochs=1`
 shortens every trained stage of a recipe. `results.json` has an entry per stage (teachers and every
