@@ -520,6 +520,33 @@ def test_a_run_killed_in_its_second_stage_resumes_there(tmp_path: Path) -> None:
     assert_bit_identical(best(tmp_path / "full", "student"), best(tmp_path / "cut", "student"))
 
 
+def test_an_stc_stage_killed_and_resumed_restores_its_adapter(tmp_path: Path) -> None:
+    """An STC student whose adapter joins other channel counts (ResNet-8's 32 at layer2 to
+    WRN-16-2's 64: a 1x1 conv + BN), stopped after its first epoch and resumed, ends with the
+    uninterrupted run's weights bit for bit: the student's and the adapter's (BN statistics
+    included)."""
+    stc = STC.replace('backbone = "wrn16_2"\n', 'backbone = "wrn16_2"\nepochs = 1\n', 1)
+    path = write(tmp_path, stc.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 0.5 }'),
+                 epochs=2)
+    _, full = run(path, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(path, tmp_path / "cut", extra=[InterruptStudent()])
+    cut_last = torch.load(tmp_path / "cut" / "checkpoints" / "student" / "last.pt", weights_only=False)
+    full_last = torch.load(tmp_path / "full" / "checkpoints" / "student" / "last.pt", weights_only=False)
+    assert cut_last["state"]["epoch"] == 1 and full_last["state"]["epoch"] == 2
+    assert {k for k in cut_last["bridge"] if k.startswith("adapter.0.")} == {"adapter.0.weight"}
+    # the adapter trains in both epochs: the second starts from the first's adapter
+    assert not torch.equal(cut_last["bridge"]["adapter.0.weight"], full_last["bridge"]["adapter.0.weight"])
+    resumed = Run.resume(tmp_path / "cut", progress=False).execute()
+    assert [(m["stage"], m["epoch"]) for m in metrics(tmp_path / "cut")] == [("teacher", 1), ("student", 1), ("student", 2)]
+    last = torch.load(tmp_path / "cut" / "checkpoints" / "student" / "last.pt", weights_only=False)
+    assert_bit_identical(full_last["model"], last["model"])
+    assert_bit_identical(full_last["bridge"], last["bridge"])
+    assert_bit_identical(best(tmp_path / "full", "student"), best(tmp_path / "cut", "student"))
+    for a, b in zip(full["stages"], resumed["stages"]):
+        assert a["test_accuracy"] == b["test_accuracy"] and a["val_accuracy"] == b["val_accuracy"]
+
+
 def test_a_loaded_teacher_with_zero_epochs_is_evaluated_not_trained(tmp_path: Path) -> None:
     path = write(tmp_path, KD)
     _, first = run(path, tmp_path / "first")
