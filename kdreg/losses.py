@@ -33,7 +33,8 @@ def fp32(like: Tensor) -> Iterator[None]:
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """CE(a, y), batch mean (ipkd-ta eq. 1), in fp32."""
+    """CE(a, y), batch mean (ipkd-ta eq. 1), in fp32; ``labels`` are class indices ``[B]`` or
+    soft targets ``[B, C]`` (mixup / CutMix)."""
     with fp32(logits):
         return F.cross_entropy(logits.float(), labels)
 
@@ -106,7 +107,8 @@ def _graph_loss(logits: Sequence[Tensor], labels: Tensor, graph: TeacherGraph, *
     a = torch.stack([t.float() for t in logits])                      # [n, B, C]
     batch = a.shape[1]
     has_teacher, w = _graph_tensors(graph, a.device)
-    ce = F.cross_entropy(a.flatten(0, 1), labels.repeat(n), reduction="none").view(n, batch).mean(1)
+    targets = labels.repeat(n) if labels.dim() == 1 else labels.float().repeat(n, 1)  # mixed: [B, C]
+    ce = F.cross_entropy(a.flatten(0, 1), targets, reduction="none").view(n, batch).mean(1)
     total = torch.where(has_teacher, 1.0 - lam, 1.0).mul(ce).sum()
     if w is not None:
         log_ps = F.log_softmax(a / tau, dim=-1)                       # [n, B, C]

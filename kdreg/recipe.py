@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs.gen
 import tomli
 import tomli_w
 
@@ -64,6 +65,24 @@ class ScheduleConfig:
 
 
 @attrs.frozen
+class AugmentConfig:
+    name: str = setting("auto", "`cifar`: a 4-pixel reflect-pad random crop and a horizontal flip (the in-memory path's, on the device); `imagenet`: timm's RandomResizedCrop and flip for training, resize and centre crop (`crop_pct`) for evaluation; `auto`: `cifar` in memory, `imagenet` when streamed. The other keys are timm's (`timm.data.create_transform`, `timm.data.Mixup`) and need the streamed path.", choices=("auto", "cifar", "imagenet"))
+    auto_augment: str | None = setting(None, "timm's automatic augmentation policy, e.g. `\"rand-m9-mstd0.5\"` (RandAugment) or `\"augmix-m5-w4-d2\"`.")
+    color_jitter: float = setting(0.0, "Colour jitter strength (brightness, contrast, saturation); 0: none.", low=0.0)
+    re_prob: float = setting(0.0, "Random erasing probability (on images in [0, 1]).", low=0.0, high=1.0)
+    scale: tuple[float, ...] = setting((0.08, 1.0), "RandomResizedCrop's range of the crop's area, as a fraction of the image's.")
+    ratio: tuple[float, ...] = setting((0.75, 4.0 / 3.0), "RandomResizedCrop's range of aspect ratios.")
+    hflip: float = setting(0.5, "Horizontal flip probability.", low=0.0, high=1.0)
+    crop_pct: float = setting(0.875, "Evaluation: resize to `image_size / crop_pct`, then centre-crop `image_size`.", low=0.0, high=1.0, low_open=True)
+    interpolation: str = setting("bilinear", "Resampling of resizes: `bilinear`, `bicubic`, `nearest` or `random`.", choices=("bilinear", "bicubic", "nearest", "random"))
+    mixup: float = setting(0.0, "Mixup's alpha (`timm.data.Mixup`); 0: no mixup. Teachers see the mixed images; CE uses the mixed targets.", low=0.0)
+    cutmix: float = setting(0.0, "CutMix's alpha; 0: no CutMix.", low=0.0)
+    mix_prob: float = setting(1.0, "Probability of mixing a batch (mixup or CutMix).", low=0.0, high=1.0)
+    switch_prob: float = setting(0.5, "With both: probability of CutMix instead of mixup.", low=0.0, high=1.0)
+    label_smoothing: float = setting(0.0, "Label smoothing of the mixed targets.", low=0.0, high=1.0)
+
+
+@attrs.frozen
 class DataConfig:
     dataset: str = setting("cifar10", "Data source: `cifar10`, `cifar100`, `imagefolder`, `cifar10-sample`, `synthetic` or a plugin's.")
     root: str = setting("~/.cache/kdreg/data", "Folder (or `.tar`/`.tar.gz` archive for `imagefolder`) of the data.")
@@ -75,6 +94,11 @@ class DataConfig:
     test_limit: int = setting(0, "0: all test images; N: a class-balanced random subset of N, the same in every run.", low=0)
     data_seed: int = setting(0, "Seed of the validation split and the `train_limit`/`test_limit` subsets (kept apart from `seed`, so runs of a comparison see the same images).", low=0)
     options: dict[str, Any] = setting({}, "Extra options of the data source (e.g. `synthetic`'s `num_classes`).")
+    in_memory: bool | str = setting("auto", "`true`: decode the images once into one tensor on the training device and augment them there (images of one size, `cifar` augmentation); `false`: stream them through a DataLoader with worker processes, each process reading its shard; `\"auto\"`: in memory when the decoded training set is small (under 2 GiB: CIFAR, the packaged sample) and the augmentation allows it, streamed otherwise. The console and results.json say which.")
+    image_size: int = setting(0, "Training crop and evaluation size in pixels (square); 0: the images' own size in memory, 224 streamed. The models are built for it.", low=0)
+    augment: AugmentConfig = setting(AugmentConfig(), "Augmentation: `\"cifar\"`, `\"imagenet\"`, `\"auto\"` or a table `{ name = \"imagenet\", auto_augment = \"rand-m9-mstd0.5\", mixup = 0.8, ... }` (see `[data.augment]`).")
+    workers: int | None = setting(None, "DataLoader worker processes per training process on the streamed path (0: decode in the training process); unset: from the cores (up to 8 per process).", low=0)
+    skip_bad_images: bool = setting(False, "On the streamed path, skip a truncated or unreadable image (counted in results.json) instead of stopping with its name.")
 
 
 @attrs.frozen
@@ -165,6 +189,29 @@ def _structure_plugin(value: Any, _: type) -> PluginSpec:
 
 converter.register_structure_hook(PluginSpec, _structure_plugin)
 converter.register_unstructure_hook(PluginSpec, PluginSpec.to_dict)
+
+
+_augment_table = cattrs.gen.make_dict_structure_fn(AugmentConfig, converter, _cattrs_forbid_extra_keys=True,
+                                                   _cattrs_detailed_validation=True)
+
+
+def _structure_augment(value: Any, _: type) -> AugmentConfig:
+    """``"imagenet"`` or ``{ name = "imagenet", mixup = 0.8, ... }``."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a name string or a table, got {type(value).__name__} {value!r}")
+    return _augment_table(dict(value), AugmentConfig)
+
+
+def _structure_in_memory(value: Any, _: type) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise TypeError(f"expected true, false or \"auto\", got {type(value).__name__} {value!r}")
+
+
+converter.register_structure_hook(AugmentConfig, _structure_augment)
+converter.register_structure_hook_func(lambda tp: tp == (bool | str), _structure_in_memory)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -383,6 +430,10 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
             bad = sorted(set(map(str, nd)) - {"bias", "norm", "depthwise"})
             if bad:
                 problems.append(f"unknown no_decay kinds {bad}; allowed: bias, norm, depthwise @ {where}.optimizer.no_decay")
+    augment = _table(raw, "data").get("augment")
+    presets = attrs.fields(AugmentConfig).name.metadata["choices"]
+    if isinstance(augment, str) and augment not in presets:
+        problems.append(f"expected one of {', '.join(presets)}, got {augment!r} @ recipe.data.augment")
     problems += _logger_problems(train.get("loggers"))
     problems += _seeds_problems(raw.get("seeds"))
     dev = train.get("device")

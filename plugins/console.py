@@ -28,6 +28,13 @@ def _accs(values: list[float] | None) -> str:
 @hookimpl
 def kdreg_run_started(run: Any) -> None:
     say(f"kdreg run {run.recipe.name!r} on {run.device} -> {run.directory}")
+    data = run.results.get("data")
+    if data:
+        how = (f"{data['workers']} loader workers per process" if data["path"] == "streamed"
+               else "decoded once, augmented on the device")
+        say(f"data: {data['path']} ({how}), {data['image_size'][0]}x{data['image_size'][1]} images, "
+            f"augment {data['augment']}; {data['train_images']} train, {data['val_images']} val, "
+            f"{data['test_images']} test images")
 
 
 @hookimpl

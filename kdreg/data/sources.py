@@ -1,13 +1,16 @@
-"""What a data source returns: decoded images (:class:`ImageData`), and its checks.
+"""What a data source returns, and its checks.
 
-A dataset factory (hook ``kdreg_register_datasets``) returns :class:`ImageData`; kdreg checks it
-with :func:`check_image_data` (one line per problem) before anything else reads it.
+A dataset factory (hook ``kdreg_register_datasets``) returns either decoded images
+(:class:`ImageData`: uint8 tensors, the in-memory path) or a stream of encoded ones
+(:class:`ImageStream`: readers that open one image at a time, the streamed path, for images of any
+size and data sets of any size). kdreg checks what it returns with :func:`check_source` (one line
+per problem) before anything else reads it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,42 @@ class ImageData:
     classes: tuple[str, ...] = attrs.field(converter=_str_tuple)
     mean: tuple[float, ...] = attrs.field(converter=_floats)
     std: tuple[float, ...] = attrs.field(converter=_floats)
+
+
+#: The statistics of a streamed source that gives none (ImageNet's, as timm's default).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _labels(values: Any) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.int64)
+
+
+@attrs.frozen(eq=False)
+class ImageStream:
+    """Encoded images read one at a time, as a dataset factory returns them for the streamed path.
+
+    ``train`` and ``test`` are readers (timm's dataset reader interface, e.g.
+    ``timm.data.readers.ReaderImageFolder``): ``len(reader)``, and ``reader[i]`` gives ``(image,
+    label)`` where ``image`` is a path, an open binary file, bytes or a PIL image; a reader with
+    ``filename(i)`` is named in error messages. ``train_labels`` / ``test_labels`` are every
+    image's label in reader order (int64 ``[N]`` in ``range(len(classes))``), so that kdreg draws
+    the validation split and subsets without opening an image. ``mean``/``std`` are per channel in
+    [0, 1] units (default: ImageNet's); ``decode``, when given, returns the whole set as
+    :class:`ImageData` (all images of one size) for the in-memory path (``data.in_memory``), and
+    ``image_size`` is the size ``(H, W)`` of its images when known to be one.
+    """
+
+    train: Any
+    test: Any
+    classes: tuple[str, ...] = attrs.field(converter=_str_tuple)
+    train_labels: Tensor = attrs.field(converter=_labels)
+    test_labels: Tensor = attrs.field(converter=_labels)
+    mean: tuple[float, ...] = attrs.field(default=IMAGENET_MEAN, converter=_floats)
+    std: tuple[float, ...] = attrs.field(default=IMAGENET_STD, converter=_floats)
+    in_chans: int = 3
+    decode: Callable[[], ImageData] | None = None
+    image_size: tuple[int, int] | None = None
 
 
 def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -113,3 +152,44 @@ def _describe(value: Any) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
+
+
+def check_stream(data: ImageStream, name: str) -> ImageStream:
+    """Raise :class:`DataError` (one line per problem) unless ``data`` is a well-formed stream."""
+    problems: list[str] = []
+    num_classes = len(data.classes)
+    if num_classes < 1:
+        problems.append("it has no classes")
+    for split in ("train", "test"):
+        reader, labels = getattr(data, split), getattr(data, f"{split}_labels")
+        if not (hasattr(reader, "__len__") and hasattr(reader, "__getitem__")):
+            problems.append(f"{split} must be an indexable reader (len() and [i]), got "
+                            f"{type(reader).__name__}")
+            continue
+        if labels.dim() != 1 or len(labels) != len(reader):
+            problems.append(f"{split}_labels must give one label per image: {len(reader)} images "
+                            f"but labels {list(labels.shape)}")
+            continue
+        if len(labels) == 0:
+            problems.append(f"it has no {split} images")
+        elif num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            problems.append(f"{split} labels must lie in [0, {num_classes}), found "
+                            f"[{int(labels.min())}, {int(labels.max())}]")
+    if len(data.mean) != data.in_chans or len(data.std) != data.in_chans:
+        problems.append(f"mean and std need {data.in_chans} values (one per channel), got "
+                        f"{len(data.mean)} and {len(data.std)}")
+    if any(not s > 0 for s in data.std):
+        problems.append(f"std must be > 0, got {data.std}")
+    if problems:
+        raise DataError([f"dataset {name!r}: {p}" for p in problems])
+    return data
+
+
+def check_source(data: Any, name: str) -> ImageData | ImageStream:
+    """:func:`check_image_data` or :func:`check_stream`, by what a dataset factory returned."""
+    if isinstance(data, ImageStream):
+        return check_stream(data, name)
+    if not isinstance(data, ImageData):
+        raise DataError(f"dataset {name!r} returned {type(data).__name__}, not "
+                        "kdreg.data.ImageData or kdreg.data.ImageStream")
+    return check_image_data(data, name)

@@ -1,17 +1,24 @@
 """The three sets a run uses: the class-balanced validation hold-out and the limited subsets.
 
 :func:`prepare_splits` holds out a class-balanced validation set from the training images and
-draws the class-balanced subsets of ``train_limit`` / ``test_limit`` with a fixed data seed.
+draws the class-balanced subsets of ``train_limit`` / ``test_limit`` with a fixed data seed, from
+the labels alone: decoded images become :class:`TensorSet` s (the in-memory path), a stream's
+readers :class:`StreamSet` s (positions into the reader, nothing opened).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 from torch import Tensor
 
-from kdreg.data.sources import ImageData, _floats, _str_tuple
+from kdreg.data.sources import ImageData, ImageStream, _floats, _str_tuple
 from kdreg.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from kdreg.data.streaming import Streaming
 
 
 @attrs.frozen(eq=False)
@@ -30,15 +37,29 @@ class TensorSet:
 
 
 @attrs.frozen(eq=False)
-class Splits:
-    """The three sets a run uses; ``val`` is empty when ``val_split = 0``."""
+class StreamSet:
+    """Images ``reader[index[k]]`` of a stream's reader, with their labels (int64 ``[N]``)."""
 
-    train: TensorSet
-    val: TensorSet
-    test: TensorSet
+    reader: Any
+    index: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@attrs.frozen(eq=False)
+class Splits:
+    """The three sets a run uses; ``val`` is empty when ``val_split = 0``. Streamed sets come with
+    ``streaming``, how they are read (:class:`kdreg.data.streaming.Streaming`)."""
+
+    train: TensorSet | StreamSet
+    val: TensorSet | StreamSet
+    test: TensorSet | StreamSet
     classes: tuple[str, ...] = attrs.field(converter=_str_tuple)
     mean: tuple[float, ...] = attrs.field(converter=_floats)
     std: tuple[float, ...] = attrs.field(converter=_floats)
+    streaming: Streaming | None = None
 
     @property
     def num_classes(self) -> int:
@@ -46,10 +67,16 @@ class Splits:
 
     @property
     def in_chans(self) -> int:
+        if self.streaming is not None:
+            return self.streaming.in_chans
+        assert isinstance(self.train, TensorSet)
         return int(self.train.images.shape[1])
 
     @property
     def input_size(self) -> tuple[int, int]:
+        if self.streaming is not None:
+            return self.streaming.image_size
+        assert isinstance(self.train, TensorSet)
         return int(self.train.images.shape[2]), int(self.train.images.shape[3])
 
 
@@ -97,14 +124,20 @@ def _balanced_subset(labels: Tensor, total: int, num_classes: int, gen: torch.Ge
     return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
 
 
-def _take(images: Tensor, labels: Tensor, index: Tensor | None) -> TensorSet:
+def _take(data: ImageData | ImageStream, split: str,
+          index: Tensor | None) -> TensorSet | StreamSet:
+    labels = getattr(data, f"{split}_labels")
+    if isinstance(data, ImageStream):
+        index = torch.arange(len(labels)) if index is None else index
+        return StreamSet(getattr(data, split), index, labels[index])
+    images = getattr(data, f"{split}_images")
     if index is None:
         return TensorSet(images, labels)
     return TensorSet(images[index], labels[index])
 
 
-def prepare_splits(data: ImageData, *, val_split: int, train_limit: int, test_limit: int,
-                   seed: int = 0) -> Splits:
+def prepare_splits(data: ImageData | ImageStream, *, val_split: int, train_limit: int,
+                   test_limit: int, seed: int = 0, streaming: Streaming | None = None) -> Splits:
     """Hold out ``val_split`` class-balanced training images and draw the limited subsets.
 
     ``train_limit`` / ``test_limit`` > 0 keep a class-balanced random subset of that many of the
@@ -149,8 +182,8 @@ def prepare_splits(data: ImageData, *, val_split: int, train_limit: int, test_li
                                       _generator(seed, 2))
     whole_train = not val_split and not train_limit
     return Splits(
-        train=_take(data.train_images, data.train_labels, None if whole_train else train_index),
-        val=_take(data.train_images, data.train_labels, val_index),
-        test=_take(data.test_images, data.test_labels, test_index),
-        classes=data.classes, mean=data.mean, std=data.std,
+        train=_take(data, "train", None if whole_train else train_index),
+        val=_take(data, "train", val_index),
+        test=_take(data, "test", test_index),
+        classes=data.classes, mean=data.mean, std=data.std, streaming=streaming,
     )

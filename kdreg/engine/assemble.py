@@ -25,11 +25,11 @@ from kdreg import normalise
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.create import create
-from kdreg.data.loading import read_data
+from kdreg.data.loading import PROVIDED, source_shape
 from kdreg.data.splits import Splits
 from kdreg.downloads import no_downloads
 from kdreg.engine import checkpoint
-from kdreg.errors import CheckpointError, RecipeError, UserError
+from kdreg.errors import CheckpointError, DataError, RecipeError, UserError
 from kdreg.graph import TeacherGraph, parse_external_node
 from kdreg.options import bind
 from kdreg.recipe import PluginSpec, Recipe, StageConfig, TrainConfig
@@ -246,15 +246,16 @@ def output_classes(model: FlexibleBackbone) -> int:
 def validation_shape(recipe: Recipe) -> tuple[DataShape | None, str]:
     """The data's real shape when it can be read, else the dataset's declared one (or None), and
     a line that says which."""
-    try:
-        data = read_data(attrs.evolve(recipe.data, download=False))  # validation never downloads
-        _, chans, h, w = data.train_images.shape
-        return (DataShape(len(data.classes), int(chans), (int(h), int(w)), data.mean, data.std),
-                "the data's shape")
-    except UserError as exc:
-        why = exc.problems[0] if exc.problems else "unreadable"
     registry = get_registry("dataset")
     entry = registry.get(recipe.data.dataset) if recipe.data.dataset in registry else None
+    try:
+        classes, chans, size, mean, std = source_shape(attrs.evolve(recipe.data, download=False))
+        return DataShape(classes, chans, size, mean, std), "the data's shape"  # never downloads
+    except DataError as exc:
+        if (entry is not None and entry.shape is None
+                and Path(recipe.data.root).expanduser().exists()):
+            raise  # the data is there but malformed: a problem validation can report now
+        why = exc.problems[0] if exc.problems else "unreadable"
     if entry is not None and entry.shape is not None:
         classes, chans, h, w = entry.shape
         return DataShape(classes, chans, (h, w)), f"the declared shape of {entry.name!r} ({why})"
@@ -288,7 +289,7 @@ def _data_problems(recipe: Recipe) -> list[str]:
         return [f"{datasets.unknown_message(recipe.data.dataset)} @ recipe.data.dataset"]
     entry = datasets.get(recipe.data.dataset)
     try:
-        bind(entry.factory, recipe.data.options, provided={"root": Path(), "download": False},
+        bind(entry.factory, recipe.data.options, provided={k: None for k in PROVIDED},
              path="recipe.data.options", what=f"dataset {entry.name!r}")
     except UserError as exc:
         return exc.problems

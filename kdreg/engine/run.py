@@ -8,10 +8,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
-from kdreg.data.loading import load_data
+from kdreg.data.loading import describe, load_data
 from kdreg.data.splits import Splits
 from kdreg.engine import checkpoint, distributed
 from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
@@ -121,6 +123,7 @@ class Run:
             "seed": recipe.seed,
             "device": str(self.device),
             "plugins": plugins.plugin_versions(self.pm),
+            "data": describe(splits),
             "stages": [],
             "finished": False,
         }
@@ -143,6 +146,9 @@ class Run:
             if plan.name not in done and main:
                 self.pm.hook.kdreg_stage_finished(run=self, stage=plan.name, result=result)
         self.results["finished"] = True
+        if splits.streaming is not None:   # unreadable images skipped, by every process
+            skipped = torch.tensor([float(splits.streaming.counter.skipped)], device=self.device)
+            self.results["data"]["skipped_images"] = int(distributed.all_reduce_sum(skipped).item())
         self._write_results()
         if main:
             self.pm.hook.kdreg_run_finished(run=self, results=self.results)

@@ -40,6 +40,12 @@ class StepOutput:
     correct: Tensor  # [n] correct predictions per sub-model
 
 
+def hard_labels(y: Tensor) -> Tensor:
+    """Class indices ``[B]``: ``y`` itself, or the largest share of mixed targets ``[B, C]`` (the
+    training accuracy under mixup / CutMix counts the dominant class)."""
+    return y if y.dim() == 1 else y.argmax(-1)
+
+
 def multi_pass_backward(
     model: FlexibleBackbone | Runner,
     x: Tensor,
@@ -58,6 +64,7 @@ def multi_pass_backward(
     teachers.update(external or {})
     total = torch.zeros((), device=x.device)
     correct = torch.zeros(n, dtype=torch.long, device=x.device)
+    hard = hard_labels(y)
     for i in reversed(range(n)):
         with run.no_sync() if i > 0 else contextlib.nullcontext():
             with autocast(x.device, loss.dtype):
@@ -66,7 +73,7 @@ def multi_pass_backward(
                                divergence=loss.divergence)
             loss.backward(li)
         total += li.detach()
-        correct[i] = (logits.detach().argmax(-1) == y).sum()
+        correct[i] = (logits.detach().argmax(-1) == hard).sum()
         if i in needed_until:
             teachers[i] = logits.detach()
         for t, last in list(needed_until.items()):
@@ -88,7 +95,8 @@ def single_pass_backward(
     total = distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau,
                               divergence=loss.divergence, external=external)
     loss.backward(total)
-    correct = torch.stack([(a.detach().argmax(-1) == y).sum() for a in logits])
+    hard = hard_labels(y)
+    correct = torch.stack([(a.detach().argmax(-1) == hard).sum() for a in logits])
     return StepOutput(total.detach(), correct)
 
 
@@ -160,7 +168,7 @@ def bridge_backward(
                                    divergence=loss.divergence, external=external)
     total = bridge.alpha * term + (1.0 - bridge.alpha) * graph_loss
     loss.backward(total)
-    correct = (logits.detach().argmax(-1) == y).sum().reshape(1)
+    correct = (logits.detach().argmax(-1) == hard_labels(y)).sum().reshape(1)
     return StepOutput(total.detach(), correct)
 
 

@@ -16,7 +16,9 @@ from tqdm import tqdm
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.data.batches import BatchLoader
+from kdreg.data.loading import batches
 from kdreg.data.splits import Splits
+from kdreg.data.streaming import StreamLoader
 from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory
@@ -69,9 +71,8 @@ class StageTrainer:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
         world = distributed.world_size()
-        self.train_loader = BatchLoader(s.train.images, s.train.labels, batch_size=self.batch_size // world,
-                                        device=self.device, train=True, seed=self.seed,
-                                        rank=distributed.rank(), world_size=world)
+        self.train_loader = batches(s, "train", batch_size=self.batch_size // world, device=self.device,
+                                    train=True, seed=self.seed, rank=distributed.rank(), world_size=world)
         if len(self.train_loader) == 0:
             raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
         self.runner = build_runner(self.model, self.bridge, self.device, sync_bn=cfg.sync_bn,
@@ -82,7 +83,7 @@ class StageTrainer:
     def checkpoint_dir(self) -> Path:
         return self.directory / "checkpoints" / self.name
 
-    def eval_loader(self, part: str) -> BatchLoader:
+    def eval_loader(self, part: str) -> BatchLoader | StreamLoader:
         return eval_loader(self.splits, part, self.eval_batch_size, self.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -209,13 +210,11 @@ class StageTrainer:
         return self.state
 
 
-def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device) -> BatchLoader:
+def eval_loader(splits: Splits, part: str, batch_size: int, device: torch.device) -> BatchLoader | StreamLoader:
     """Fixed-order, unaugmented batches of ``splits.<part>`` (``val`` or ``test``) on ``device``,
-    unnormalised (each model normalises its own input)."""
-    ts = getattr(splits, part)
-    return BatchLoader(ts.images, ts.labels, batch_size=batch_size,
-                       device=device, train=False, seed=0, rank=distributed.rank(),
-                       world_size=distributed.world_size())
+    unnormalised (each model normalises its own input); this process's shard under torchrun."""
+    return batches(splits, part, batch_size=batch_size, device=device, train=False, seed=0,
+                   rank=distributed.rank(), world_size=distributed.world_size())
 
 
 def stderr_is_terminal() -> bool:

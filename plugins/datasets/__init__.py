@@ -6,20 +6,24 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kdreg.data.sources import ImageData, cache_dir
+from kdreg.data.sources import ImageData, ImageStream, cache_dir
 from kdreg.errors import DataError, OptionError
 from kdreg.hookspecs import hookimpl
 
 from .cifar import cifar10, cifar100
 from .folder import MAX_IMAGE_PIXELS, extract_archive, load_image_folder
+from .stream import folder_stream
 from .synthetic import synthetic
 
 SAMPLE = "cifar10_sample.tar"
 
 
 def imagefolder(*, root: Path, download: bool = False, mode: str = "RGB",
-                max_image_pixels: int = MAX_IMAGE_PIXELS, use_cache: bool = True) -> ImageData:
-    """Images in root/train/<class>/ and root/test/<class>/ (or a .tar/.tar.gz of that layout).
+                max_image_pixels: int = MAX_IMAGE_PIXELS, use_cache: bool = True,
+                in_memory: bool | str = "auto") -> ImageData | ImageStream:
+    """Images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or a .tar/.tar.gz
+    of that layout), of any sizes: decoded for the in-memory path (``data.in_memory``: true, or
+    "auto" with small images of one size), else a stream read image by image.
 
     An image of more than ``max_image_pixels`` pixels (PIL's default limit) is refused before it
     is decoded (a decompression bomb); ``use_cache = false`` decodes again instead of reading the
@@ -28,8 +32,8 @@ def imagefolder(*, root: Path, download: bool = False, mode: str = "RGB",
     if int(max_image_pixels) != max_image_pixels or max_image_pixels < 1:
         raise OptionError(f"max_image_pixels must be an integer >= 1, got {max_image_pixels!r}",
                           key="max_image_pixels")
-    return load_image_folder(root, mode=mode, max_image_pixels=int(max_image_pixels),
-                             use_cache=use_cache)
+    return folder_stream(root, mode=mode, max_image_pixels=int(max_image_pixels),
+                         use_cache=use_cache, in_memory=in_memory)
 
 
 def cifar10_sample(*, root: Path, download: bool = False) -> ImageData:

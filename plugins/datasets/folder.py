@@ -86,10 +86,10 @@ def resolve_root(root: Path) -> Path:
 
 def _layout_root(folder: Path) -> Path:
     """``folder``, or its only sub-folder when the train/ and test/ folders sit one level down."""
-    if any((folder / s).is_dir() for s in SPLITS):
+    if any((folder / s).is_dir() for s in (*SPLITS, "val")):
         return folder
     subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in SPLITS):
+    if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in (*SPLITS, "val")):
         return subdirs[0]
     return folder
 
@@ -197,12 +197,20 @@ def _image_files(folder: Path, prefix: str, label: int) -> list[Entry]:
     return found
 
 
+def split_folder(folder: Path, split: str) -> str:
+    """The folder name of ``split`` under ``folder``: ``train``; ``test``, or ``val`` when there is
+    a ``val/`` and no ``test/`` (ImageNet's layout)."""
+    if split == "test" and not (folder / "test").is_dir() and (folder / "val").is_dir():
+        return "val"
+    return split
+
+
 def scan(folder: Path) -> tuple[dict[str, list[Entry]], tuple[str, ...]]:
     """``({split: [(relative path, label), ...]}, classes)``; DataError for a malformed layout."""
     files: dict[str, list[Entry]] = {}
     class_lists: dict[str, list[str]] = {}
     for split in SPLITS:
-        split_dir = folder / split
+        split_dir = folder / split_folder(folder, split)
         if not split_dir.is_dir():
             raise DataError(f"expected {split_dir}/<class>/*.jpg (one folder of .jpg/.jpeg/.png "
                             f"images per class); {split_dir} is missing")
@@ -213,7 +221,7 @@ def scan(folder: Path) -> tuple[dict[str, list[Entry]], tuple[str, ...]]:
                             f"found none")
         entries = []
         for label, name in enumerate(classes):
-            found = _image_files(split_dir / name, f"{split}/{name}", label)
+            found = _image_files(split_dir / name, f"{split_dir.name}/{name}", label)
             if not found:
                 raise DataError(f"expected image files ({', '.join(IMAGE_SUFFIXES)}) in "
                                 f"{split_dir / name}; found none")
@@ -223,8 +231,10 @@ def scan(folder: Path) -> tuple[dict[str, list[Entry]], tuple[str, ...]]:
     if train != test:
         only_train = sorted(set(train) - set(test)) or ["-"]
         only_test = sorted(set(test) - set(train)) or ["-"]
-        raise DataError(f"{folder}/train and {folder}/test must hold the same class folders; only "
-                        f"in train: {', '.join(only_train)}; only in test: {', '.join(only_test)}")
+        test_dir = split_folder(folder, "test")
+        raise DataError(f"{folder}/train and {folder}/{test_dir} must hold the same class folders; "
+                        f"only in train: {', '.join(only_train)}; only in {test_dir}: "
+                        f"{', '.join(only_test)}")
     return files, tuple(train)
 
 

@@ -1,0 +1,270 @@
+"""The streamed path: encoded images decoded and augmented by a DataLoader's worker processes.
+
+:class:`StreamLoader` reads one set of a stream (:class:`kdreg.data.splits.StreamSet`) through
+``torch.utils.data.DataLoader``: ``workers`` processes decode (PIL) and transform the images
+(:mod:`kdreg.data.transforms`), pinned memory on CUDA, persistent workers and prefetching for
+training. Its :class:`ShardSampler` gives each process under torchrun its own shard (no process
+opens another's images) and draws each epoch's order and every image's augmentation seed from
+``kdreg.streams.stream_seed(seed, epoch)``, so an epoch is the same whatever the number of workers
+and the order they finish in: a run is reproducible and resumes bit-identically at epoch
+boundaries. Batches reach the device unnormalised (float32 in [0, 1]).
+
+Bad images: a file PIL cannot read stops the run naming the file; with ``skip_bad`` it is left out
+of its batch and counted (:attr:`StreamLoader.skipped`). Setting ``KDREG_DATA_LOG`` to a folder
+makes every process append each file it opens to ``<folder>/rank-<rank>.log`` (an audit of who
+reads what).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kdreg.data.splits import StreamSet
+from kdreg.data.transforms import BatchMix, Transform, seeded
+from kdreg.errors import DataError
+from kdreg.streams import stream_seed
+
+LOG_ENV = "KDREG_DATA_LOG"
+_SEEDS = 2**62
+
+
+def default_workers(world_size: int = 1) -> int:
+    """Worker processes per training process when the recipe sets none: the cores this process
+    may use, shared by the processes of the machine, at most 8 (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(world_size, 1)))
+
+
+@attrs.define(eq=False)
+class Counter:
+    """Images skipped as unreadable, over every loader of a run (results.json's count)."""
+
+    skipped: int = 0
+
+
+@attrs.frozen(eq=False)
+class Streaming:
+    """How a streamed run reads its images: the transforms, the batch mix, the workers."""
+
+    image_size: tuple[int, int]
+    in_chans: int
+    augment: str                             # cifar | imagenet
+    train_transform: Transform
+    eval_transform: Transform
+    workers: int
+    skip_bad: bool = False
+    mix: Any = None                          # augment config for a BatchMix, when it mixes
+    counter: Counter = attrs.field(factory=Counter)
+
+
+class ShardSampler(Sampler[tuple[int, int]]):
+    """``(position, augmentation seed)`` of this process's images of an epoch.
+
+    Training: the epoch's permutation of all ``n`` images (and a seed per image) drawn from
+    ``stream_seed(seed, epoch)``; the first ``n - n % world_size`` are dealt out round-robin, so
+    the processes' shards are disjoint and equal, as the in-memory path deals them. Evaluation:
+    positions ``rank, rank + world_size, ...`` in order, seed 0.
+    """
+
+    def __init__(self, n: int, *, train: bool, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.n, self.train, self.seed = int(n), bool(train), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def draws(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """The epoch's permutation and per-position seeds, for every process."""
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, int(epoch)))
+        return torch.randperm(self.n, generator=gen), torch.randint(0, _SEEDS, (self.n,), generator=gen)
+
+    def shard(self) -> tuple[Tensor, Tensor]:
+        if not self.train:
+            positions = torch.arange(self.n)[self.rank::self.world_size]
+            return positions, torch.zeros_like(positions)
+        perm, seeds = self.draws(self.epoch)
+        usable = self.n - self.n % self.world_size
+        return perm[:usable][self.rank::self.world_size], seeds[:usable][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        positions, seeds = self.shard()
+        return iter(zip(positions.tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        if not self.train:
+            return len(range(self.rank, self.n, self.world_size))
+        return self.n // self.world_size
+
+
+def _name(reader: Any, index: int) -> str:
+    filename = getattr(reader, "filename", None)
+    if callable(filename):
+        try:
+            return str(filename(index, absolute=True))
+        except TypeError:
+            return str(filename(index))
+    return f"image {index}"
+
+
+def open_image(image: Any, mode: str) -> Image.Image:
+    """A reader's image (a path, a binary file, bytes or a PIL image) as a loaded PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert(mode)
+    if isinstance(image, bytes | bytearray):
+        image = io.BytesIO(image)
+    with Image.open(image) as img:
+        img.load()
+        return img.convert(mode)
+
+
+class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
+    """One set of a stream: item ``(position, seed)`` is its image decoded and transformed with
+    the global RNGs seeded from ``seed``, with its label: ``(uint8 [C, H, W], label, None)``, or
+    ``(None, label, why)`` for an image that cannot be read."""
+
+    def __init__(self, data: StreamSet, transform: Transform, mode: str = "RGB"):
+        self.reader, self.transform, self.mode = data.reader, transform, mode
+        self.index = data.index.tolist()
+        self.labels = data.labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
+        position, seed = item
+        i = self.index[position]
+        log = os.environ.get(LOG_ENV)
+        try:
+            image, _ = self.reader[i]
+            if log:
+                _log(Path(log), _name(self.reader, i))
+            try:
+                with seeded(seed):
+                    x = self.transform(open_image(image, self.mode))
+            finally:
+                close = getattr(image, "close", None)
+                if callable(close):
+                    close()
+        except Exception as exc:  # noqa: BLE001 - any decoding failure names the file
+            why = str(exc).strip().splitlines()
+            return None, self.labels[position], (f"cannot read {_name(self.reader, i)}: "
+                                                 f"{type(exc).__name__}: {why[0] if why else ''}")
+        return x, self.labels[position], None
+
+
+def _log(folder: Path, name: str) -> None:
+    rank = os.environ.get("RANK", "0") or "0"
+    with open(folder / f"rank-{rank}.log", "a") as out:
+        out.write(name + "\n")
+
+
+def collate(items: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor, Tensor, list[str]]:
+    """The readable images stacked, their labels, and why the others could not be read."""
+    good = [(x, y) for x, y, why in items if why is None and x is not None]
+    problems = [why for _, _, why in items if why is not None]
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), problems
+    return (torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long),
+            problems)
+
+
+class StreamLoader:
+    """Batches of one streamed set on ``device``, float32 in [0, 1] (see the module docstring).
+
+    The interface of :class:`kdreg.data.batches.BatchLoader`: ``set_epoch``, ``len``, iteration
+    yielding ``(x, y)`` (``y`` soft targets ``[B, classes]`` under mixup / CutMix). ``drop_last``
+    defaults to True when training (if this process has at least one full batch).
+    """
+
+    def __init__(self, data: StreamSet, streaming: Streaming, *, batch_size: int,
+                 device: torch.device | str, train: bool, seed: int, num_classes: int,
+                 rank: int = 0, world_size: int = 1, drop_last: bool | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.train, self.seed = bool(train), int(seed)
+        self.batch_size = int(batch_size)
+        self.streaming = streaming
+        self.sampler = ShardSampler(len(data), train=train, seed=seed, rank=rank,
+                                    world_size=world_size)
+        shard = len(self.sampler)
+        self.drop_last = (self.train and shard >= batch_size) if drop_last is None else drop_last
+        self._shard = shard
+        self.epoch = 0
+        self._announced, self._iterated = True, False
+        workers = streaming.workers
+        transform = streaming.train_transform if train else streaming.eval_transform
+        self.loader: DataLoader[Any] = DataLoader(
+            StreamDataset(data, transform, "RGB" if streaming.in_chans == 3 else "L"),
+            batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
+            persistent_workers=train and workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+        self.mix: BatchMix | None = None
+        if train and streaming.mix is not None:
+            self.mix = BatchMix(streaming.mix, num_classes, self.device)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self._shard // self.batch_size
+        return math.ceil(self._shard / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._announced = True
+
+    @property
+    def skipped(self) -> int:
+        return self.streaming.counter.skipped
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.train:
+            if self._iterated and not self._announced:
+                self.epoch += 1
+            self._iterated, self._announced = True, False
+        self.sampler.set_epoch(self.epoch)
+        batches = iter(self.loader)
+        step = 0
+        while True:
+            try:
+                x, y, problems = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc):
+                    raise
+                raise DataError(f"a data loader worker process died ({str(exc).splitlines()[0]}); "
+                                "too little memory for data.workers processes? lower it "
+                                "@ recipe.data.workers") from None
+            if problems:
+                if not self.streaming.skip_bad:
+                    raise DataError(f"{problems[0]} (data.skip_bad_images = true skips unreadable "
+                                    "images) @ recipe.data.root")
+                self.streaming.counter.skipped += len(problems)
+                if len(y) == 0:
+                    raise DataError(f"every image of a batch is unreadable, e.g. {problems[0]} "
+                                    "@ recipe.data.root")
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
+            y = y.to(self.device, non_blocking=True)
+            if self.mix is not None:
+                x, y = self.mix(x, y, stream_seed(self.seed, self.epoch, "batch", step))
+            step += 1
+            yield x, y
+

@@ -1,0 +1,111 @@
+"""``imagefolder`` as a stream: the folder is scanned, never decoded whole.
+
+The files of ``train/<class>/`` and ``test/<class>/`` (or ``val/<class>/``) are listed with their
+labels; images are opened one at a time by the loader's workers, through a timm dataset reader
+(:class:`FileReader`), so they may have any size and memory does not grow with the data set. A
+folder whose images turn out small and of one size can still be decoded whole (the stream's
+``decode``: kdreg's in-memory path, ``data.in_memory``); one decoded before (its decode cache) is
+returned decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from timm.data.readers.reader import Reader
+
+from kdreg.data.sources import ImageData, ImageStream
+from kdreg.errors import OptionError
+
+from .folder import (
+    MAX_IMAGE_PIXELS,
+    MODES,
+    SPLITS,
+    Entry,
+    _read_cache,
+    cache_key,
+    check_image_size,
+    load_image_folder,
+    resolve_root,
+    scan,
+)
+
+#: How many training images' headers are read to guess whether they all have one size.
+PROBES = 32
+
+
+class FileReader(Reader):
+    """timm's dataset reader interface over a list of ``(file, label)``: ``reader[i]`` is the
+    open file and its label; a file of more than ``max_pixels`` pixels is refused before it is
+    decoded."""
+
+    def __init__(self, root: Path, entries: list[Entry], max_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__()
+        self.root = root
+        self.samples = [(rel, label) for rel, label, *_ in entries]
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        rel, label = self.samples[index]
+        path = self.root / rel
+        check_image_size(path, self.max_pixels)
+        return open(path, "rb"), label
+
+    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        rel = self.samples[index][0]
+        if basename:
+            return Path(rel).name
+        return str(self.root / rel) if absolute else rel
+
+
+def one_size(folder: Path, entries: list[Entry],
+             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int] | None:
+    """``(H, W)`` of the images when the headers of :data:`PROBES` of them, spread over the set,
+    agree (None when they differ); an unreadable header or an image of more than ``max_pixels``
+    pixels among them is a :class:`DataError` naming it."""
+    step = max(1, len(entries) // PROBES)
+    sizes = set()
+    for rel, *_ in entries[::step][:PROBES]:
+        check_image_size(folder / rel, max_pixels)
+        with Image.open(folder / rel) as img:
+            sizes.add((img.height, img.width))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS,
+                  in_memory: bool | str = "auto") -> ImageData | ImageStream:
+    """The images under ``root`` (a folder or an archive of one): decoded (and cached) when
+    ``in_memory`` is true, or ``"auto"`` and the training images' headers agree on one size
+    (:func:`one_size`) and they are few enough (kdreg's :data:`kdreg.data.loading.IN_MEMORY_LIMIT`);
+    else a stream. A folder decoded before (its decode cache) is returned decoded."""
+    from kdreg.data.loading import IN_MEMORY_LIMIT
+
+    if mode not in MODES:
+        raise OptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
+    folder = resolve_root(Path(root).expanduser())
+    files, classes = scan(folder)
+    if use_cache:
+        cached = _read_cache(folder, cache_key(folder, files, mode), mode)
+        if cached is not None:
+            return cached
+    train, test = (files[s] for s in SPLITS)
+
+    def decode() -> ImageData:
+        return load_image_folder(folder, mode=mode, use_cache=use_cache,
+                                 max_image_pixels=max_image_pixels)
+
+    if in_memory is True:
+        return decode()
+    size = one_size(folder, train, max_image_pixels) if in_memory == "auto" else None
+    if size is not None and len(train) * MODES[mode] * size[0] * size[1] <= IN_MEMORY_LIMIT:
+        return decode()
+    return ImageStream(train=FileReader(folder, train, max_image_pixels),
+                       test=FileReader(folder, test, max_image_pixels), classes=classes,
+                       train_labels=[e[1] for e in train], test_labels=[e[1] for e in test],
+                       in_chans=MODES[mode], decode=decode, image_size=size)
