@@ -193,11 +193,26 @@ def kdreg_register_bridges(register: Register) -> None:
 def kdreg_register_datasets(register: Register) -> None:
     """Register data sources.
 
-    ``register(name, factory, description="")`` where ``factory(*, root: pathlib.Path, **options)
-    -> kdreg.data.ImageData`` returns decoded images as uint8 tensors ``[N, C, H, W]`` with integer
-    labels, the class names and the normalisation statistics. kdreg does the validation split,
-    subsetting, batching and augmentation. A missing or malformed folder should raise
-    ``kdreg.errors.DataError`` saying what was expected where.
+    ``register(name, factory, description="")`` where ``factory(*, root: pathlib.Path, **options)``
+    returns one of two things:
+
+    - ``kdreg.data.ImageData``: decoded images as uint8 tensors ``[N, C, H, W]`` with integer
+      labels, the class names and the normalisation statistics (the in-memory path: the images
+      move to the training device once and are augmented there; for small sets of one size);
+    - ``kdreg.data.ImageStream``: readers of encoded images (timm's dataset reader interface:
+      ``len(reader)``, ``reader[i] -> (path, open file, bytes or PIL image, label)``, optionally
+      ``reader.filename(i)``) for ``train`` and ``test``, every image's label in reader order, the
+      class names, the statistics (default ImageNet's), and optionally ``decode`` (the whole set
+      as ``ImageData``) and ``image_size`` (when all images have one size). The streamed path
+      opens one image at a time in DataLoader worker processes, each torchrun process its own
+      shard; images may have any size.
+
+    kdreg does the validation split, subsetting, batching, augmentation and normalisation (each
+    model normalises its own input). A missing or malformed folder should raise
+    ``kdreg.errors.DataError`` saying what was expected where. A factory that declares
+    ``in_memory`` learns the recipe's ``data.in_memory`` (``True``, ``False`` or ``"auto"``;
+    ``False`` when the recipe's augmentation needs the streamed path) and may decode only when it
+    is not ``False``.
 
     A data source whose images always have the same shape declares it,
     ``register(name, factory, description, shape=(num_classes, channels, height, width))``, so that
