@@ -169,16 +169,16 @@ def _tagged(model: str, cfg: Any) -> str:
 
 
 def weights_reachable(model: str, cfg: Any, key: str) -> bool:
-    """Whether the pretrained weights of ``model`` are to be loaded now: always when downloads are
-    allowed, from the cache only during validation. Raises an :class:`OptionError` when the model
-    has no pretrained weights, and when the Hugging Face hub is offline (``HF_HUB_OFFLINE``) and
-    the weights are not in its cache."""
+    """Whether to load the pretrained weights of ``model`` now: when downloads are allowed, not
+    during validation (which builds the model without them, cached or not). Raises an
+    :class:`OptionError` when the model has no pretrained weights, and when the Hugging Face hub
+    is offline (``HF_HUB_OFFLINE``) and the weights are not in its cache."""
     import timm
     from huggingface_hub import constants
 
     if cfg is None or not cfg.has_weights:
         arch = model.split(".", 1)[0]
-        tagged = [name for name in timm.list_pretrained(f"{arch}.*")]
+        tagged = timm.list_pretrained(f"{arch}.*")
         others = f"; its tags with weights: {', '.join(tagged)}" if tagged else ""
         raise OptionError(f"timm model {model!r} has no pretrained weights{others} (for random "
                           "weights set pretrained = false, or give pretrained_file)", key=key)
