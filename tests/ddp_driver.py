@@ -3,6 +3,10 @@
     torchrun --nproc_per_node 2 tests/ddp_driver.py grads RECIPE OUT_FILE
         one training step's gradients (every BatchNorm in eval mode, so the combined batch gives
         the same gradients whatever the split) and how often each DDP bucket was all-reduced
+    torchrun --nproc_per_node 2 tests/ddp_driver.py grads-train RECIPE OUT_FILE
+        the same with the trained modules in train mode (BatchNorm normalises each process's
+        shard by the shard's own statistics); each rank also writes the shard it trained on to
+        OUT_FILE.rank<r>
     torchrun --nproc_per_node 2 tests/ddp_driver.py interrupt RECIPE RUN_DIR
         a run stopped (as Ctrl-C would) after its first epoch
 """
@@ -26,10 +30,22 @@ from kdreg.hookspecs import hookimpl
 from kdreg.stages import freeze
 
 
-def step_gradients(recipe_path: str) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
-    """The gradients of one step of the recipe's last stage on its first batch (its model's and
-    its bridge's; earlier stages frozen as they were built), and the number of all-reduces of each
-    gradient bucket (empty in one process)."""
+def step_gradients(recipe_path: str, *, train_mode: bool = False,
+                   batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    """The gradients of one step of the recipe's last stage (its model's and its bridge's; earlier
+    stages frozen as they were built) and the number of all-reduces of each gradient bucket (empty
+    in one process): :func:`step` without its batch."""
+    grads, reduced, _ = step(recipe_path, train_mode=train_mode, batch=batch)
+    return grads, reduced
+
+
+def step(recipe_path: str, *, train_mode: bool = False, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+         ) -> tuple[dict[str, torch.Tensor], dict[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`step_gradients` and the batch this process stepped on (on the CPU): ``batch`` when
+    given, else this process's share of the first training batch. ``train_mode``: the trained
+    modules in train mode (BatchNorm on the batch's own statistics); otherwise in eval mode
+    (running statistics: the same gradients for any split of the batch)."""
     run = Run.start(recipe_path, Path("unused-run-dir"), progress=False)
     splits = load_data(run.recipe.data)
     plans = [p.to(run.device) for p in assemble(run.recipe, DataShape.of(splits), seed=run.recipe.seed)]
@@ -45,14 +61,17 @@ def step_gradients(recipe_path: str) -> tuple[dict[str, torch.Tensor], dict[int,
 
         trainer.runner.ddp.register_comm_hook(None, counting)
     for module in plan.modules():
-        module.eval()     # running statistics: the same gradients for any split of the batch
-    trainer.train_loader.set_epoch(0)
-    x, y = next(iter(trainer.train_loader))
+        module.train(train_mode)
+    if batch is None:
+        trainer.train_loader.set_epoch(0)
+        x, y = next(iter(trainer.train_loader))
+    else:
+        x, y = (t.to(run.device) for t in batch)
     trainer.optimizer.zero_grad(set_to_none=True)
     stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers, trainer.bridge)
     grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in enumerate(plan.modules())
              for n, p in m.named_parameters() if p.grad is not None}
-    return grads, dict(reduced)
+    return grads, dict(reduced), (x.detach().cpu(), y.detach().cpu())
 
 
 class Interrupt:
@@ -63,8 +82,10 @@ class Interrupt:
 
 
 def main(mode: str, recipe: str, out: str) -> None:
-    if mode == "grads":
-        grads, reduced = step_gradients(recipe)
+    if mode in ("grads", "grads-train"):
+        grads, reduced, shard = step(recipe, train_mode=mode == "grads-train")
+        if mode == "grads-train":
+            torch.save(shard, f"{out}.rank{distributed.rank()}")
         if distributed.is_main():
             torch.save({"grads": grads, "reduced": reduced, "world": distributed.world_size()}, out)
     elif mode == "interrupt":

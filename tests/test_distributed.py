@@ -101,6 +101,53 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
 
 
+@pytest.mark.parametrize("backbone", ["tiny_slimmable", "stc"])
+def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
+        smoke_recipe, tmp_path: Path, backbone: str) -> None:  # type: ignore[no-untyped-def]
+    """BatchNorm in train mode normalises each process's shard by that shard's own statistics
+    (no SyncBatchNorm on the CPU), so two processes do not compute the gradient of the combined
+    batch. What they do compute, and what this asserts: after the all-reduce every gradient
+    (every width's private BatchNorm; an STC student's BatchNorms and its adapter's) is the mean
+    of the two one-process gradients, each taken in train mode on one process's shard alone.
+    The one-process gradient of the combined batch differs from it (BatchNorm's statistics
+    depend on the batch), so the comparison would catch a combined-batch normalisation too."""
+    if backbone == "stc":
+        recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
+        text = recipe.read_text()
+        recipe.write_text(text[:text.index("[[stages]]")] + STC)
+    else:
+        recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
+    out = tmp_path / "grads.pt"
+    proc = _torchrun_step(str(DRIVER), "grads-train", str(recipe), str(out))
+    assert proc.returncode == 0, _why(proc)
+    two = torch.load(out, weights_only=False)
+    shards = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    assert two["world"] == 2 and [len(y) for _, y in shards] == [16, 16]   # batch_size 32 in halves
+    assert not torch.equal(shards[0][0], shards[1][0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # as the workers (OMP_NUM_THREADS=1): the same CPU kernels
+    try:
+        halves = [step_gradients(str(recipe), train_mode=True, batch=shard)[0] for shard in shards]
+        combined, _ = step_gradients(str(recipe), train_mode=True, batch=(
+            torch.cat([shards[0][0], shards[1][0]]), torch.cat([shards[0][1], shards[1][1]])))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(two["grads"]) == set(halves[0]) == set(halves[1]) == set(combined)
+    bn = [n for n in combined if ".bn" in n or "bn" in n.split(".")[-2] or n.startswith("1.adapter.1.")]
+    if backbone == "tiny_slimmable":
+        assert len(bn) >= 8        # per-width BatchNorm parameters are among the compared gradients
+    else:
+        assert {"1.adapter.0.weight", "1.adapter.1.weight", "1.adapter.1.bias"} <= set(combined)
+    for name in combined:
+        mean = (halves[0][name] + halves[1][name]) / 2
+        torch.testing.assert_close(two["grads"][name], mean, rtol=1e-5, atol=1e-7, msg=name)
+    # BatchNorm in train mode matters here: the combined batch's gradients are not these
+    differs = [n for n in combined
+               if not torch.allclose(combined[n], two["grads"][n], rtol=1e-3, atol=1e-5)]
+    assert len(differs) > len(combined) // 2, differs
+    assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
+
+
 def test_a_two_process_run_writes_one_set_of_files_and_resumes_under_torchrun(
         smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     recipe = smoke_recipe(epochs=2)
