@@ -18,6 +18,7 @@ MODULES = [
     "msdnet",
     "timm_adapter",
     "exits",
+    "slimmable_derived",
 ]
 
 
