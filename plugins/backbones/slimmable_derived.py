@@ -1356,5 +1356,7 @@ def _segment(gm: fx.GraphModule, cuts: dict[str, str], start: str | None,
         if i == last:
             graph.output(env[node])
             break
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph, class_name="SlimmableSegment")
+    segment = fx.GraphModule(gm, graph, class_name="SlimmableSegment")
+    segment.graph.eliminate_dead_code()
+    segment.recompile()
+    return segment
