@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -382,3 +383,11 @@ def test_the_shipped_recipe_runs_tiny(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert all(label in out for label in ("x0.25", "x0.5", "x0.75", "x1.0")), out
+    # one width of the trained run as a plain network, through kdreg export's own checks
+    net = tmp_path / "x0.5.pt2"
+    assert main(["export", str(tmp_path / "run"), "--submodel", "x0.5", "--out", str(net)]) == 0
+    info = json.loads(net.with_suffix(".json").read_text())
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["stages"][0]
+    assert info["label"] == "x0.5" and info["params"] == results["params"][1]
+    program = torch.export.load(net).module()
+    assert tuple(program(torch.rand(2, 3, *SIZE)).shape) == (2, 3)
