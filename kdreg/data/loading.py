@@ -4,6 +4,7 @@ splits (:func:`load_data`) and a set's batches on that path (:func:`batches`).""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,14 @@ def read_data(config: Any, *, pm_registry: Any = None) -> ImageData | ImageStrea
                             f"@ recipe.data.options.{reserved}")
     download = bool(config.download)
     registry = _resolve_registry(pm_registry)
-    provided = {"root": Path(str(config.root)).expanduser(), "download": download,
-                "in_memory": wanted_in_memory(config)}
-    if download:
-        entry = (registry or get_registry("dataset")).get(config.dataset)
-        if "download" not in accepted_options(entry.factory):
-            raise UserError(f"dataset {config.dataset!r} cannot download; set data.download = false "
-                            "@ recipe.data.download")
+    provided: dict[str, Any] = {"root": Path(str(config.root)).expanduser(), "download": download}
+    datasets = registry or get_registry("dataset")
+    entry = datasets.get(config.dataset) if config.dataset in datasets else None
+    if entry is not None and "in_memory" in inspect.signature(entry.factory).parameters:
+        provided["in_memory"] = wanted_in_memory(config)  # only to a factory that names it
+    if download and entry is not None and "download" not in accepted_options(entry.factory):
+        raise UserError(f"dataset {config.dataset!r} cannot download; set data.download = false "
+                        "@ recipe.data.download")
     try:
         data: ImageData | ImageStream = create(
             "dataset", config.dataset, options, provided=provided, path="recipe.data.options",
@@ -167,6 +169,12 @@ def choose_path(config: Any, source: ImageData | ImageStream) -> str:
     reason, when the source or the augmentation cannot), ``false``, or ``"auto"``: in memory when
     it can and the decoded training set is at most :data:`IN_MEMORY_LIMIT` bytes (a source
     already decoded is in memory already)."""
+    augment = _setting(config, "augment")
+    if str(augment.name) == "cifar":
+        per_image = [k for k in ("auto_augment", "color_jitter") if getattr(augment, k)]
+        if per_image:
+            raise UserError([f"data.augment.{k} goes with name = \"imagenet\" (timm's transform), "
+                             f"not \"cifar\" @ recipe.data.augment.{k}" for k in per_image])
     mode = _setting(config, "in_memory")
     if mode is False:
         return STREAMED

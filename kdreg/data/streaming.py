@@ -51,9 +51,10 @@ def default_workers(world_size: int = 1) -> int:
 
 @attrs.define(eq=False)
 class Counter:
-    """Images skipped as unreadable, over every loader of a run (results.json's count)."""
+    """The images skipped as unreadable (their messages, each naming its file), over every loader
+    of a run (results.json's count)."""
 
-    skipped: int = 0
+    skipped: set[str] = attrs.field(factory=set)
 
 
 @attrs.frozen(eq=False)
@@ -231,7 +232,7 @@ class StreamLoader:
         self._announced = True
 
     @property
-    def skipped(self) -> int:
+    def skipped(self) -> set[str]:
         return self.streaming.counter.skipped
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -257,7 +258,7 @@ class StreamLoader:
                 if not self.streaming.skip_bad:
                     raise DataError(f"{problems[0]} (data.skip_bad_images = true skips unreadable "
                                     "images) @ recipe.data.root")
-                self.streaming.counter.skipped += len(problems)
+                self.streaming.counter.skipped.update(problems)
                 if len(y) == 0:
                     raise DataError(f"every image of a batch is unreadable, e.g. {problems[0]} "
                                     "@ recipe.data.root")

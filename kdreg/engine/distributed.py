@@ -108,6 +108,17 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
+def all_gather(value: T) -> list[T]:
+    """Every process's ``value`` (a picklable object), in rank order."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    out: list[T] = [value] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def shutdown() -> None:
     """Leave the process group cleanly (every process waits for the others first)."""
     import torch.distributed as dist

@@ -8,8 +8,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
@@ -146,9 +144,9 @@ class Run:
             if plan.name not in done and main:
                 self.pm.hook.kdreg_stage_finished(run=self, stage=plan.name, result=result)
         self.results["finished"] = True
-        if splits.streaming is not None:   # unreadable images skipped, by every process
-            skipped = torch.tensor([float(splits.streaming.counter.skipped)], device=self.device)
-            self.results["data"]["skipped_images"] = int(distributed.all_reduce_sum(skipped).item())
+        if splits.streaming is not None:   # the unreadable images every process skipped
+            skipped = set().union(*distributed.all_gather(splits.streaming.counter.skipped))
+            self.results["data"]["skipped_images"] = len(skipped)
         self._write_results()
         if main:
             self.pm.hook.kdreg_run_finished(run=self, results=self.results)

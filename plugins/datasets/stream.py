@@ -5,7 +5,8 @@ labels; images are opened one at a time by the loader's workers, through a timm 
 (:class:`FileReader`), so they may have any size and memory does not grow with the data set. A
 folder whose images turn out small and of one size can still be decoded whole (the stream's
 ``decode``: kdreg's in-memory path, ``data.in_memory``); one decoded before (its decode cache) is
-returned decoded.
+returned decoded. A stream's statistics are those of :data:`STATS_IMAGES` of its training
+images (a truncated or unreadable one among them is left out of them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from timm.data.readers.reader import Reader
 
@@ -34,6 +36,8 @@ from .folder import (
 
 #: How many training images' headers are read to guess whether they all have one size.
 PROBES = 32
+#: How many training images (spread over the set) the statistics of a stream are computed on.
+STATS_IMAGES = 256
 
 
 class FileReader(Reader):
@@ -77,6 +81,27 @@ def one_size(folder: Path, entries: list[Entry],
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def sample_stats(folder: Path, entries: list[Entry], mode: str,
+                 count: int = STATS_IMAGES) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units, over every pixel) of ``count`` training images
+    spread evenly over the set: the data set's statistics without decoding it whole."""
+    chans = MODES[mode]
+    total, squares, pixels = np.zeros(chans), np.zeros(chans), 0
+    step = max(1, len(entries) // count)
+    for rel, *_ in entries[::step][:count]:
+        try:
+            with Image.open(folder / rel) as img:
+                array = np.asarray(img.convert(mode), dtype=np.float64).reshape(-1, chans) / 255.0
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # named (or skipped) when the stream reads it
+        total += array.sum(0)
+        squares += np.square(array).sum(0)
+        pixels += len(array)
+    mean = total / max(pixels, 1)
+    std = np.sqrt(np.clip(squares / max(pixels, 1) - np.square(mean), 0, None))
+    return mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
 def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
                   max_image_pixels: int = MAX_IMAGE_PIXELS,
                   in_memory: bool | str = "auto") -> ImageData | ImageStream:
@@ -105,7 +130,8 @@ def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
     size = one_size(folder, train, max_image_pixels) if in_memory == "auto" else None
     if size is not None and len(train) * MODES[mode] * size[0] * size[1] <= IN_MEMORY_LIMIT:
         return decode()
+    mean, std = sample_stats(folder, train, mode)
     return ImageStream(train=FileReader(folder, train, max_image_pixels),
                        test=FileReader(folder, test, max_image_pixels), classes=classes,
                        train_labels=[e[1] for e in train], test_labels=[e[1] for e in test],
-                       in_chans=MODES[mode], decode=decode, image_size=size)
+                       mean=mean, std=std, in_chans=MODES[mode], decode=decode, image_size=size)
