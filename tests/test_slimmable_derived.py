@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,11 @@ from kdreg.export import Normalised, standalone, to_program
 from kdreg.hookspecs import hookimpl
 from kdreg_plugins.backbones.exits import build_exits
 from kdreg_plugins.backbones.slimmable import SlimmableMixin, SwitchableBatchNorm2d
-from kdreg_plugins.backbones.slimmable_derived import DerivedSlimmable, build_slimmable
+from kdreg_plugins.backbones.slimmable_derived import (
+    DerivedSlimmable,
+    TensorHolder,
+    build_slimmable,
+)
 from kdreg_plugins.backbones.timm_adapter import TimmBackbone, build_timm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,9 +166,15 @@ def test_a_narrow_resnet_is_the_plain_timm_resnet_of_its_channels(index: int, wi
             torch.testing.assert_close(model.forward_submodel(x, index), plain(x))
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_small_050"])
-def test_a_narrow_depthwise_se_network_is_the_eager_network_with_its_first_channels(name: str) -> None:
+@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_small_050", "convnext_atto"])
+def test_a_narrow_network_is_the_eager_network_with_its_first_channels(name: str) -> None:
+    """Depthwise convolutions and squeeze-excitation (MobileNets), LayerNorm and layer scale
+    (ConvNeXt): the width's layers, put into timm's own (untraced) network, give its logits."""
     model = slim(name).eval()
+    with torch.no_grad():  # norms and layer scales start as constants: make each entry its own
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     index = 1
     exported = model.export_submodel(index).graph
     # the exported layers hold the first channels of the shared weights, and their own BN
@@ -173,17 +184,60 @@ def test_a_narrow_depthwise_se_network_is_the_eager_network_with_its_first_chann
             w = full[path].weight
             want = w[:layer.out_channels] if layer.groups > 1 else w[:layer.out_channels, :layer.in_channels]
             assert torch.equal(layer.weight, want), path
+        elif isinstance(layer, (nn.LayerNorm, TensorHolder)):
+            assert torch.equal(layer.weight, full[path].weight[:layer.weight.shape[0]]), path
         elif isinstance(layer, nn.BatchNorm2d) and isinstance(full[path], SwitchableBatchNorm2d):
             assert torch.equal(layer.weight, full[path].bn[index].weight), path
     # timm's own (untraced) forward of the network with those layers in place
     eager = timm.create_model(name, num_classes=C).eval()
     for path, layer in exported.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+        if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)):
             eager.set_submodule(path, layer)
+        elif isinstance(layer, TensorHolder):  # a layer scale: a parameter of its block
+            parent, _, attr = path.rpartition(".")
+            setattr(eager.get_submodule(parent), attr, layer.weight)
     assert sum(p.numel() for p in eager.parameters()) == model.count_params()[index]
     x = batch()
     with torch.no_grad():
         torch.testing.assert_close(model.forward_submodel(x, index), eager(x))
+
+
+class _GroupNormTrunk(FlexibleBackbone):
+    """A trunk of GroupNorms: 4 groups of 4 channels, and one group of 8 (the LayerNorm-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.gn2 = nn.GroupNorm(1, 8)
+        self.fc = nn.Linear(8, C)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        h = torch.relu(self.gn1(self.conv1(x)))
+        h = torch.relu(self.gn2(self.conv2(h)))
+        return [self.fc(h.mean((2, 3)))]
+
+
+def test_group_norm_keeps_its_group_size_or_its_single_group() -> None:
+    torch.manual_seed(0)
+    trunk = _GroupNormTrunk()
+    for gn in (trunk.gn1, trunk.gn2):
+        nn.init.normal_(gn.weight)
+        nn.init.normal_(gn.bias)
+    model = build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=trunk,
+                            widths=[0.3, 0.5, 1.0]).eval()
+    assert model.layer_channels("gn1")[1] == (4, 8, 16)  # int(4.8) = 4: one whole group of 4
+    assert model.layer_channels("gn2")[1] == (2, 4, 8)
+    plain = model.export_submodel(1).graph
+    assert (plain.gn1.num_groups, plain.gn1.num_channels) == (2, 8)
+    assert (plain.gn2.num_groups, plain.gn2.num_channels) == (1, 4)
+    eager = copy.deepcopy(trunk).eval()
+    for name in ("conv1", "gn1", "conv2", "gn2", "fc"):
+        setattr(eager, name, plain.get_submodule(name))
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_submodel(x, 1), eager(x)[0])
 
 
 def test_residual_additions_share_a_slice_depthwise_follows_and_gates_keep_their_ratio() -> None:
