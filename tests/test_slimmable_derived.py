@@ -290,6 +290,18 @@ def test_split_points_work_per_width_and_for_exits() -> None:
         assert [tuple(o.shape) for o in exits(x)] == [(2, C), (2, C)]
 
 
+def test_dropout_follows_the_models_mode_not_the_mode_it_was_traced_in() -> None:
+    torch.manual_seed(0)
+    trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model="resnet10t",
+                       model_options={"drop_rate": 0.5})
+    model = DerivedSlimmable(trunk, WIDTHS, input_size=SIZE).eval()
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_submodel(x, 3), trunk.eval()(x)[0], rtol=0, atol=0)
+        model.train()
+        assert not torch.equal(model.forward_submodel(x, 0), model.forward_submodel(x, 0))
+
+
 def test_builtin_trunks_slice_as_the_hand_written_slimmable_resnets() -> None:
     derived = kdreg.build_backbone("slimmable", num_classes=10, trunk={"name": "resnet20"})
     written = kdreg.build_backbone("slimmable_resnet20", num_classes=10)

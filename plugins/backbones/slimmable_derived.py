@@ -49,8 +49,12 @@ that hold only its channels.
 trunk computes, a narrow width uses their first channels (and the slice of each BatchNorm).
 :meth:`DerivedSlimmable.load_plain_state_dict` takes the weights of a plain network of the trunk's
 architecture again; a trunk's own later ``load_state_dict`` (the engine loading an earlier stage's
-trained weights into ``trunk = "teacher"``) reaches the slimmable model the same way. Python-level
-decisions a network takes on ``self.training`` outside the modules kept whole are fixed at tracing.
+trained weights into ``trunk = "teacher"``) reaches the slimmable model the same way.
+
+**Training mode.** Functions the network calls with ``training=self.training`` (timm's dropout
+before the classifier) read the model's mode when they run; any other Python-level decision a
+network takes on ``self.training`` outside the modules kept whole is taken once, in eval mode, when
+it is traced.
 """
 
 from __future__ import annotations
@@ -410,8 +414,31 @@ def trace(root: nn.Module, name: str) -> fx.GraphModule:
             raise OptionError(f"trunk {name} cannot be made slimmable: its traced forward "
                               "returns several outputs, not one tensor of logits", key="trunk")
         out.args = (value[0],)
+    _follow_training(root, graph)
     gm = fx.GraphModule(root, graph, class_name="SlimmableGraph")
     return gm
+
+
+class TrainingFlag(nn.Module):
+    """The traced graph's own ``training`` flag, read when the graph runs."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+def _follow_training(root: nn.Module, graph: fx.Graph) -> None:
+    """Functions the network calls with ``training=self.training`` (timm's dropout before the
+    classifier) get the flag when the graph runs, not the one it had when it was traced."""
+    calls = [n for n in graph.nodes if n.op == "call_function"
+             and isinstance(n.kwargs.get("training"), bool)]
+    if not calls:
+        return
+    root.add_module("kdreg_training", TrainingFlag())
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        flag = graph.call_module("kdreg_training")
+    for node in calls:
+        node.kwargs = {**node.kwargs, "training": flag}
 
 
 def _first_line(exc: BaseException) -> str:
