@@ -391,3 +391,30 @@ def test_per_image_timm_options_need_the_imagenet_transform(tmp_path: Path,
     assert len(err) == 1 and err[0].endswith("@ recipe.data.augment.auto_augment"), err
     assert main(["validate", str(recipe), "--set",
                  'data.augment={ name = "imagenet", auto_augment = "rand-m9-mstd0.5", re_prob = 0.25 }']) == 0
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def test_a_hugging_face_dataset_saved_on_disk_streams_through_timms_reader(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Any:
+        images = [Image.fromarray((rng.random((int(h), int(w), 3)) * 255).astype(np.uint8))
+                  for h, w in rng.integers(10, 30, size=(n, 2))]
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=list(CLASSES))})
+        return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]},
+                                          features=features)
+
+    datasets.DatasetDict({"train": split(12), "test": split(6)}).save_to_disk(str(tmp_path / "hf"))
+    config = attrs.evolve(DataConfig(), dataset="hfds", root=str(tmp_path / "hf"), val_split=3,
+                          image_size=16, workers=0)
+    splits = load_data(config)
+    assert splits.streaming is not None and splits.classes == CLASSES
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 6)
+    assert splits.test.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    loader = StreamLoader(splits.train, splits.streaming, batch_size=3, device="cpu", train=True,
+                          seed=0, num_classes=3)
+    batches = list(loader)
+    assert len(batches) == 3 and all(x.shape == (3, 3, 16, 16) for x, _ in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(splits.train.labels.tolist())

@@ -1,4 +1,4 @@
-"""Built-in data sources: cifar10, cifar100, imagefolder, cifar10-sample, synthetic."""
+"""Built-in data sources: cifar10, cifar100, imagefolder, cifar10-sample, synthetic, hfds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from kdreg.hookspecs import hookimpl
 
 from .cifar import cifar10, cifar100
 from .folder import MAX_IMAGE_PIXELS, extract_archive, load_image_folder
+from .hf import hfds
 from .stream import folder_stream
 from .synthetic import synthetic
 
@@ -56,3 +57,4 @@ def kdreg_register_datasets(register: Any) -> None:
     register("imagefolder", imagefolder)
     register("cifar10-sample", cifar10_sample, shape=(10, 3, 32, 32))
     register("synthetic", synthetic)
+    register("hfds", hfds)
