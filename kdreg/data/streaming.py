@@ -2,12 +2,12 @@
 
 :class:`StreamLoader` reads one set of a stream (:class:`kdreg.data.splits.StreamSet`) through
 ``torch.utils.data.DataLoader``: ``workers`` processes decode (PIL) and transform the images
-(:mod:`kdreg.data.transforms`), pinned memory on CUDA, persistent workers and prefetching for
-training. Its :class:`ShardSampler` gives each process under torchrun its own shard (no process
-opens another's images) and draws each epoch's order and every image's augmentation seed from
-``kdreg.streams.stream_seed(seed, epoch)``, so an epoch is the same whatever the number of workers
-and the order they finish in: a run is reproducible and resumes bit-identically at epoch
-boundaries. Batches reach the device unnormalised (float32 in [0, 1]).
+(:mod:`kdreg.data.transforms`), pinned memory on CUDA, persistent workers (started once per
+loader, not per epoch) and prefetching. Its :class:`ShardSampler` gives each process under
+torchrun its own shard (no process opens another's images) and draws each epoch's order and every
+image's augmentation seed from ``kdreg.streams.stream_seed(seed, epoch)``, so an epoch is the
+same whatever the number of workers and the order they finish in: a run is reproducible and
+resumes bit-identically at epoch boundaries. Batches reach the device unnormalised (float32 in [0, 1]).
 
 Bad images: a file PIL cannot read stops the run naming the file; with ``skip_bad`` it is left out
 of its batch and counted (:attr:`StreamLoader.skipped`). Setting ``KDREG_DATA_LOG`` to a folder
@@ -216,7 +216,7 @@ class StreamLoader:
             StreamDataset(data, transform, "RGB" if streaming.in_chans == 3 else "L"),
             batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
-            persistent_workers=train and workers > 0,
+            persistent_workers=workers > 0,     # a loader's workers start once, not per epoch
             prefetch_factor=4 if workers > 0 else None)
         self.mix: BatchMix | None = None
         if train and streaming.mix is not None:
