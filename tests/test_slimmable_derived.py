@@ -166,10 +166,12 @@ def test_a_narrow_resnet_is_the_plain_timm_resnet_of_its_channels(index: int, wi
             torch.testing.assert_close(model.forward_submodel(x, index), plain(x))
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_small_050", "convnext_atto"])
+@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_small_050", "convnext_atto",
+                                  "tf_mobilenetv3_small_minimal_100"])
 def test_a_narrow_network_is_the_eager_network_with_its_first_channels(name: str) -> None:
     """Depthwise convolutions and squeeze-excitation (MobileNets), LayerNorm and layer scale
-    (ConvNeXt): the width's layers, put into timm's own (untraced) network, give its logits."""
+    (ConvNeXt), TensorFlow's 'same' padding (timm's Conv2dSame): the width's layers, put into
+    timm's own (untraced) network, give its logits."""
     model = slim(name).eval()
     with torch.no_grad():  # norms and layer scales start as constants: make each entry its own
         for p in model.parameters():
@@ -217,6 +219,38 @@ class _GroupNormTrunk(FlexibleBackbone):
         h = torch.relu(self.gn1(self.conv1(x)))
         h = torch.relu(self.gn2(self.conv2(h)))
         return [self.fc(h.mean((2, 3)))]
+
+
+class _SpatialGateTrunk(FlexibleBackbone):
+    """A spatial attention gate (CBAM's): a conv over the channels' mean and maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.gate = nn.Conv2d(2, 1, 3, padding=1)
+        self.fc = nn.Linear(16, C)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        h = torch.relu(self.bn(self.conv(x)))
+        pooled = torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], dim=1)
+        h = h * torch.sigmoid(self.gate(pooled))
+        return [self.fc(h.mean((2, 3)))]
+
+
+def test_a_gate_over_the_channels_keeps_its_channels_whole() -> None:
+    torch.manual_seed(0)
+    trunk = _SpatialGateTrunk()
+    model = build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=trunk).eval()
+    assert model.layer_channels("gate") == ((2,) * 4, (1,) * 4)
+    assert model.layer_channels("conv")[1] == (4, 8, 12, 16)
+    plain = model.export_submodel(1).graph
+    eager = copy.deepcopy(trunk).eval()
+    for name in ("conv", "bn", "gate", "fc"):
+        setattr(eager, name, plain.get_submodule(name))
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_submodel(x, 1), eager(x)[0])
 
 
 def test_group_norm_keeps_its_group_size_or_its_single_group() -> None:

@@ -129,6 +129,8 @@ class DerivedConv2d(SlimmableConv2d):
         self.out_list = tuple(int(c) for c in out_list)
         self.group_width = conv.in_channels // conv.groups
         self.depthwise = conv.groups > 1 and self.group_width == 1
+        #: timm's Conv2dSame: TensorFlow's 'same' padding, computed from the input's size
+        self.same = _is_conv2d_same(conv)
         self._init_widths(len(self.in_list))
         with torch.no_grad():
             self.weight.copy_(conv.weight)
@@ -147,6 +149,10 @@ class DerivedConv2d(SlimmableConv2d):
                              f"channels, got {x.shape[1]}")
         weight = corner(self.weight, cout) if self.groups > 1 else corner(self.weight, cout, cin)
         bias = corner(self.bias, cout) if self.bias is not None else None
+        if self.same:
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)  # type: ignore[arg-type]
         return _conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def params_at(self, index: int) -> int:
@@ -155,8 +161,10 @@ class DerivedConv2d(SlimmableConv2d):
         return cout * (cin // groups) * k + (cout if self.bias is not None else 0)
 
     def plain(self, index: int) -> nn.Conv2d:
+        from timm.layers import Conv2dSame
+
         cin, cout, groups = self._active(self.check_width(index))
-        conv = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
+        conv = (Conv2dSame if self.same else nn.Conv2d)(cin, cout, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
                          self.dilation, groups, bias=self.bias is not None,  # type: ignore[arg-type]
                          device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -164,6 +172,12 @@ class DerivedConv2d(SlimmableConv2d):
             if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias[:cout])
         return conv
+
+
+def _is_conv2d_same(conv: nn.Module) -> bool:
+    from timm.layers import Conv2dSame
+
+    return type(conv) is Conv2dSame
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any,
@@ -576,7 +590,8 @@ class ChannelAnalysis:
         self.sliced: dict[fx.Node, tuple[int, int]] = {}
         #: reshape nodes whose fixed channel count becomes -1: node -> argument position
         self.reshapes: dict[fx.Node, int] = {}
-        self.refusals: list[tuple[Refused, list[int]]] = []
+        #: (refusal, the groups it touches, whether it stands whatever they are)
+        self.refusals: list[tuple[Refused, list[int], bool]] = []
         self.modules = dict(gm.named_modules())
         self.output_group: int | None = None
 
@@ -586,19 +601,34 @@ class ChannelAnalysis:
             try:
                 self._visit(node)
             except Refused as exc:
-                self.refusals.append((exc, self._groups_of(node)))
+                groups = self._groups_of(node)
+                if (node.op != "call_module" and groups
+                        and all(self.groups.get(g).fixed is not None for g in groups)):
+                    self._unsliced(node)  # only channels that are never sliced: harmless
+                else:
+                    self.refusals.append((exc, groups, node.op == "call_module"))
             except Exception as exc:  # noqa: BLE001 - an operation this analysis misreads
                 reason = (f"is an operation ({_op_name(node)}) whose channels kdreg cannot "
                           f"follow ({type(exc).__name__}: {_first_line(exc)})")
-                self.refusals.append((Refused(_layer_of(node), reason), []))
+                self.refusals.append((Refused(_layer_of(node), reason), [], True))
+
+    def _unsliced(self, node: fx.Node) -> None:
+        """An operation on channels that are never sliced: its output's are not either."""
+        self.chan.pop(node, None)
+        shape = _shape(node)
+        first = next(a for a in _tensor_args(node) if a in self.chan)
+        d = self.chan[first][0]
+        if shape is not None and len(shape) == len(_shape(first) or ()) and d < len(shape):
+            self.chan[node] = (d, self._new(shape[d], _layer_of(node),
+                                            "computed from no sliced channels"))
 
     def _groups_of(self, node: fx.Node) -> list[int]:
         return [self.chan[a][1] for a in _tensor_args(node) if a in self.chan]
 
     def check(self) -> None:
         """Raise the first refusal that touches a group to be sliced."""
-        for exc, groups in self.refusals:
-            if not groups or any(self.groups.get(g).fixed is None for g in groups):
+        for exc, groups, always in self.refusals:
+            if always or not groups or any(self.groups.get(g).fixed is None for g in groups):
                 raise OptionError(f"trunk {self.name} cannot be made slimmable: layer {exc.layer} "
                                   f"{exc.reason}", key="trunk")
 
@@ -675,13 +705,14 @@ class ChannelAnalysis:
 
     def _conv(self, node: fx.Node, m: nn.Conv2d, target: str) -> None:
         x, c = self._input(node)
-        if type(m).forward is not nn.Conv2d.forward:
+        if type(m).forward is not nn.Conv2d.forward and not _is_conv2d_same(m):
             self._refuse(node, f"({type(m).__name__}) is a convolution with a forward of its own")
         if m.padding_mode != "zeros":
             self._refuse(node, f"pads with mode {m.padding_mode!r}; only zero padding is sliced")
-        if c is None or c[0] != 1:
-            self._refuse(node, "reads a tensor whose channels kdreg cannot follow")
-        assert c is not None
+        if c is None:  # computed from no sliced channels (the image, a reduction over channels)
+            c = (1, self._new(m.in_channels, target, "computed from no sliced channels"))
+        if c[0] != 1:
+            self._refuse(node, "convolves a dimension other than the channels")
         gin = c[1]
         if self.groups.get(gin).size != m.in_channels:
             self._refuse(node, f"expects {m.in_channels} channels, its input has "
@@ -731,9 +762,10 @@ class ChannelAnalysis:
         x, c = self._input(node)
         shape = _shape(x)
         assert shape is not None
-        if c is None:
-            self._refuse(node, "normalises a tensor whose channels kdreg cannot follow")
-        assert c is not None
+        if c is None:  # computed from no sliced channels: kept whole
+            self.chan[node] = (1, self._new(_shape(node)[1], target,  # type: ignore[index]
+                                            "computed from no sliced channels"))
+            return
         d, g = c
         if isinstance(m, _BatchNorm):
             if d != 1:
@@ -978,6 +1010,8 @@ class ChannelAnalysis:
             assert ins is not None
             here = d + rank - len(ins)
             size = ins[d]
+            if size == 1 and here >= 0 and out[here] > 1:
+                continue  # one channel, broadcast over the other operand's (a spatial gate)
             if here < 0 or out[here] != size:
                 self._refuse(node, f"{_op_name(node)} changes the {size} channels of its input "
                                    f"({list(ins)} -> {list(out)})")
@@ -986,7 +1020,8 @@ class ChannelAnalysis:
                                    "different dimensions")
             od = here
             group = g if group is None else self._union(group, g, node)
-        assert od is not None and group is not None
+        if od is None or group is None:
+            return
         size = out[od]
         for a in _tensor_args(node):
             if a in self.chan:
@@ -1071,7 +1106,10 @@ class DerivedSlimmable(SlimmableBackbone):
                  name: str | None = None, in_chans: int = 3,
                  input_size: tuple[int, int] = (32, 32)):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
-        name = name or type(trunk).__name__
+        if name is None:
+            from kdreg_plugins.backbones.exits import _name_of
+
+            name = _name_of(trunk)
         self.trunk_name = name
         if trunk.num_submodels != 1:
             raise OptionError(f"trunk {name} has {trunk.num_submodels} sub-models "
