@@ -221,6 +221,18 @@ class _GroupNormTrunk(FlexibleBackbone):
         return [self.fc(h.mean((2, 3)))]
 
 
+def test_a_width_too_narrow_names_the_layer_that_limits_the_model() -> None:
+    # conv1's 16 channels would have none at 0.05 too, but conv2's 8 decide: 0.125 at least
+    with pytest.raises(OptionError) as err:
+        build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=_GroupNormTrunk(),
+                        widths=[0.05, 1.0])
+    assert str(err.value) == ("width 0.05 leaves layer conv2 of trunk _GroupNormTrunk no channel "
+                              "(int(8 x 0.05) = 0); the narrowest width this trunk allows is 0.125")
+    assert err.value.key == "widths"
+    assert build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=_GroupNormTrunk(),
+                           widths=[0.125, 1.0]).layer_channels("conv2")[1] == (1, 8)
+
+
 class _SpatialGateTrunk(FlexibleBackbone):
     """A spatial attention gate (CBAM's): a conv over the channels' mean and maximum."""
 
@@ -451,8 +463,8 @@ class _UntraceablePlugin:
     ('{ name = "slimmable", trunk = { name = "resnet8" }, widths = [0.0, 1.0] }',
      "every width must lie in (0, 1], got 0.0 @ recipe.stages.student.backbone.widths"),
     ('{ name = "slimmable", trunk = { name = "resnet8" }, widths = [0.01, 1.0] }',
-     "width 0.01 leaves layer stem.0 of trunk resnet8 no channel (int(16 x 0.01) = 0); its "
-     "narrowest width is 0.0625 @ recipe.stages.student.backbone.widths"),
+     "width 0.01 leaves layer stem.0 of trunk resnet8 no channel (int(16 x 0.01) = 0); the "
+     "narrowest width this trunk allows is 0.0625 @ recipe.stages.student.backbone.widths"),
     ('{ name = "slimmable", trunk = { name = "untraceable_test_net" } }',
      "trunk untraceable_test_net cannot be made slimmable: torch.fx cannot trace it (TraceError: "
      "symbolically traced variables cannot be used as inputs to control flow) "

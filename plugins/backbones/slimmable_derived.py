@@ -60,9 +60,10 @@ it is traced.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,14 +379,9 @@ class TensorHolder(nn.Module):
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for t in itertools_chain(module.parameters(), module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def itertools_chain(*its: Iterator[Tensor]) -> Iterator[Tensor]:
-    for it in its:
-        yield from it
 
 
 # ===================================================================================== tracing
@@ -680,7 +676,7 @@ class ChannelAnalysis:
             self._linear(node, m, target)
         elif isinstance(m, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             self._norm(node, m, target)
-        elif any(True for _ in itertools_chain(m.parameters(), m.buffers())):
+        elif any(True for _ in itertools.chain(m.parameters(), m.buffers())):
             x, c = self._input(node)
             self.chan_like(node, c)
             self._refuse(node, f"({type(m).__name__}) has weights of a kind that cannot be "
@@ -1147,29 +1143,29 @@ class DerivedSlimmable(SlimmableBackbone):
 
     # ------------------------------------------------------------------ sizes
     def _size_groups(self, analysis: ChannelAnalysis) -> dict[int, ChannelGroup]:
-        out: dict[int, ChannelGroup] = {}
-        for g in range(len(analysis.groups.info)):
-            root = analysis.groups.find(g)
-            if root in out:
-                continue
-            info = analysis.groups.info[root]
-            if info.fixed is not None:
-                info.sizes = (info.size,) * len(self.widths)
-            else:
-                info.sizes = tuple(self._channels(info, w) for w in self.widths)
-            out[root] = info
+        roots = dict.fromkeys(analysis.groups.find(g) for g in range(len(analysis.groups.info)))
+        out = {root: analysis.groups.info[root] for root in roots}
+        sliced = [info for info in out.values() if info.fixed is None]
+        if sliced:  # the smallest group decides how narrow the model can be
+            small = min(sliced, key=lambda info: info.size)
+            for width in self.widths:
+                if int(small.size * width + 1e-9) == 0:
+                    raise OptionError(
+                        f"width {width:g} leaves layer {small.owner} of trunk {self.trunk_name} "
+                        f"no channel (int({small.size} x {width:g}) = 0); the narrowest width "
+                        f"this trunk allows is {math.ceil(1e6 / small.size) / 1e6:g}",
+                        key="widths")
+        for info in out.values():
+            info.sizes = (info.size,) * len(self.widths) if info.fixed is not None else tuple(
+                self._channels(info, w) for w in self.widths)
         return out
 
-    def _channels(self, info: ChannelGroup, width: float) -> int:
+    @staticmethod
+    def _channels(info: ChannelGroup, width: float) -> int:
+        """``int(C * w)`` channels of a group of ``C`` (:func:`scale_channels`' rule), rounded
+        down to whole groups of a grouped layer, at least one group."""
         k = int(info.size * width + 1e-9)
-        if k == 0:
-            raise OptionError(
-                f"width {width:g} leaves layer {info.owner} of trunk {self.trunk_name} no channel "
-                f"(int({info.size} x {width:g}) = 0); its narrowest width is "
-                f"{1 / info.size:.4g}", key="widths")
-        if info.multiple > 1:
-            k = max(info.multiple, k // info.multiple * info.multiple)
-        return k
+        return max(info.multiple, k // info.multiple * info.multiple)
 
     def _sizes(self, analysis: ChannelAnalysis, g: int | None) -> tuple[int, ...] | None:
         return None if g is None else analysis.groups.get(g).sizes
@@ -1270,7 +1266,7 @@ class PlainWidth(nn.Module):
 def _propagate_shapes(gm: fx.GraphModule, in_chans: int, size: tuple[int, int], name: str) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    device = next(itertools_chain(gm.parameters(), gm.buffers()), torch.zeros(())).device
+    device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.zeros(())).device
     x = torch.zeros(_PROBE_BATCH, in_chans, *size, device=device)
     try:
         with torch.no_grad():
