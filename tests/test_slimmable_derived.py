@@ -233,6 +233,39 @@ def test_a_width_too_narrow_names_the_layer_that_limits_the_model() -> None:
                            widths=[0.125, 1.0]).layer_channels("conv2")[1] == (1, 8)
 
 
+class _LinearSETrunk(FlexibleBackbone):
+    """Squeeze-excitation by linear layers, reshaped with the channel count written out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.reduce = nn.Linear(16, 4)
+        self.expand = nn.Linear(4, 16)
+        self.fc = nn.Linear(16, C)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        h = torch.relu(self.conv(x))
+        b = h.shape[0]
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(h.mean((2, 3)).view(b, 16)))))
+        h = h * gate.view(b, 16, 1, 1)
+        return [self.fc(h.mean((2, 3)))]
+
+
+def test_a_reshape_to_a_written_channel_count_follows_the_width() -> None:
+    torch.manual_seed(0)
+    trunk = _LinearSETrunk()
+    model = build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=trunk).eval()
+    assert model.layer_channels("reduce") == ((4, 8, 12, 16), (1, 2, 3, 4))  # the ratio kept
+    assert model.same_group("expand", "conv")
+    plain = model.export_submodel(0).graph
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_submodel(x, 0), plain(x))
+        h = torch.relu(plain.conv(x))
+        gate = torch.sigmoid(plain.expand(torch.relu(plain.reduce(h.mean((2, 3))))))
+        torch.testing.assert_close(model.forward_submodel(x, 0), plain.fc((h * gate[..., None, None]).mean((2, 3))))
+
+
 class _SpatialGateTrunk(FlexibleBackbone):
     """A spatial attention gate (CBAM's): a conv over the channels' mean and maximum."""
 

@@ -580,7 +580,7 @@ class ChannelAnalysis:
         self.groups = _Groups()
         #: node -> (channel dim, group), for tensors (and tuples of tensors) that have one
         self.chan: dict[fx.Node, tuple[int, int]] = {}
-        #: module target -> (input group or None, output group or None, dim)
+        #: module target -> (input group, output group); None where it has no channels
         self.layers: dict[str, tuple[int | None, int | None]] = {}
         #: get_attr nodes to slice: node -> (dim, group)
         self.sliced: dict[fx.Node, tuple[int, int]] = {}
@@ -1134,7 +1134,7 @@ class DerivedSlimmable(SlimmableBackbone):
         self._group_of = {t: (None if gin is None else analysis.groups.find(gin),
                               None if gout is None else analysis.groups.find(gout))
                           for t, (gin, gout) in analysis.layers.items()}
-        _convert(gm, analysis, self)
+        _convert(gm, analysis)
         gm.train(was_training)
         self.net = gm
         self.split_nodes, self.rejected_points = _cut_points(gm, trunk.split_points())
@@ -1286,7 +1286,7 @@ def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
     owner._modules[attr] = module
 
 
-def _convert(gm: fx.GraphModule, analysis: ChannelAnalysis, model: DerivedSlimmable) -> None:
+def _convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
     """Replace the layers of ``gm`` with width-aware ones, in place, and rewrite the graph's
     sliced parameters and fixed channel counts."""
     groups = analysis.groups
@@ -1328,8 +1328,6 @@ def _convert(gm: fx.GraphModule, analysis: ChannelAnalysis, model: DerivedSlimma
             continue
         target = str(attr.target)
         value = _get_attr(gm, target)
-        if not isinstance(gm.get_submodule(target.rpartition(".")[0] or ""), nn.Module):
-            continue
         if not isinstance(value, SlicedTensor):
             _set_module(gm, target, SlicedTensor(value, dim, info.sizes))
         with graph.inserting_after(attr):
@@ -1345,7 +1343,7 @@ def _convert(gm: fx.GraphModule, analysis: ChannelAnalysis, model: DerivedSlimma
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = list(shape[0])
         shape[pos] = -1
-        node.args = (x, tuple(shape)) if node.target != torch.reshape else (x, tuple(shape))
+        node.args = (x, tuple(shape))
     graph.lint()
     gm.recompile()
 
