@@ -20,6 +20,7 @@ from kdreg.engine.step import LossSettings, backward
 from kdreg.errors import OptionError, RecipeError
 from kdreg.export import Normalised, standalone, to_program
 from kdreg.hookspecs import hookimpl
+from kdreg_plugins.backbones.cifar_resnet import PoolLinear, StagedBackbone
 from kdreg_plugins.backbones.exits import build_exits
 from kdreg_plugins.backbones.slimmable import SlimmableMixin, SwitchableBatchNorm2d
 from kdreg_plugins.backbones.slimmable_derived import (
@@ -367,6 +368,13 @@ def test_split_points_work_per_width_and_for_exits() -> None:
     exits = build_exits(num_classes=C, in_chans=3, input_size=SIZE, trunk=model, points=["layer2"])
     with torch.no_grad():
         assert [tuple(o.shape) for o in exits(x)] == [(2, C), (2, C)]
+    # a copy (as the engine copies an earlier stage) cuts its own graph, on its own weights
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.forward_front(x, "layer2"), model.forward_front(x, "layer2"))
+        twin.net.get_submodule("conv1.0").weight.mul_(2)
+        assert not torch.equal(twin.forward_front(x, "layer2"), model.forward_front(x, "layer2"))
+        torch.testing.assert_close(model.forward_front(x, "layer2"), trunk.forward_front(x, "layer2"))
 
 
 def test_dropout_follows_the_models_mode_not_the_mode_it_was_traced_in() -> None:
@@ -379,6 +387,33 @@ def test_dropout_follows_the_models_mode_not_the_mode_it_was_traced_in() -> None
         torch.testing.assert_close(model.forward_submodel(x, 3), trunk.eval()(x)[0], rtol=0, atol=0)
         model.train()
         assert not torch.equal(model.forward_submodel(x, 0), model.forward_submodel(x, 0))
+
+
+class _ScaledInput(StagedBackbone):
+    """Two stages after a scale the graph reads directly (a buffer, not a layer)."""
+
+    stage_names = ("stem", "body")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.full((1, 3, 1, 1), 2.0))
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = PoolLinear(16, C)
+
+    def forward_segment(self, h: Tensor, start: str | None, end: str | None) -> Tensor:
+        return super().forward_segment(h * self.scale if start is None else h, start, end)
+
+
+def test_segments_follow_the_model_to_another_device() -> None:
+    model = build_slimmable(num_classes=C, in_chans=3, input_size=SIZE, trunk=_ScaledInput())
+    assert model.split_points() == ("stem", "body")
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_back(model.forward_front(x, "stem"), "stem"),
+                                   model.forward_submodel(x, 3))
+        model.to("meta")  # the segments cut before read the scale where it was
+        assert model.forward_front(x.to("meta"), "stem").device.type == "meta"
 
 
 def test_builtin_trunks_slice_as_the_hand_written_slimmable_resnets() -> None:

@@ -1204,11 +1204,6 @@ class DerivedSlimmable(SlimmableBackbone):
         self._segments = {}  # segments hold references to tensors that may be replaced
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild their segments
-        state = dict(self.__dict__)
-        state["_segments"] = {}
-        return state
-
     # ------------------------------------------------------------------ counts, export
     def export_submodel(self, index: int) -> nn.Module:
         """Width ``index`` as the traced graph calling plain layers that hold only its channels
