@@ -418,3 +418,21 @@ def test_a_hugging_face_dataset_saved_on_disk_streams_through_timms_reader(tmp_p
     batches = list(loader)
     assert len(batches) == 3 and all(x.shape == (3, 3, 16, 16) for x, _ in batches)
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(splits.train.labels.tolist())
+
+
+def test_bad_input_under_torchrun_exits_2_with_its_line_and_no_traceback(tmp_path: Path) -> None:
+    root = photo_folder(tmp_path / "photos", train=4, test=2)
+    bad = root / "train" / "cat" / "002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    stages = STUDENT.format(extra="").replace('{ name = "timm", model = "test_resnet" }', '"tiny_slimmable"')
+    recipe = recipe_file(tmp_path, root, size=16, workers=0, epochs=1, stages=stages)
+    recipe.write_text(recipe.read_text().replace("val_split = 6", "val_split = 0"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "kdreg", "run", str(recipe), "--out",
+                           str(tmp_path / "run"), "--nproc", "2", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(bad) in errors[0] and errors[0].endswith("@ recipe.data.root")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

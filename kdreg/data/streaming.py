@@ -163,6 +163,8 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
                 close = getattr(image, "close", None)
                 if callable(close):
                     close()
+        except DataError as exc:  # the reader's own check (an image too large), naming the file
+            return None, self.labels[position], str(exc.problems[0])
         except Exception as exc:  # noqa: BLE001 - any decoding failure names the file
             why = str(exc).strip().splitlines()
             return None, self.labels[position], (f"cannot read {_name(self.reader, i)}: "
@@ -256,7 +258,9 @@ class StreamLoader:
                                 "@ recipe.data.workers") from None
             if problems:
                 if not self.streaming.skip_bad:
-                    raise DataError(f"{problems[0]} (data.skip_bad_images = true skips unreadable "
+                    first = problems[0]
+                    raise DataError(first if " @ " in first else
+                                    f"{first} (data.skip_bad_images = true skips unreadable "
                                     "images) @ recipe.data.root")
                 self.streaming.counter.skipped.update(problems)
                 if len(y) == 0:

@@ -102,6 +102,29 @@ def sample_stats(folder: Path, entries: list[Entry], mode: str,
     return mean.tolist(), np.maximum(std, 1e-6).tolist()
 
 
+def _looked_at(folder: Path, train: list[Entry], mode: str, max_pixels: int,
+               probe: bool) -> tuple[tuple[int, int] | None, list[float], list[float]]:
+    """(:func:`one_size` when ``probe``, :func:`sample_stats`) of the training images, read by
+    the first process alone and given to the others (under torchrun every process builds the
+    source; only rank 0 opens images outside its shard, and a problem stops every process)."""
+    from kdreg.engine import distributed
+    from kdreg.errors import DataError
+
+    found: Any = None
+    if distributed.is_main():
+        try:
+            size = one_size(folder, train, max_pixels) if probe else None
+            found = (size, *sample_stats(folder, train, mode))
+        except DataError as exc:
+            found = exc.problems
+        except Exception as exc:  # noqa: BLE001 - raised on every process, not on rank 0 alone
+            found = [f"cannot read the images of {folder}: {type(exc).__name__}: {exc}"]
+    found = distributed.broadcast(found)
+    if isinstance(found, list):
+        raise DataError(found)
+    return found  # type: ignore[no-any-return]
+
+
 def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
                   max_image_pixels: int = MAX_IMAGE_PIXELS,
                   in_memory: bool | str = "auto") -> ImageData | ImageStream:
@@ -127,10 +150,9 @@ def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
 
     if in_memory is True:
         return decode()
-    size = one_size(folder, train, max_image_pixels) if in_memory == "auto" else None
+    size, mean, std = _looked_at(folder, train, mode, max_image_pixels, in_memory == "auto")
     if size is not None and len(train) * MODES[mode] * size[0] * size[1] <= IN_MEMORY_LIMIT:
         return decode()
-    mean, std = sample_stats(folder, train, mode)
     return ImageStream(train=FileReader(folder, train, max_image_pixels),
                        test=FileReader(folder, test, max_image_pixels), classes=classes,
                        train_labels=[e[1] for e in train], test_labels=[e[1] for e in test],
