@@ -100,8 +100,9 @@ def test_family_is_made_slimmable_and_trains_one_ipkd_ta_m_step_or_is_refused(fa
                                  trunk={"name": "timm", "model": model_name})
     assert isinstance(model, DerivedSlimmable)
     assert model.submodel_labels == ("x0.25", "x0.5", "x0.75", "x1.0")
-    params = model.count_params()
+    params, macs = model.count_params(), model.count_macs()
     assert params == sorted(params) and len(set(params)) == 4
+    assert macs == sorted(macs) and len(set(macs)) == 4
     graph = kdreg.get_teacher_graph("ipkd-ta-m", model.num_submodels)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -129,9 +130,10 @@ def test_the_readme_family_table_is_this_tests() -> None:
 
 
 # ------------------------------------------------------------------------------ correctness
-def test_full_width_is_the_trunk_parameters_macs_and_outputs() -> None:
-    trunk = timm_trunk("resnet10t")
-    model = slim("resnet10t")
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])
+def test_full_width_is_the_trunk_parameters_macs_and_outputs(name: str) -> None:
+    trunk = timm_trunk(name)
+    model = slim(name)
     assert model.count_params()[-1] == sum(p.numel() for p in trunk.parameters())
     assert model.count_macs()[-1] == trunk.count_macs()[0]
     x = batch()
@@ -141,7 +143,11 @@ def test_full_width_is_the_trunk_parameters_macs_and_outputs() -> None:
         torch.testing.assert_close(model.forward_submodel(x, 3), trunk(x)[0], rtol=0, atol=0)
     # another network's weights, given to the slimmable model, give that network's outputs
     torch.manual_seed(7)
-    other = timm.create_model("resnet10t", num_classes=C).eval()
+    other = timm.create_model(name, num_classes=C).eval()
+    with torch.no_grad():  # norms and layer scales start as constants: make each entry its own
+        for p in other.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     model.load_plain_state_dict({f"net.{k}": v for k, v in other.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(model.forward_submodel(x, 3), other(x), rtol=0, atol=0)

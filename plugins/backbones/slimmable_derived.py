@@ -346,7 +346,10 @@ class SlicedTensor(nn.Module, SlimmableMixin):
         self._init_widths(len(self.sizes))
 
     def forward(self) -> Tensor:
-        return self.weight.narrow(self.dim, 0, self.sizes[self.width_index])
+        out = self.weight.narrow(self.dim, 0, self.sizes[self.width_index])
+        # a view taken without grad mode of a parameter claims requires_grad but has no grad_fn,
+        # which hooks on a module's output (the MAC counter's module tracker) cannot take
+        return out if torch.is_grad_enabled() else out.detach()
 
     def params_at(self, index: int) -> int:
         if not isinstance(self.weight, nn.Parameter):
