@@ -153,7 +153,7 @@ class DerivedConv2d(SlimmableConv2d):
         if self.same:
             from timm.layers.padding import pad_same
 
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)  # type: ignore[arg-type]
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return _conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def params_at(self, index: int) -> int:
@@ -165,9 +165,9 @@ class DerivedConv2d(SlimmableConv2d):
         from timm.layers import Conv2dSame
 
         cin, cout, groups = self._active(self.check_width(index))
-        conv = (Conv2dSame if self.same else nn.Conv2d)(cin, cout, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
-                         self.dilation, groups, bias=self.bias is not None,  # type: ignore[arg-type]
-                         device=self.weight.device, dtype=self.weight.dtype)
+        kind = Conv2dSame if self.same else nn.Conv2d
+        conv = kind(cin, cout, self.kernel_size, self.stride, self.padding, self.dilation, groups,
+                    bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.weight[:cout] if self.groups > 1 else self.weight[:cout, :cin])
             if self.bias is not None and conv.bias is not None:
@@ -253,6 +253,8 @@ class SlicedLayerNorm(nn.LayerNorm, SlimmableMixin):
     channels with the first entries of the shared vectors. ``channels_first``: over dim 1 of an
     NCHW map (timm's ``LayerNorm2d``), else over the last dimension."""
 
+    sizes: tuple[int, ...]
+
     def __init__(self, norm: nn.LayerNorm, sizes: Sequence[int], *, channels_first: bool):
         super().__init__(norm.normalized_shape, eps=norm.eps,
                          elementwise_affine=norm.elementwise_affine,
@@ -301,6 +303,8 @@ class SlicedGroupNorm(nn.GroupNorm, SlimmableMixin):
     """A GroupNorm sliced to whole groups: width ``i`` runs ``sizes[i] / group size`` groups of
     the original size (one group stays one group) on the first entries of the shared vectors."""
 
+    sizes: tuple[int, ...]
+
     def __init__(self, norm: nn.GroupNorm, sizes: Sequence[int]):
         super().__init__(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine,
                          device=_device_of(norm))
@@ -334,6 +338,10 @@ class SlicedGroupNorm(nn.GroupNorm, SlimmableMixin):
 class SlicedTensor(nn.Module, SlimmableMixin):
     """A parameter (or buffer) the traced graph reads directly, sliced along ``dim`` to
     ``sizes[i]`` at width ``i``: the graph reads this module's output instead."""
+
+    sizes: tuple[int, ...]
+    dim: int
+    weight: Tensor
 
     def __init__(self, value: Tensor, dim: int, sizes: Sequence[int]):
         super().__init__()
@@ -919,7 +927,8 @@ class ChannelAnalysis:
         assert mapped is not None
         self.chan[node] = (mapped, g)
         if node.target in ("reshape", "view", torch.reshape):
-            sizes = node.args[1:] if node.target != torch.reshape else node.args[1]
+            args: Any = node.args
+            sizes = args[1:] if node.target != torch.reshape else args[1]
             if node.target != torch.reshape and len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = sizes[0]
             sizes = list(sizes) if isinstance(sizes, (tuple, list)) else []
@@ -936,15 +945,16 @@ class ChannelAnalysis:
         cd, g = self.chan[x]
         rank = len(_shape(x) or ())
         t = node.target
-        args = [a for a in node.args[1:]]
+        args: list[Any] = list(node.args[1:])
+        kwargs: Any = node.kwargs
         if t in (torch.permute, "permute"):
             dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-            dims = node.kwargs.get("dims", dims)
+            dims = kwargs.get("dims", dims)
             order = [int(d) % rank for d in dims]
             self.chan[node] = (order.index(cd), g)
             return
-        a = args[0] if args else node.kwargs.get("dim0", node.kwargs.get("source"))
-        b = args[1] if len(args) > 1 else node.kwargs.get("dim1", node.kwargs.get("destination"))
+        a = args[0] if args else kwargs.get("dim0", kwargs.get("source"))
+        b = args[1] if len(args) > 1 else kwargs.get("dim1", kwargs.get("destination"))
         if not isinstance(a, int) or not isinstance(b, int):
             self._refuse(node, f"{_op_name(node)} of dimensions only known at run time")
         a, b = a % rank, b % rank
@@ -961,9 +971,11 @@ class ChannelAnalysis:
         cd, g = self.chan[x]
         ins = _shape(x)
         rank = len(ins or ())
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        args: Any = node.args
+        kwargs: Any = node.kwargs
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if node.target in ("norm", torch.norm):
-            dims = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+            dims = kwargs.get("dim", args[2] if len(args) > 2 else None)
         if dims is None:
             return  # over everything: a number, no channels
         dims = [dims] if isinstance(dims, int) else list(dims)
@@ -972,8 +984,8 @@ class ChannelAnalysis:
         dims = [d % rank for d in dims]
         if cd in dims:
             return  # reduced over the channels: the active ones, as a plain network would
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2
-                               and node.target not in ("norm", torch.norm) else False)
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2
+                          and node.target not in ("norm", torch.norm) else False)
         out = cd if keep else cd - sum(1 for d in dims if d < cd)
         self.chan[node] = (out, g)
 
@@ -1203,7 +1215,7 @@ class DerivedSlimmable(SlimmableBackbone):
             self._segments[key] = _segment(self.net, self.split_nodes, start, end)
         return self._segments[key](h)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._segments = {}  # segments hold references to tensors that may be replaced
         return super()._apply(fn, recurse)
 
@@ -1337,7 +1349,8 @@ def _convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
         assert isinstance(x, fx.Node)
         if groups.get(analysis.chan[x][1]).fixed is not None:
             continue
-        shape = list(node.args[1:]) if node.target != torch.reshape else list(node.args[1])
+        args: Any = node.args
+        shape = list(args[1:]) if node.target != torch.reshape else list(args[1])
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = list(shape[0])
         shape[pos] = -1
@@ -1406,7 +1419,7 @@ def _segment(gm: fx.GraphModule, cuts: dict[str, str], start: str | None,
             continue
         if node.op == "output":
             if end is None:
-                graph.output(env[node.args[0]])  # type: ignore[index]
+                graph.output(env[node.args[0]])
             break
         if _free(node) or first < i <= last:
             env[node] = graph.node_copy(node, lambda a: env[a])
