@@ -439,6 +439,43 @@ def test_a_trunk_loaded_after_the_build_reaches_the_slimmable_model() -> None:
         torch.testing.assert_close(model.forward_submodel(x, 3), trained(x)[0], rtol=0, atol=0)
 
 
+STAGES = """
+name = "stages"
+seed = 0
+[data]
+dataset = "synthetic"
+batch_size = 8
+val_split = 8
+options = { train_size = 32, test_size = 8, num_classes = 5, image_size = 32 }
+[[stages]]
+name = "teacher"
+backbone = "resnet8"
+[[stages]]
+name = "student"
+backbone = { name = "slimmable", trunk = "teacher" }
+graph = { name = "ipkd-ta-m" }
+"""
+
+
+def test_a_stage_as_trunk_gives_the_slimmable_model_its_trained_weights() -> None:
+    from kdreg.engine.assemble import DataShape, assemble
+    from kdreg.recipe import parse_recipe
+
+    teacher, student = assemble(parse_recipe(STAGES), DataShape(C))
+    assert isinstance(student.model, DerivedSlimmable)
+    with torch.no_grad():  # "trained": other weights than the copy the student was built from
+        for p in teacher.model.parameters():
+            p.normal_(0, 0.2)
+    (stage, twin), = student.copies
+    assert stage == "teacher"
+    twin.load_state_dict(teacher.model.state_dict())  # what the engine does before training
+    x = batch()
+    teacher.model.eval()
+    student.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student.model.forward_submodel(x, 3), teacher.model(x)[0])
+
+
 # ------------------------------------------------------------------------------ refusals
 class _Trunk(FlexibleBackbone):
     def __init__(self, body: nn.Module):
