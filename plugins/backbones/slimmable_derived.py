@@ -11,7 +11,7 @@ generated code calling them.
 **What is sliced.** Width ``i`` runs every layer on the first ``k`` channels of its input and
 output. Convolutions and linear layers share one weight across widths (the corner of the full one;
 a depthwise or grouped convolution keeps its group width, ``groups = active channels / group
-width``); every BatchNorm is private to its width (own affine parameters and running statistics,
+width``; timm's ``Conv2dSame`` keeps its padding computed from the input); every BatchNorm is private to its width (own affine parameters and running statistics,
 timm's ``BatchNormAct2d`` with its activation); LayerNorm (channels last, or timm's
 ``LayerNorm2d``) and GroupNorm share their vectors, sliced (a GroupNorm keeps its group size, or its
 single group); parameters used directly by the graph with a channel dimension (ConvNeXt's layer
@@ -24,11 +24,13 @@ linear layer starts a new group at its output; normalisation, activations, pooli
 grouped convolutions keep their input's; tensors combined elementwise (a residual addition, a
 squeeze-excitation gate multiplying its input) share one group; permutes and reshapes that keep
 the channel dimension whole carry it along (a fixed channel count in a reshape becomes ``-1``).
-Groups joined to the image or to the logits stay whole; so does a group of one channel. A group
-of ``C`` channels runs ``int(C * w)`` of them at width ``w``, the rule of the hand-written
-slimmable backbones (:func:`kdreg_plugins.backbones.slimmable.scale_channels`), rounded down to
-whole groups of a grouped convolution or GroupNorm (at least one group); a width that leaves a
-group no channel is an error naming its layer.
+Groups joined to the image or to the logits stay whole; so do a group of one channel (a spatial
+gate broadcast over the channels) and tensors computed from no sliced channels (the image, a
+reduction over the channels). A group of ``C`` channels runs ``int(C * w)`` of them at width
+``w``, the rule of the hand-written slimmable backbones
+(:func:`kdreg_plugins.backbones.slimmable.scale_channels`), rounded down to whole groups of a
+grouped convolution or GroupNorm (at least one group); a width that leaves the smallest group no
+channel is an error naming its layer and the narrowest width the trunk allows.
 
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
 the layer and the reason: concatenation or splitting along channels (DenseNet, GhostNet),
@@ -39,8 +41,8 @@ their own weights, layers with weights of a kind it does not know, and padding o
 **Counts, split points, export.** Parameters per width are the slimmable layers' own counts
 (:func:`~kdreg_plugins.backbones.slimmable.count_params_at`), MACs the engine's counter on each
 width's forward; at width 1.0 both equal the trunk's. The split points are the trunk's (timm's
-``feature_info`` stages, a built-in backbone's stages) where the traced graph can be cut there
-(nothing later reads an earlier activation); :meth:`DerivedSlimmable.forward_segment` runs the
+``feature_info`` stages, a built-in backbone's stages) where the traced graph can be cut (nothing
+later reads an earlier activation), the others listed in ``rejected_points``; :meth:`DerivedSlimmable.forward_segment` runs the
 full width, or width ``index``. :meth:`DerivedSlimmable.export_submodel` is one width as the traced
 graph calling plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (that width's own) / ``nn.Linear`` layers
 that hold only its channels.
