@@ -21,8 +21,7 @@ from kdreg import plugins
 from kdreg.cli import main
 from kdreg.data.loading import IN_MEMORY, STREAMED, load_data
 from kdreg.data.sources import ImageStream
-from kdreg.data.splits import StreamSet
-from kdreg.data.streaming import LOG_ENV, ShardSampler, StreamLoader
+from kdreg.data.streaming import LOG_ENV, ShardSampler, StreamLoader, StreamSet
 from kdreg.engine.run import Run
 from kdreg.errors import DataError
 from kdreg.hookspecs import hookimpl

@@ -25,8 +25,8 @@ from kdreg.data.sources import (
     check_source,
     check_stream,
 )
-from kdreg.data.splits import Splits, StreamSet, TensorSet, prepare_splits
-from kdreg.data.streaming import StreamLoader
+from kdreg.data.splits import Splits, TensorSet, prepare_splits
+from kdreg.data.streaming import StreamLoader, StreamSet
 
 __all__ = [
     "CACHE_ENV",

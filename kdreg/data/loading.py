@@ -14,11 +14,13 @@ import torch
 from kdreg.create import create
 from kdreg.data.batches import BatchLoader
 from kdreg.data.sources import ImageData, ImageStream, check_source
-from kdreg.data.splits import Splits, StreamSet, TensorSet, prepare_splits
-from kdreg.data.streaming import Streaming, StreamLoader, default_workers
+from kdreg.data.splits import Splits, TensorSet, prepare_splits
+from kdreg.data.streaming import Streaming, StreamLoader, StreamSet, default_workers
 from kdreg.data.transforms import BatchMix, image_transforms, resolve_augment, uses_timm_options
+from kdreg.engine import distributed
 from kdreg.errors import DataError, UserError
 from kdreg.options import accepted_options
+from kdreg.recipe import DataConfig
 from kdreg.registry import Registry, collect, get_registry
 
 #: ``data.in_memory = "auto"`` keeps a training set in memory up to this many decoded bytes.
@@ -116,8 +118,6 @@ def read_data(config: Any, *, pm_registry: Any = None) -> ImageData | ImageStrea
 
 
 def _setting(config: Any, key: str) -> Any:
-    from kdreg.recipe import DataConfig
-
     if hasattr(config, key):
         return getattr(config, key)
     default: Any = attrs.fields_dict(DataConfig)[key].default
@@ -207,8 +207,6 @@ def image_size(config: Any, source: ImageData | ImageStream, streamed: bool) -> 
 
 
 def _streaming(config: Any, source: ImageData | ImageStream) -> Streaming:
-    from kdreg.engine import distributed
-
     augment = _setting(config, "augment")
     name = resolve_augment(augment, streamed=True)
     size = image_size(config, source, streamed=True)

@@ -8,17 +8,13 @@ readers :class:`StreamSet` s (positions into the reader, nothing opened).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import attrs
 import torch
 from torch import Tensor
 
 from kdreg.data.sources import ImageData, ImageStream, _floats, _str_tuple
+from kdreg.data.streaming import Streaming, StreamSet
 from kdreg.errors import DataError, UserError
-
-if TYPE_CHECKING:
-    from kdreg.data.streaming import Streaming
 
 
 @attrs.frozen(eq=False)
@@ -31,18 +27,6 @@ class TensorSet:
     def __attrs_post_init__(self) -> None:
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@attrs.frozen(eq=False)
-class StreamSet:
-    """Images ``reader[index[k]]`` of a stream's reader, with their labels (int64 ``[N]``)."""
-
-    reader: Any
-    index: Tensor
-    labels: Tensor
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,6 +1,6 @@
 """The streamed path: encoded images decoded and augmented by a DataLoader's worker processes.
 
-:class:`StreamLoader` reads one set of a stream (:class:`kdreg.data.splits.StreamSet`) through
+:class:`StreamLoader` reads one set of a stream (:class:`StreamSet`) through
 ``torch.utils.data.DataLoader``: ``workers`` processes decode (PIL) and transform the images
 (:mod:`kdreg.data.transforms`), pinned memory on CUDA, persistent workers (started once per
 loader, not per epoch) and prefetching. Its :class:`ShardSampler` gives each process under
@@ -30,7 +30,6 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kdreg.data.splits import StreamSet
 from kdreg.data.transforms import BatchMix, Transform, seeded
 from kdreg.errors import DataError
 from kdreg.streams import stream_seed
@@ -70,6 +69,19 @@ class Streaming:
     skip_bad: bool = False
     mix: Any = None                          # augment config for a BatchMix, when it mixes
     counter: Counter = attrs.field(factory=Counter)
+
+
+@attrs.frozen(eq=False)
+class StreamSet:
+    """Images ``reader[index[k]]`` of a stream's reader, with their labels (int64 ``[N]``): one
+    set of a streamed run (:func:`kdreg.data.splits.prepare_splits` draws them)."""
+
+    reader: Any
+    index: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 class ShardSampler(Sampler[tuple[int, int]]):
