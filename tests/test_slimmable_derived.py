@@ -510,6 +510,17 @@ class _Attention(nn.Module):
         return (t @ a).view_as(h)
 
 
+class _Token(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.token = nn.Parameter(torch.zeros(1, 16, 1, 32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return torch.cat([self.token.expand(h.shape[0], -1, -1, -1), h], dim=2)
+
+
 class _Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -525,6 +536,7 @@ class _Untraceable(nn.Module):
 @pytest.mark.parametrize(("body", "expected"), [
     (_Shuffle, "layer body reshapes channels together with other dimensions"),
     (_Attention, "layer body multiplies activations as matrices"),
+    (_Token, "layer body concatenates the channels' tensors with a tensor of 16 fixed channels"),
     (_Untraceable, "torch.fx cannot trace it"),
 ])
 def test_unsliceable_networks_are_refused_naming_the_layer(body: type[nn.Module], expected: str) -> None:

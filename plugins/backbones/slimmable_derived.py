@@ -862,6 +862,12 @@ class ChannelAnalysis:
                 self._refuse(node, "concatenates tensors whose channels lie in different "
                                    "dimensions")
             g = self._union(g, self.chan[a][1], node)
+        size = (_shape(first) or ())[cd]
+        for a in _tensor_args(node):
+            if a not in self.chan and len(_shape(a) or ()) == rank and size > 1:
+                self._refuse(node, f"concatenates the channels' tensors with a tensor of {size} "
+                                   "fixed channels (a learned token, as vision transformers "
+                                   "prepend)")
         self.chan[node] = (cd, g)
 
     def _split(self, node: fx.Node) -> None:
