@@ -18,8 +18,10 @@ import numpy as np
 from PIL import Image
 from timm.data.readers.reader import Reader
 
+from kdreg.data.loading import IN_MEMORY_LIMIT
 from kdreg.data.sources import ImageData, ImageStream
-from kdreg.errors import OptionError
+from kdreg.engine import distributed
+from kdreg.errors import DataError, OptionError
 
 from .folder import (
     MAX_IMAGE_PIXELS,
@@ -107,9 +109,6 @@ def _looked_at(folder: Path, train: list[Entry], mode: str, max_pixels: int,
     """(:func:`one_size` when ``probe``, :func:`sample_stats`) of the training images, read by
     the first process alone and given to the others (under torchrun every process builds the
     source; only rank 0 opens images outside its shard, and a problem stops every process)."""
-    from kdreg.engine import distributed
-    from kdreg.errors import DataError
-
     found: Any = None
     if distributed.is_main():
         try:
@@ -132,8 +131,6 @@ def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
     ``in_memory`` is true, or ``"auto"`` and the training images' headers agree on one size
     (:func:`one_size`) and they are few enough (kdreg's :data:`kdreg.data.loading.IN_MEMORY_LIMIT`);
     else a stream. A folder decoded before (its decode cache) is returned decoded."""
-    from kdreg.data.loading import IN_MEMORY_LIMIT
-
     if mode not in MODES:
         raise OptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
     folder = resolve_root(Path(root).expanduser())
