@@ -435,3 +435,20 @@ def test_bad_input_under_torchrun_exits_2_with_its_line_and_no_traceback(tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(bad) in errors[0] and errors[0].endswith("@ recipe.data.root")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_mixed_targets_of_one_class_train_as_plain_labels(tmp_path: Path) -> None:
+    """Mixup that never mixes (mix_prob 0) gives one-hot targets: the run matches the unmixed one
+    (the loss to rounding, the training accuracy exactly), so soft targets count images, not
+    classes, and the CE of one-hot targets is the CE of the labels."""
+    root = photo_folder(tmp_path / "photos", train=4, test=2)
+    stages = STUDENT.format(extra="").replace('{ name = "timm", model = "test_resnet" }', '"tiny_slimmable"')
+    recipe = recipe_file(tmp_path, root, size=16, workers=0, epochs=1, stages=stages)
+    records = []
+    for name, augment in (("plain", '"imagenet"'), ("mixed", '{ name = "imagenet", mixup = 0.8, mix_prob = 0.0 }')):
+        run = Run.start(recipe, tmp_path / name, overrides=[f"data.augment={augment}"], progress=False)
+        run.execute()
+        records.append(_metrics(tmp_path / name)[0])
+    plain, mixed = records
+    assert mixed["train_accuracy"] == plain["train_accuracy"]
+    assert mixed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)

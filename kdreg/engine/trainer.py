@@ -165,7 +165,7 @@ class StageTrainer:
                 opt.step()
             loss_sum += out.loss
             correct += out.correct
-            seen += y.numel() * world
+            seen += len(y) * world               # images (y is [B, classes] under mixup)
             if (step + 1) % self.train_cfg.log_interval == 0 or step + 1 == steps:
                 # every process reads the mean over all of them: a loss that diverges anywhere
                 # stops every process at the same step
