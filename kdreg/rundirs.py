@@ -21,11 +21,13 @@ from kdreg.errors import UserError
 
 RECIPE_FILE, RESULTS_FILE, METRICS_FILE = "recipe.toml", "results.json", "metrics.jsonl"
 SEED_DIR = re.compile(r"seed-(\d+)")
-#: The ``[data]`` keys that decide which images a run trains, selects and tests on: runs that
-#: differ in one of them are not compared.
-DATA_KEYS = ("dataset", "options", "val_split", "train_limit", "test_limit", "data_seed")
+#: The ``[data]`` keys that decide which images a run trains, selects and tests on (and at what
+#: size the models see them): runs that differ in one of them are not compared.
+DATA_KEYS = ("dataset", "options", "val_split", "train_limit", "test_limit", "data_seed",
+             "image_size")
 DATA_DEFAULTS: dict[str, Any] = {"dataset": "cifar10", "options": {}, "val_split": 5000,
-                                 "train_limit": 0, "test_limit": 0, "data_seed": 0}
+                                 "train_limit": 0, "test_limit": 0, "data_seed": 0,
+                                 "image_size": 0}
 
 
 def file_part(name: str) -> str:
