@@ -9,7 +9,9 @@ initialisation, of the training step and of the batches are apart from one anoth
   (its index in the recipe) is built: its initial weights;
 - ``train_seed(seed, stage)``: the global RNGs before the stage trains (dropout and the like);
 - ``batch_seed(seed, stage)``: the base seed of the stage's training batch loader, whose epoch
-  ``e`` draws its permutation, crops and flips from ``stream_seed(batch_seed(seed, stage), e)``.
+  ``e`` draws its permutation and augmentation from ``stream_seed(batch_seed(seed, stage), e)``:
+  the crops and flips of the in-memory path, or on the streamed path every image's own
+  augmentation seed (and each batch's mixup from ``stream_seed(batch_seed, e, "batch", step)``).
 """
 
 from __future__ import annotations
@@ -43,5 +45,6 @@ def train_seed(seed: int, stage: int) -> int:
 
 def batch_seed(seed: int, stage: int) -> int:
     """The base seed of stage number ``stage``'s training batches (a :class:`kdreg.data.BatchLoader`'s
-    ``seed``; epoch ``e`` draws from ``stream_seed(batch_seed(seed, stage), e)``)."""
+    or :class:`kdreg.data.StreamLoader`'s ``seed``; epoch ``e`` draws from
+    ``stream_seed(batch_seed(seed, stage), e)``)."""
     return stream_seed(seed, "batches", stage)
