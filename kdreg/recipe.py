@@ -414,9 +414,9 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
         problems.append(f"stage name {name!r} is used more than once @ recipe.stages")
     named = [("run name", raw.get("name"), "recipe.name")] + [
         ("stage name", s.get("name"), f"recipe.stages[{i}].name") for i, s in enumerate(stages)]
-    for what, name, where in named:
-        if isinstance(name, str) and not SAFE_NAME.fullmatch(name):
-            problems.append(f"{what} {name!r} names a folder of the run directory: use letters, "
+    for what, given, where in named:
+        if isinstance(given, str) and not SAFE_NAME.fullmatch(given):
+            problems.append(f"{what} {given!r} names a folder of the run directory: use letters, "
                             f"digits, '_', '-' and '.', not first, and no '/' or '\\' @ {where}")
     if not raw.get("stages"):
         problems.append("a recipe needs at least one [[stages]] table @ recipe.stages")
