@@ -59,9 +59,9 @@ def load_data(config: Any, *, pm_registry: Any = None) -> Splits:
         assert source.decode is not None  # choose_path checked
         try:
             source = check_source(source.decode(), str(config.dataset))
-        except DataError:
+        except DataError as exc:
             if _setting(config, "in_memory") is True:
-                raise
+                raise _at_root(exc, config) from None
             path = STREAMED  # "auto": images of several sizes after all, or unreadable ones
     if path == STREAMED:
         streaming = _streaming(config, source)
@@ -106,11 +106,17 @@ def read_data(config: Any, *, pm_registry: Any = None) -> ImageData | ImageStrea
             "dataset", config.dataset, options, provided=provided, path="recipe.data.options",
             registry=registry, name_key="recipe.data.dataset",
             result=("a kdreg.data.ImageData or kdreg.data.ImageStream", check_source))
-    except DataError as exc:  # the source's own problems name the data; the check's, the source
-        own = f"dataset {config.dataset!r}: "
-        raise DataError([p if " @ " in p or p.startswith(own) else f"{p} @ recipe.data.root"
-                         for p in exc.problems]) from None
+    except DataError as exc:
+        raise _at_root(exc, config) from None
     return data
+
+
+def _at_root(exc: DataError, config: Any) -> DataError:
+    """``exc`` with ``@ recipe.data.root`` on the source's own problems (they are about the
+    data); the contract check's (``dataset 'name': ...``) are about the source, and kept."""
+    own = f"dataset {config.dataset!r}: "
+    return DataError([p if " @ " in p or p.startswith(own) else f"{p} @ recipe.data.root"
+                      for p in exc.problems])
 
 
 # --------------------------------------------------------------------------------------------
