@@ -25,6 +25,39 @@ REFERENCE_COUNTS = [
 
 DEPTHS = [8, 14, 20, 32, 44, 56, 110]
 
+# The backbones of RepDistiller's / mdistiller's CIFAR-100 table (CRD paper Table 1; DKD's
+# table): parameters for 100 classes, counted by hand from HobbitLong/RepDistiller
+# models/resnet.py, models/vgg.py and models/wrn.py (mdistiller's mdistiller/models/cifar/ has the
+# same layers). Every conv is bias-free but VGG's; every BN holds 2 parameters per channel; the
+# classifier is Linear(C, 100), C * 100 + 100.
+#   ResNet(depth, num_filters = [f0, f1, f2, f3]): conv1 3x3 3 -> f0 + BN; layer k (planes f_k,
+#   n = (depth - 2) / 6 basic blocks, stride 2 in layers 2 and 3): each block 3x3 in -> f_k + BN,
+#   3x3 f_k -> f_k + BN; the first block's downsample (1x1 conv + BN) where stride != 1 or
+#   in != f_k. resnet20/32/56/110: [16, 16, 32, 64]; resnet8x4/32x4: [32, 64, 128, 256], so
+#   layer1's first block downsamples 32 -> 64 at stride 1 too.
+#   resnet8x4 = 928 (stem) + 57,728 (layer1: 18,432 + 36,864 + 2,048 conv, 384 BN) + 230,144
+#   (layer2) + 919,040 (layer3) + 25,700 (fc) = 1,233,540; resnet32x4 adds 4 blocks per layer,
+#   2 * (9 f^2 + 2 f) each: + 295,936 + 1,181,696 + 4,722,688 = 7,433,860.
+#   vgg8_bn (configuration "S": one conv per group, 64, 128, 256, 512, 512): each conv
+#   9 * in * out + out (bias) + 2 * out (BN): 1,920 + 74,112 + 295,680 + 1,181,184 + 2,360,832
+#   + fc 51,300 = 3,965,028. vgg13_bn ("B", two convs per group): 9,462,180.
+#   WideResNet(depth, widen_factor k): conv1 3x3 3 -> 16; n = (depth - 4) / 6 pre-activation
+#   blocks per stage (BN(in), 3x3 in -> out, BN(out), 3x3 out -> out, a 1x1 convShortcut where
+#   in != out) with 16k, 32k, 64k channels; final BN(64k); fc. wrn40_2 2,255,156; wrn16_2 703,284.
+REPDISTILLER_CIFAR100 = [
+    ("resnet20", 278_324),
+    ("resnet32", 472_756),
+    ("resnet56", 861_620),
+    ("resnet110", 1_736_564),
+    ("resnet8x4", 1_233_540),
+    ("resnet32x4", 7_433_860),
+    ("wrn16_2", 703_284),
+    ("wrn40_2", 2_255_156),
+    ("vgg8", 3_965_028),
+    ("vgg13", 9_462_180),
+]
+X4 = (32, (64, 128, 256))  # resnet8x4 / resnet32x4: stem and stage channels
+
 
 def build(name: str, num_classes: int = 10, **options: object) -> kdreg.FlexibleBackbone:
     return kdreg.build_backbone(name, num_classes=num_classes, **options)
@@ -51,6 +84,22 @@ def resnet_params(depth: int, classes: int, base: int = 16, projection: bool = T
     return p + cin * classes + classes
 
 
+def repdistiller_resnet_params(depth: int, filters: list[int], classes: int) -> int:
+    """RepDistiller's ResNet(depth, num_filters) layer by layer (its _make_layer's downsample rule)."""
+    n = (depth - 2) // 6
+    p = 9 * 3 * filters[0] + 2 * filters[0]
+    inplanes = filters[0]
+    for k, planes in enumerate(filters[1:]):
+        stride = 1 if k == 0 else 2
+        if stride != 1 or inplanes != planes:
+            p += inplanes * planes + 2 * planes
+        for b in range(n):
+            i = inplanes if b == 0 else planes
+            p += 9 * i * planes + 2 * planes + 9 * planes * planes + 2 * planes
+        inplanes = planes
+    return p + filters[3] * classes + classes
+
+
 def vgg_params(groups: list[list[int]], classes: int) -> int:
     """3x3 convs with bias and BN, then one linear layer."""
     p, cin = 0, 3
@@ -61,12 +110,13 @@ def vgg_params(groups: list[list[int]], classes: int) -> int:
     return p + cin * classes + classes
 
 
-def resnet_macs(depth: int, classes: int) -> int:
+def resnet_macs(depth: int, classes: int, stem: int = 16,
+                stages: tuple[int, ...] = (16, 32, 64)) -> int:
     """Multiply-accumulates of convs and the classifier for one 32x32 image."""
     n = (depth - 2) // 6
-    macs = 3 * 16 * 9 * 32 * 32
-    cin, side = 16, 32
-    for k, cout in enumerate((16, 32, 64)):
+    macs = 3 * stem * 9 * 32 * 32
+    cin, side = stem, 32
+    for k, cout in enumerate(stages):
         for b in range(n):
             stride = 2 if (k and b == 0) else 1
             side //= stride
@@ -75,7 +125,18 @@ def resnet_macs(depth: int, classes: int) -> int:
             if i != cout:
                 macs += i * cout * side * side
         cin = cout
-    return macs + 64 * classes
+    return macs + cin * classes
+
+
+def vgg_macs(groups: list[list[int]], classes: int) -> int:
+    """Convs and classifier of a CIFAR VGG on one 32x32 image (pools before groups 2, 3, 4)."""
+    macs, cin = 0, 3
+    for k, group in enumerate(groups):
+        side = 32 >> min(k, 3)
+        for cout in group:
+            macs += 9 * cin * cout * side * side
+            cin = cout
+    return macs + cin * classes
 
 
 # ------------------------------------------------------------------------------ parameter counts
@@ -86,6 +147,35 @@ def test_reference_parameter_counts(name: str, c10: int, c100: int, classes: int
     expected = c10 if classes == 10 else c100
     assert model.count_params() == [expected]
     assert total(model) == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), REPDISTILLER_CIFAR100)
+def test_repdistiller_table_backbones_have_the_reference_counts(name: str, expected: int) -> None:
+    model = build(name, 100)
+    assert model.count_params() == [expected]
+    assert total(model) == expected
+
+
+def test_repdistiller_resnet_counts_follow_its_layers() -> None:
+    assert repdistiller_resnet_params(8, [32, 64, 128, 256], 100) == 1_233_540
+    assert repdistiller_resnet_params(32, [32, 64, 128, 256], 100) == 7_433_860
+    assert repdistiller_resnet_params(32, [32, 64, 128, 256], 10) == 7_410_730
+    for depth in (20, 32, 56, 110):
+        assert repdistiller_resnet_params(depth, [16, 16, 32, 64], 100) == resnet_params(depth, 100)
+    assert build("resnet8x4", 10).count_params() == [1_210_410]
+    assert vgg_params([[64], [128], [256], [512], [512]], 100) == 3_965_028
+    assert build("vgg8", 10).count_params() == [3_918_858]
+
+
+@pytest.mark.parametrize(("classes", "expected"), [(10, 1_166_506), (100, 1_189_636)])
+def test_x4_zero_pad_drops_the_three_projections(classes: int, expected: int) -> None:
+    # layer1 32 -> 64 (stride 1), layer2 64 -> 128, layer3 128 -> 256: 1x1 convs and their BN
+    projections = (32 * 64 + 128) + (64 * 128 + 256) + (128 * 256 + 512)
+    assert projections == 43_904
+    model = build("resnet8x4", classes, shortcut="zero_pad")
+    assert model.count_params() == [expected] == [build("resnet8x4", classes).count_params()[0]
+                                                  - projections]
+    assert model(torch.randn(2, 3, 32, 32))[0].shape == (2, classes)
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
@@ -139,6 +229,15 @@ def test_resnet_macs() -> None:
     assert build("resnet56", 10).count_macs() == [resnet_macs(56, 10)] == [125_747_840]
 
 
+def test_repdistiller_x4_and_vgg8_macs() -> None:
+    assert build("resnet8x4", 100).count_macs() == [resnet_macs(8, 100, *X4)] == [177_071_104]
+    assert build("resnet32x4", 100).count_macs() == [resnet_macs(32, 100, *X4)] == [1_083_040_768]
+    assert build("vgg8", 100).count_macs() == [vgg_macs([[64], [128], [256], [512], [512]], 100)] \
+        == [96_192_512]
+    assert build("vgg13", 100).count_macs() == [vgg_macs(
+        [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], 100)]
+
+
 # ------------------------------------------------------------------------------ forward, splits
 SPLIT_CASES = [
     ("resnet8", {}),
@@ -146,6 +245,9 @@ SPLIT_CASES = [
     ("wrn16_1", {"dropout": 0.3}),
     ("vgg11", {}),
     ("slimmable_resnet8", {}),
+    ("resnet8x4", {}),
+    ("resnet8x4", {"shortcut": "zero_pad"}),
+    ("vgg8", {}),
 ]
 
 
@@ -180,6 +282,10 @@ def test_split_points_reproduce_the_forward(name: str, options: dict) -> None:
         ("resnet8", [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]),
         ("wrn16_2", [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)]),
         ("vgg13", [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+        ("vgg8", [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+        ("resnet8x4", [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]),
+        ("resnet32x4", [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)]),
+        ("wrn40_2", [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)]),
         ("slimmable_resnet8", [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]),
     ],
 )

@@ -5,19 +5,27 @@ channels (the first block of stages 2 and 3 has stride 2), global average poolin
 classifier. Where a block changes shape its shortcut is a 1x1 conv + BN (``shortcut =
 "projection"``, the TAKD/RepDistiller layout) or He et al.'s parameter-free option A
 (``"zero_pad"``: stride-2 subsampling and zero channels). Parameter counts with projections on
-CIFAR-10 / CIFAR-100: ResNet-8 78,042 / 83,892; ResNet-20 272,474 / 278,324; ResNet-56
-855,770 / 861,620; ResNet-110 1,730,714 / 1,736,564 (option A: 2,752 fewer).
+CIFAR-10 / CIFAR-100: ResNet-8 78,042 / 83,892; ResNet-20 272,474 / 278,324; ResNet-32
+466,906 / 472,756; ResNet-56 855,770 / 861,620; ResNet-110 1,730,714 / 1,736,564 (option A:
+2,752 fewer).
 
-Split points (every one after a ReLU; channels and resolution for a 32x32 input):
+``resnet8x4`` and ``resnet32x4`` are RepDistiller's (``models/resnet.py``, ``num_filters = [32,
+64, 128, 256]``): the same network with a 32-channel stem and stages of 64, 128 and 256 channels,
+so that the first block of ``layer1`` changes the width too and has a projection shortcut (stride
+1). Parameters on CIFAR-10 / CIFAR-100: ResNet-8x4 1,210,410 / 1,233,540; ResNet-32x4
+7,410,730 / 7,433,860.
 
-======  =============================  ========  ==========
-name    content                        channels  resolution
-======  =============================  ========  ==========
-stem    conv 3x3 - BN - ReLU           16        32x32
-layer1  n blocks                       16        32x32
-layer2  n blocks, the first stride 2   32        16x16
-layer3  n blocks, the first stride 2   64        8x8
-======  =============================  ========  ==========
+Split points (every one after a ReLU; channels (x4 variants in brackets) and resolution for a
+32x32 input):
+
+======  =============================  ==============  ==========
+name    content                        channels        resolution
+======  =============================  ==============  ==========
+stem    conv 3x3 - BN - ReLU           16 (32)         32x32
+layer1  n blocks                       16 (64)         32x32
+layer2  n blocks, the first stride 2   32 (128)        16x16
+layer3  n blocks, the first stride 2   64 (256)        8x8
+======  =============================  ==============  ==========
 
 The back from ``layer3`` is global average pooling and the classifier.
 
@@ -38,6 +46,11 @@ from kdreg.errors import OptionError
 Shortcut = Literal["projection", "zero_pad"]
 DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 STAGE_CHANNELS = (16, 32, 64)
+#: RepDistiller's 4x wide variants: name -> (depth, stem channels, stage channels).
+WIDE_VARIANTS = {
+    "resnet8x4": (8, 32, (64, 128, 256)),
+    "resnet32x4": (32, 32, (64, 128, 256)),
+}
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -136,7 +149,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(StagedBackbone):
-    """ResNet-``depth`` for CIFAR, ``depth = 6n + 2``."""
+    """ResNet-``depth`` for CIFAR, ``depth = 6n + 2``, with a ``stem_channels`` stem and stages
+    of ``stage_channels`` (by default 16 and 16/32/64)."""
 
     stage_names = ("stem", "layer1", "layer2", "layer3")
 
@@ -148,6 +162,8 @@ class CifarResNet(StagedBackbone):
         shortcut: Shortcut = "projection",
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
+        stem_channels: int = STAGE_CHANNELS[0],
+        stage_channels: tuple[int, int, int] = STAGE_CHANNELS,
     ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -159,12 +175,12 @@ class CifarResNet(StagedBackbone):
         self.in_chans = in_chans
         self.input_size = (int(input_size[0]), int(input_size[1]))
         n = (depth - 2) // 6
-        c0 = STAGE_CHANNELS[0]
+        c0 = stem_channels
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU(inplace=True)
         )
         cin = c0
-        for k, cout in enumerate(STAGE_CHANNELS):
+        for k, cout in enumerate(stage_channels):
             blocks = [BasicBlock(cin if b == 0 else cout, cout, 2 if (k and b == 0) else 1,
                                  shortcut) for b in range(n)]
             self.add_module(f"layer{k + 1}", nn.Sequential(*blocks))
@@ -190,6 +206,35 @@ def _factory(depth: int):  # type: ignore[no-untyped-def]
     return build
 
 
+def _wide_factory(name: str):  # type: ignore[no-untyped-def]
+    depth, stem, stages = WIDE_VARIANTS[name]
+
+    def build(
+        *,
+        num_classes: int,
+        in_chans: int = 3,
+        input_size: tuple[int, int] = (32, 32),
+        shortcut: Shortcut = "projection",
+    ) -> CifarResNet:
+        return CifarResNet(depth, num_classes, shortcut=shortcut, in_chans=in_chans,
+                           input_size=input_size, stem_channels=stem, stage_channels=stages)
+
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    build.__doc__ = (f"RepDistiller's CIFAR ResNet-{depth}x4 ({stem}-channel stem, "
+                     f"{'/'.join(map(str, stages))}-channel stages); ``shortcut``: 'projection' "
+                     "(1x1 conv + BN) or 'zero_pad' (He et al.'s option A).")
+    return build
+
+
+#: Descriptions of the 4x wide variants (parameters and MACs of one 32x32 image, CIFAR-100).
+WIDE_DESCRIPTIONS = {
+    "resnet8x4": "RepDistiller's CIFAR ResNet-8x4 (32 stem, 64/128/256 channels, 1 basic block "
+                 "per stage); 1.23 M params, 177 M MACs on CIFAR-100",
+    "resnet32x4": "RepDistiller's CIFAR ResNet-32x4 (32 stem, 64/128/256 channels, 5 basic "
+                  "blocks per stage); 7.43 M params, 1.08 G MACs on CIFAR-100",
+}
+
+
 def register(register) -> None:  # type: ignore[no-untyped-def]
     for depth in DEPTHS:
         register(
@@ -197,3 +242,5 @@ def register(register) -> None:  # type: ignore[no-untyped-def]
             _factory(depth),
             f"CIFAR ResNet-{depth} (16/32/64 channels, {(depth - 2) // 6} basic blocks per stage)",
         )
+    for name in WIDE_VARIANTS:
+        register(name, _wide_factory(name), WIDE_DESCRIPTIONS[name])

@@ -1,10 +1,12 @@
-"""VGG-11 / VGG-13 with BN for CIFAR, the RepDistiller layout (fully connected layers removed).
+"""VGG-8 / VGG-11 / VGG-13 with BN for CIFAR, the RepDistiller layout (fully connected layers
+removed; RepDistiller's ``vgg8_bn``, ``vgg11_bn``, ``vgg13_bn`` in ``models/vgg.py``).
 
 Five conv groups (3x3 conv with bias - BN - ReLU each) with 64, 128, 256, 512, 512 channels
-(VGG-11: 1, 1, 2, 2, 2 convs; VGG-13: 2 convs per group), 2x2 max pooling between groups 1-2,
-2-3 and 3-4, global average pooling and one linear classifier. As in the reference, the pooling
-between groups 4 and 5 only runs for inputs of 64 pixels or more (Tiny-ImageNet); on 32x32 the
-last two groups both run at 4x4. Parameters on CIFAR-10 / CIFAR-100: VGG-11 9,231,114 /
+(VGG-8: one conv per group, RepDistiller's configuration "S"; VGG-11: 1, 1, 2, 2, 2 convs;
+VGG-13: 2 convs per group), 2x2 max pooling between groups 1-2, 2-3 and 3-4, global average
+pooling and one linear classifier. As in the reference, the pooling between groups 4 and 5 only
+runs for inputs of 64 pixels or more (Tiny-ImageNet); on 32x32 the last two groups both run at
+4x4. Parameters on CIFAR-10 / CIFAR-100: VGG-8 3,918,858 / 3,965,028; VGG-11 9,231,114 /
 9,277,284; VGG-13 9,416,010 / 9,462,180.
 
 Split points are the outputs of the conv groups (after the group's last ReLU, before the pooling
@@ -38,6 +40,7 @@ from kdreg_plugins.backbones.cifar_resnet import (
 
 #: Output channels of each conv, per group.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg8": ((64,), (128,), (256,), (512,), (512,)),
     "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
     "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
 }
@@ -83,6 +86,15 @@ def _factory(name: str):  # type: ignore[no-untyped-def]
     return build
 
 
+#: Parameters and MACs of one 32x32 image on CIFAR-100, for the descriptions.
+SIZES = {
+    "vgg8": "3.97 M params, 96.2 M MACs",
+    "vgg11": "9.28 M params, 209 M MACs",
+    "vgg13": "9.46 M params, 285 M MACs",
+}
+
+
 def register(register) -> None:  # type: ignore[no-untyped-def]
     for name in CONFIGS:
-        register(name, _factory(name), f"{name.upper()} with BN for CIFAR (RepDistiller layout)")
+        register(name, _factory(name), f"{name.upper()} with BN for CIFAR (RepDistiller layout); "
+                                       f"{SIZES[name]} on CIFAR-100")

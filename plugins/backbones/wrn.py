@@ -7,7 +7,8 @@ classifier. A block is BN - ReLU - conv3x3 - BN - ReLU - [dropout] - conv3x3 plu
 where the shape changes the shortcut is a 1x1 conv (no BN) on the pre-activated input. Parameter
 counts on CIFAR-10 / CIFAR-100: WRN-16-1 175,066 / 180,916; WRN-16-2 691,674 / 703,284; WRN-40-1
 563,930 / 569,780; WRN-40-2 2,243,546 / 2,255,156; WRN-28-2 1,467,610 / 1,479,220; WRN-46-4
-10,499,290 / 10,522,420.
+10,499,290 / 10,522,420. RepDistiller's ``wrn_16_2`` and ``wrn_40_2`` (``models/wrn.py``) are
+``wrn16_2`` and ``wrn40_2``, layer for layer.
 
 Split points (channels and resolution for a 32x32 input):
 
