@@ -216,9 +216,10 @@ def _streaming(config: Any, source: ImageData | ImageStream) -> Streaming:
     augment = _setting(config, "augment")
     name = resolve_augment(augment, streamed=True)
     size = image_size(config, source, streamed=True)
-    train_tf, eval_tf = image_transforms(augment, name, size, _native_size(source))
-    workers = _setting(config, "workers")
     chans = source.in_chans if isinstance(source, ImageStream) else int(source.train_images.shape[1])
+    train_tf, eval_tf = image_transforms(augment, name, size, _native_size(source),
+                                         "RGB" if chans == 3 else "L")
+    workers = _setting(config, "workers")
     return Streaming(image_size=size, in_chans=chans, augment=name, train_transform=train_tf,
                      eval_transform=eval_tf,
                      workers=default_workers(distributed.world_size()) if workers is None else int(workers),

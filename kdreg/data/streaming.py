@@ -136,15 +136,14 @@ def _name(reader: Any, index: int) -> str:
     return f"image {index}"
 
 
-def open_image(image: Any, mode: str) -> Image.Image:
-    """A reader's image (a path, a binary file, bytes or a PIL image) as a loaded PIL image."""
+def open_image(image: Any) -> Image.Image:
+    """A reader's image (a path, a binary file, bytes or a PIL image) as a PIL image, opened
+    lazily: the transform's first step decodes it (a JPEG perhaps at a reduced scale)."""
     if isinstance(image, Image.Image):
-        return image.convert(mode)
+        return image
     if isinstance(image, bytes | bytearray):
         image = io.BytesIO(image)
-    with Image.open(image) as img:
-        img.load()
-        return img.convert(mode)
+    return Image.open(image)
 
 
 class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
@@ -168,13 +167,16 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
             image, _ = self.reader[i]
             if log:
                 _log(Path(log), _name(self.reader, i))
+            opened = None
             try:
+                opened = open_image(image)
                 with seeded(seed):
-                    x = self.transform(open_image(image, self.mode))
+                    x = self.transform(opened)
             finally:
-                close = getattr(image, "close", None)
-                if callable(close):
-                    close()
+                for handle in (opened, image):
+                    close = getattr(handle, "close", None)
+                    if callable(close):
+                        close()
         except DataError as exc:  # the reader's own check (an image too large), naming the file
             return None, self.labels[position], str(exc.problems[0])
         except Exception as exc:  # noqa: BLE001 - any decoding failure names the file

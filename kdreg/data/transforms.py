@@ -1,13 +1,21 @@
 """The streamed path's transforms, built from timm's (``timm.data``): per image in the loader's
 workers, per batch in the training process.
 
-Per image (PIL in, uint8 ``[C, H, W]`` out, unnormalised: each model normalises its own input):
+Per image (a lazily opened PIL image in, uint8 ``[C, H, W]`` out, unnormalised: each model
+normalises its own input). The first step decodes: a JPEG is decoded at the smallest DCT scale
+(1/2, 1/4 or 1/8, PIL's ``draft``, as FFCV does) that still leaves every pixel of the output
+drawn from at least one decoded pixel per output pixel, so a 400-pixel photo cropped to 128 is
+rarely decoded whole:
 
 - ``cifar``: a 4-pixel reflect-pad random crop and a horizontal flip at the images' size (the
   in-memory path's augmentation, per image), after a resize when ``image_size`` differs;
 - ``imagenet``: ``timm.data.create_transform``: RandomResizedCrop and flip (and the recipe's
   ``auto_augment``, colour jitter) for training; resize to ``image_size / crop_pct`` and centre
   crop for evaluation.
+
+The training crop is timm's ``RandomResizedCropAndInterpolation``: its own ``get_params`` draw
+the crop on the header's size, then the image is decoded at the scale the crop allows and the crop
+resized in one step (:class:`DraftedResizedCrop`).
 
 Per batch (:class:`BatchMix`, on the training device, images in [0, 1]): timm's random erasing
 and ``timm.data.Mixup`` (mixup / CutMix, soft targets).
@@ -16,6 +24,7 @@ and ``timm.data.Mixup`` (mixup / CutMix, soft targets).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,9 +55,13 @@ def resolve_augment(augment: Any, streamed: bool) -> str:
 
 
 def image_transforms(augment: Any, name: str, image_size: tuple[int, int],
-                     native_size: tuple[int, int] | None) -> tuple[Transform, Transform]:
-    """(training transform, evaluation transform) of PIL images to uint8 ``[C, H, W]``."""
+                     native_size: tuple[int, int] | None,
+                     mode: str = "RGB") -> tuple[Transform, Transform]:
+    """(training transform, evaluation transform) of lazily opened PIL images (or loaded ones)
+    to uint8 ``[C, H, W]`` in ``mode``."""
     from timm.data import create_transform, resolve_data_config
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
 
     config = resolve_data_config({"input_size": (3, *image_size), "crop_pct": augment.crop_pct,
                                   "interpolation": augment.interpolation})
@@ -56,8 +69,6 @@ def image_transforms(augment: Any, name: str, image_size: tuple[int, int],
                                interpolation=config["interpolation"], crop_pct=config["crop_pct"],
                                crop_mode=config["crop_mode"])
     if name == "cifar":
-        from torchvision import transforms as T
-
         steps: list[Any] = []
         if native_size != tuple(image_size):
             steps.append(T.Resize(image_size))
@@ -65,12 +76,105 @@ def image_transforms(augment: Any, name: str, image_size: tuple[int, int],
                   T.RandomHorizontalFlip(augment.hflip), T.PILToTensor()]
         if native_size == tuple(image_size):
             eval_tf = T.PILToTensor()
-        return T.Compose(steps), eval_tf
+        return (T.Compose([Decode(mode, _covers(steps[0])), *steps]),
+                T.Compose([Decode(mode, _covers(_first(eval_tf))), eval_tf]))
+    jitter: Any = augment.color_jitter or None   # None: no ColorJitter step at all
     train_tf = create_transform(
         config["input_size"], is_training=True, normalize=False, scale=tuple(augment.scale),
-        ratio=tuple(augment.ratio), hflip=augment.hflip, color_jitter=augment.color_jitter,
+        ratio=tuple(augment.ratio), hflip=augment.hflip, color_jitter=jitter,
         auto_augment=augment.auto_augment, interpolation=augment.interpolation)
-    return train_tf, eval_tf
+    steps = list(train_tf.transforms)
+    if isinstance(steps[0], RandomResizedCropAndInterpolation):
+        train = T.Compose([DraftedResizedCrop(steps[0], mode), *steps[1:]])
+    else:
+        train = T.Compose([Decode(mode), *steps])
+    return train, T.Compose([Decode(mode, _covers(_first(eval_tf))), eval_tf])
+
+
+def _first(transform: Any) -> Any:
+    steps = getattr(transform, "transforms", None)
+    return steps[0] if steps else transform
+
+
+def _covers(step: Any) -> Callable[[int, int], tuple[int, int]] | None:
+    """For a resize step: the smallest ``(width, height)`` a ``W x H`` image may be decoded at
+    without the resize having fewer source pixels than output pixels; None for any other step."""
+    from torchvision import transforms as T
+
+    if not isinstance(step, T.Resize):
+        return None
+    size = step.size
+    if isinstance(size, int) or len(size) == 1:       # the shorter side becomes `size`
+        short = size if isinstance(size, int) else size[0]
+        return lambda w, h: (math.ceil(w * short / min(w, h)), math.ceil(h * short / min(w, h)))
+    out_h, out_w = size
+    return lambda w, h: (out_w, out_h)
+
+
+def reduction(have: tuple[float, float], need: tuple[float, float]) -> int:
+    """The largest of 1, 2, 4, 8 by which ``have`` (width, height) may shrink and still cover
+    ``need``: the DCT scale a JPEG may be decoded at."""
+    factor = 1
+    while factor < 8 and have[0] / (2 * factor) >= need[0] and have[1] / (2 * factor) >= need[1]:
+        factor *= 2
+    return factor
+
+
+def decode(image: Any, mode: str, factor: int = 1) -> Any:
+    """``image`` (a PIL image, perhaps opened lazily) decoded in ``mode``; a JPEG not decoded yet
+    at ``1 / factor`` of its size (PIL's ``draft``: the DCT scale, about ``factor^2`` times less
+    work)."""
+    if factor > 1 and getattr(image, "format", None) == "JPEG":  # a no-op once decoded
+        w, h = image.size
+        image.draft(mode, (max(1, w // factor), max(1, h // factor)))
+    image.load()
+    return image if image.mode == mode else image.convert(mode)
+
+
+class Decode:
+    """The first step of a streamed transform: the image decoded in ``mode``, a JPEG at the
+    smallest scale from which ``covers(width, height)`` can still be made."""
+
+    def __init__(self, mode: str, covers: Callable[[int, int], tuple[int, int]] | None = None):
+        self.mode, self.covers = mode, covers
+
+    def __call__(self, image: Any) -> Any:
+        factor = 1
+        if self.covers is not None:
+            factor = reduction(image.size, self.covers(*image.size))
+        return decode(image, self.mode, factor)
+
+    def __repr__(self) -> str:
+        return f"Decode(mode={self.mode!r})"
+
+
+class DraftedResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` on a lazily opened image: the crop drawn by
+    its ``get_params`` on the header's size (the same draws as timm's own call), the image decoded
+    at the smallest scale that still gives the crop at least the output's pixels, then the crop
+    resized in one step."""
+
+    def __init__(self, crop: Any, mode: str):
+        import torchvision.transforms.functional as F
+
+        self.crop, self.mode = crop, mode
+        self._pil = F.pil_modes_mapping
+
+    def __call__(self, image: Any) -> Any:
+        crop = self.crop
+        i, j, h, w = crop.get_params(image, crop.scale, crop.ratio)
+        interpolation = crop.interpolation
+        if isinstance(interpolation, tuple | list):
+            interpolation = random.choice(interpolation)
+        out_h, out_w = crop.size
+        full_w, full_h = image.size
+        image = decode(image, self.mode, reduction((w, h), (out_w, out_h)))
+        sx, sy = image.width / full_w, image.height / full_h
+        return image.resize((out_w, out_h), self._pil[interpolation],
+                            box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+
+    def __repr__(self) -> str:
+        return f"DraftedResizedCrop({self.crop!r}, mode={self.mode!r})"
 
 
 @contextlib.contextmanager
@@ -78,6 +182,13 @@ def seeded(seed: int, torch_too: bool = True) -> Iterator[None]:
     """Python's, numpy's (and torch's CPU) global RNGs seeded with ``seed`` inside, restored
     after: timm's and torchvision's transforms draw from them, so an image's augmentation depends
     on its seed alone, never on which process or in what order it is decoded."""
+    if torch.utils.data.get_worker_info() is not None:  # a loader worker: nothing to restore
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        if torch_too:
+            torch.random.default_generator.manual_seed(seed)
+        yield
+        return
     state = (random.getstate(), np.random.get_state(),
              torch.random.get_rng_state() if torch_too else None)
     random.seed(seed)

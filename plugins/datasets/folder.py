@@ -271,22 +271,29 @@ def _pil_decode(path: Path, mode: str) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def check_image_size(path: Path, limit: int) -> None:
-    """Refuse ``path`` if its header declares more than ``limit`` pixels (read before decoding,
-    so a decompression bomb never reaches a decoder)."""
+def open_checked(path: Path, limit: int) -> Image.Image:
+    """``path`` opened lazily (its header read, nothing decoded yet), refused if the header
+    declares more than ``limit`` pixels: a decompression bomb never reaches a decoder."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # this check replaces PIL's warning with an error of ours
     try:
-        with Image.open(path) as img:
-            width, height = img.size
+        img = Image.open(path)
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+    width, height = img.size
     if width * height > limit:
+        img.close()
         raise DataError(f"image {path} has {width}x{height} = {width * height:,} pixels, more than "
                         f"the limit of {limit:,} (a decompression bomb?); if it is genuine, raise "
                         f"data.options.max_image_pixels @ recipe.data.options.max_image_pixels")
+    return img
+
+
+def check_image_size(path: Path, limit: int) -> None:
+    """Refuse ``path`` if its header declares more than ``limit`` pixels (see :func:`open_checked`)."""
+    open_checked(path, limit).close()
 
 
 def _decode_one(path: Path, mode: str, fast: Callable[[Path], Tensor] | None,

@@ -32,6 +32,7 @@ from .folder import (
     cache_key,
     check_image_size,
     load_image_folder,
+    open_checked,
     resolve_root,
     scan,
 )
@@ -44,8 +45,9 @@ STATS_IMAGES = 256
 
 class FileReader(Reader):
     """timm's dataset reader interface over a list of ``(file, label)``: ``reader[i]`` is the
-    open file and its label; a file of more than ``max_pixels`` pixels is refused before it is
-    decoded."""
+    image opened lazily (a PIL image whose header is read, so that the transform may decode a JPEG
+    at a reduced scale) and its label; a file of more than ``max_pixels`` pixels is refused before
+    it is decoded."""
 
     def __init__(self, root: Path, entries: list[Entry], max_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__()
@@ -58,9 +60,7 @@ class FileReader(Reader):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         rel, label = self.samples[index]
-        path = self.root / rel
-        check_image_size(path, self.max_pixels)
-        return open(path, "rb"), label
+        return open_checked(self.root / rel, self.max_pixels), label  # opened lazily, once
 
     def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
         rel = self.samples[index][0]
