@@ -18,7 +18,7 @@ import kdreg
 from kdreg.cli import main
 from kdreg.engine.assemble import check_recipe
 from kdreg.engine.run import Run
-from kdreg.recipe import load_recipe
+from kdreg.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "recipes" / "cifar100-zoo"
@@ -77,6 +77,42 @@ def test_loaded_teacher_variant_validates_with_the_teachers_checkpoint(name: str
     assert problems and all(p.endswith("stages.teacher.init") for p in problems), problems
     missing = check_recipe(load_recipe(ZOO / name, [o.format(path=tmp_path / "none.pt") for o in LOADED]))
     assert any("does not exist" in p for p in missing), missing
+
+
+BRIDGED = """
+name = "bridged"
+[data]
+dataset = "cifar100"
+[[stages]]
+name = "teacher"
+backbone = {{ name = "{teacher}" }}
+graph = {{ name = "none" }}
+[[stages]]
+name = "student"
+backbone = {{ name = "{student}" }}
+graph = {{ name = "kd", teacher = "teacher" }}
+bridge = {{ name = "stc", teacher = "teacher", student_split = "{split}", teacher_split = "{split}", alpha = 0.5 }}
+[[stages]]
+name = "exits"
+backbone = {{ name = "exits", trunk = {{ name = "{student}" }} }}
+graph = {{ name = "ipkd" }}
+"""
+
+
+@pytest.mark.parametrize(("teacher", "student", "split", "points"), [
+    ("resnet32x4", "resnet8x4", "layer2", ["stem", "layer1", "layer2"]),
+    ("vgg13", "vgg8", "layer3", ["layer1", "layer2", "layer3", "layer4"]),
+])
+def test_new_students_split_points_serve_stc_and_exits(teacher: str, student: str, split: str,
+                                                       points: list[str]) -> None:
+    recipe = parse_recipe(BRIDGED.format(teacher=teacher, student=student, split=split))
+    assert check_recipe(recipe) == []
+    exits = kdreg.build_backbone("exits", num_classes=100, trunk={"name": student})
+    assert exits.submodel_labels == tuple(f"exit{i + 1}" for i in range(len(points))) + ("final",)
+    outs = exits(torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in outs] == [(2, 100)] * (len(points) + 1)
+    bad = parse_recipe(BRIDGED.format(teacher=teacher, student=student, split="layer9"))
+    assert any("layer9" in p for p in check_recipe(bad))
 
 
 TINY = [
