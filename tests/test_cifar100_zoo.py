@@ -64,8 +64,8 @@ def test_every_pair_has_a_recipe_with_the_published_setting() -> None:
             assert number in text
 
 
-@pytest.mark.parametrize("name", ["kd-resnet56-resnet20.toml", "kd-resnet32x4-resnet8x4.toml"])
-def test_loaded_teacher_variant_validates_with_the_teachers_checkpoint(name: str, tmp_path: Path) -> None:
+def test_loaded_teacher_variant_validates_with_the_teachers_checkpoint(tmp_path: Path) -> None:
+    name = "kd-resnet32x4-resnet8x4.toml"  # README.md's example
     teacher, student, _ = PAIRS[name]
     right, wrong = tmp_path / "teacher.pt", tmp_path / "student.pt"
     torch.save(kdreg.build_backbone(teacher, num_classes=100).state_dict(), right)
