@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from probes import HostReads, Interleaved, SavedBytes, conv_macs, kernel_class, kernel_seconds  # noqa: E402
 
 FIGURES = ("overhead_ratio", "width_cost_ratio", "distill_cost_ratio", "activation_memory_ratio",
-           "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step", "peer_ratio")
+           "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step", "peer_ratio",
+           "stream_loader_ratio", "stream_memory_ratio")
 
 
 def test_host_reads_counts_reads_of_values_with_their_call_site() -> None:
@@ -120,6 +121,10 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert result["teacher_saved_bytes"] == 0           # the teacher runs under no_grad
     assert 0 < result["activation_memory_ratio"] < 1    # one width's activations at a time
     assert 0 < result["loader_fraction"] < 1
+    assert 0 < result["loader_fraction_streamed"] < 1 and "loader_fraction_streamed" in proc.stdout
+    assert result["targets"]["stream_loader_ratio"] == ">= 1.2"
+    assert result["details"]["stream_loader_ratio"]["images"] == 64
+    assert set(result["details"]["stream_memory_ratio"]) >= {"32", "64"}
     assert result["machine"]["torch"] == torch.__version__
     assert result["targets"]["overhead_ratio"] == "<= 1.05"
     assert result["machine"]["host_memory_kept"] is True
