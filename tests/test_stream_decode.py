@@ -65,3 +65,27 @@ def test_a_crop_too_small_to_reduce_is_decoded_whole() -> None:
     random.seed(0)
     out = DraftedResizedCrop(crop, "RGB")(image)
     assert out.size == (128, 128) and image.size == (300, 300)
+
+
+def test_a_folder_of_several_formats_streams_every_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kdreg.data.streaming import open_image
+    from kdreg.data.transforms import decode as decode_image
+    from kdreg_plugins.datasets.stream import folder_stream
+
+    formats = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "PPM": ".ppm"}
+    for split in ("train", "val"):
+        for c, name in enumerate(("a", "b")):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for k, (fmt, suffix) in enumerate(formats.items()):
+                Image.new("RGB", (20 + k, 30), (40 + 100 * c, 10 * k, 0)).save(folder / f"{k}{suffix}", format=fmt)
+    stream = folder_stream(tmp_path, in_memory=False, use_cache=False)
+    assert len(stream.train) == len(stream.test) == 2 * len(formats)
+    seen = set()
+    for i in range(len(stream.train)):
+        image, label = stream.train[i]
+        seen.add(image.format)
+        decoded = decode_image(open_image(image), "RGB")
+        assert decoded.size[1] == 30 and decoded.mode == "RGB"
+        assert (decoded.getpixel((0, 0))[0] > 100) == (label == 1)
+    assert seen == set(formats)

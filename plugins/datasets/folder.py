@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 from kdreg.data.sources import ImageData, cache_dir, channel_stats
 from kdreg.errors import DataError, OptionError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 SPLITS = ("train", "test")
 MODES = {"RGB": 3, "L": 1}
@@ -212,7 +213,7 @@ def scan(folder: Path) -> tuple[dict[str, list[Entry]], tuple[str, ...]]:
     for split in SPLITS:
         split_dir = folder / split_folder(folder, split)
         if not split_dir.is_dir():
-            raise DataError(f"expected {split_dir}/<class>/*.jpg (one folder of .jpg/.jpeg/.png "
+            raise DataError(f"expected {split_dir}/<class>/*.jpg (one folder of {'/'.join(IMAGE_SUFFIXES)} "
                             f"images per class); {split_dir} is missing")
         classes = sorted(p.name for p in split_dir.iterdir()
                          if p.is_dir() and not p.name.startswith("."))
@@ -271,21 +272,23 @@ def _pil_decode(path: Path, mode: str) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def open_checked(path: Path, limit: int) -> Image.Image:
-    """``path`` opened lazily (its header read, nothing decoded yet), refused if the header
-    declares more than ``limit`` pixels: a decompression bomb never reaches a decoder."""
+def open_checked(path: Path | IO[bytes], limit: int, name: str | None = None) -> Image.Image:
+    """``path`` (a file, or a binary file object called ``name`` in messages) opened lazily (its
+    header read, nothing decoded yet), refused if the header declares more than ``limit``
+    pixels: a decompression bomb never reaches a decoder."""
+    name = str(path) if name is None else name
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # this check replaces PIL's warning with an error of ours
     try:
         img = Image.open(path)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+        raise DataError(f"cannot read image {name}: {exc}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     width, height = img.size
     if width * height > limit:
         img.close()
-        raise DataError(f"image {path} has {width}x{height} = {width * height:,} pixels, more than "
+        raise DataError(f"image {name} has {width}x{height} = {width * height:,} pixels, more than "
                         f"the limit of {limit:,} (a decompression bomb?); if it is genuine, raise "
                         f"data.options.max_image_pixels @ recipe.data.options.max_image_pixels")
     return img
