@@ -1,4 +1,4 @@
-"""Built-in data sources: cifar10, cifar100, imagefolder, cifar10-sample, synthetic, hfds."""
+"""Built-in data sources: cifar10, cifar100, imagefolder, cifar10-sample, synthetic, hfds, wds."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .folder import MAX_IMAGE_PIXELS, extract_archive, load_image_folder
 from .hf import hfds
 from .stream import folder_stream
 from .synthetic import synthetic
+from .wds import wds
 
 SAMPLE = "cifar10_sample.tar"
 
@@ -58,3 +59,10 @@ def kdreg_register_datasets(register: Any) -> None:
     register("cifar10-sample", cifar10_sample, shape=(10, 3, 32, 32))
     register("synthetic", synthetic)
     register("hfds", hfds)
+    register("wds", wds, description=(
+        "WebDataset shards (uncompressed .tar: root/train-*.tar and root/test-*.tar or val-*.tar, "
+        "or root/train/*.tar and root/test/*.tar or val/*.tar; a sample is key.jpg|jpeg|png|webp "
+        "with its class number in key.cls, class names from an optional root/classes.txt), "
+        "indexed once and read by random access on the streamed path: each torchrun process its "
+        "own samples, epochs and augmentation drawn from the seed, --resume bit-identical; no "
+        "extra package"))

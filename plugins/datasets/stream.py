@@ -11,8 +11,10 @@ images (a truncated or unreadable one among them is left out of them).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -41,6 +43,8 @@ from .folder import (
 PROBES = 32
 #: How many training images (spread over the set) the statistics of a stream are computed on.
 STATS_IMAGES = 256
+
+T = TypeVar("T")
 
 
 class FileReader(Reader):
@@ -83,25 +87,38 @@ def one_size(folder: Path, entries: list[Entry],
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def sample_stats(folder: Path, entries: list[Entry], mode: str,
-                 count: int = STATS_IMAGES) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (in [0, 1] units, over every pixel) of ``count`` training images
-    spread evenly over the set: the data set's statistics without decoding it whole."""
+def spread(items: Sequence[T], count: int) -> Sequence[T]:
+    """``count`` of ``items`` spread evenly over them (all of them when there are fewer)."""
+    return items[::max(1, len(items) // count)][:count]
+
+
+def pixel_stats(images: Iterable[Callable[[], Image.Image]],
+                mode: str) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units, over every pixel) of the images that the
+    callables open; one that cannot be read (truncated, unreadable, over the pixel limit) is left
+    out: the stream names it (or skips it) when it reads it."""
     chans = MODES[mode]
     total, squares, pixels = np.zeros(chans), np.zeros(chans), 0
-    step = max(1, len(entries) // count)
-    for rel, *_ in entries[::step][:count]:
+    for opener in images:
         try:
-            with Image.open(folder / rel) as img:
+            with opener() as img:
                 array = np.asarray(img.convert(mode), dtype=np.float64).reshape(-1, chans) / 255.0
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue  # named (or skipped) when the stream reads it
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, DataError):
+            continue
         total += array.sum(0)
         squares += np.square(array).sum(0)
         pixels += len(array)
     mean = total / max(pixels, 1)
     std = np.sqrt(np.clip(squares / max(pixels, 1) - np.square(mean), 0, None))
     return mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
+def sample_stats(folder: Path, entries: list[Entry], mode: str,
+                 count: int = STATS_IMAGES) -> tuple[list[float], list[float]]:
+    """:func:`pixel_stats` of ``count`` training images spread evenly over the set: the data
+    set's statistics without decoding it whole."""
+    return pixel_stats([partial(Image.open, folder / rel) for rel, *_ in spread(entries, count)],
+                       mode)
 
 
 def _looked_at(folder: Path, train: list[Entry], mode: str, max_pixels: int,
