@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 _ALLOWED: ContextVar[bool] = ContextVar("kdreg_downloads_allowed", default=True)
+_FROM_CHECKPOINTS: ContextVar[bool] = ContextVar("kdreg_weights_from_checkpoints", default=False)
 
 
 def downloads_allowed() -> bool:
@@ -21,11 +22,21 @@ def downloads_allowed() -> bool:
     return _ALLOWED.get()
 
 
+def weights_from_checkpoints() -> bool:
+    """True inside ``no_downloads(from_checkpoints=True)``: the models built there receive their
+    weights from a run's checkpoints next (``kdreg eval``, ``kdreg export``), so a factory loads
+    and checks no weights of its own (pretrained or a file), only builds the network."""
+    return _FROM_CHECKPOINTS.get()
+
+
 @contextmanager
-def no_downloads() -> Iterator[None]:
-    """Within the block, :func:`downloads_allowed` is False."""
+def no_downloads(from_checkpoints: bool = False) -> Iterator[None]:
+    """Within the block, :func:`downloads_allowed` is False (and, with ``from_checkpoints``,
+    :func:`weights_from_checkpoints` True)."""
     token = _ALLOWED.set(False)
+    checkpoints = _FROM_CHECKPOINTS.set(bool(from_checkpoints))
     try:
         yield
     finally:
+        _FROM_CHECKPOINTS.reset(checkpoints)
         _ALLOWED.reset(token)

@@ -27,7 +27,7 @@ from kdreg.bridge import Bridge
 from kdreg.create import create
 from kdreg.data.loading import PROVIDED, source_shape
 from kdreg.data.splits import Splits
-from kdreg.downloads import no_downloads
+from kdreg.downloads import no_downloads, weights_from_checkpoints
 from kdreg.engine import checkpoint
 from kdreg.errors import CheckpointError, DataError, RecipeError, UserError
 from kdreg.graph import TeacherGraph, parse_external_node
@@ -102,13 +102,16 @@ def seed_everything(seed: int) -> None:
 
 
 def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
-             download: bool = True) -> list[StagePlan]:
+             download: bool = True, from_checkpoints: bool = False) -> list[StagePlan]:
     """Every stage's plan, in order; raises :class:`RecipeError` with every problem found.
 
     With ``seed``, the global RNGs are seeded with :func:`kdreg.streams.init_seed` of ``(seed,
     index)`` before stage ``index`` is built, so a stage's initial weights do not depend on the
     stages before it, nor equal another seed's stage's. ``download = False`` (validation) builds
     every stage inside :func:`kdreg.downloads.no_downloads`: no factory fetches weights.
+    ``from_checkpoints = True`` (a run's stages about to receive their ``best.pt``: ``kdreg eval``,
+    ``kdreg export``) also reads no weights at all, no ``init`` and no pretrained weights, so a
+    run directory evaluates offline and without its initial files.
     """
     plans: dict[str, StagePlan] = {}
     failed: set[str] = set()
@@ -118,7 +121,7 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
         if seed is not None:
             seed_everything(init_seed(seed, index))
         try:
-            with nullcontext() if download else no_downloads():
+            with nullcontext() if download and not from_checkpoints else no_downloads(from_checkpoints):
                 plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
         except UserError as exc:
             problems += exc.problems
@@ -158,7 +161,8 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     normalise.attach(model, shape.mean, shape.std)
     if stage.init is not None:
         try:
-            checkpoint.load_weights(model, stage.init)
+            if not weights_from_checkpoints():   # else best.pt brings the weights
+                checkpoint.load_weights(model, stage.init)
         except CheckpointError as exc:
             problems += [f"{p} @ {path}.init" for p in exc.problems]
     elif train.epochs == 0 and model.pretrained is None:

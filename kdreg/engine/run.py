@@ -170,7 +170,7 @@ class Run:
     def trained_stages(self, splits: Splits) -> Iterator[tuple[StagePlan, FlexibleBackbone]]:
         """Every stage with selected weights (``checkpoints/<stage>/best.pt``), in order, with
         those weights loaded on the device, frozen; stops at the first stage not trained yet."""
-        for plan in assemble(self.recipe, DataShape.of(splits)):
+        for plan in assemble(self.recipe, DataShape.of(splits), from_checkpoints=True):
             best = self.directory / "checkpoints" / plan.name / "best.pt"
             if not best.is_file():
                 return

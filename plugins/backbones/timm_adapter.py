@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
-from kdreg.downloads import downloads_allowed
+from kdreg.downloads import downloads_allowed, weights_from_checkpoints
 from kdreg.engine.distributed import is_main
 from kdreg.errors import ExportError, OptionError
 
@@ -110,16 +110,17 @@ def build_timm(
     cfg = pretrained_cfg_of(model)
     hub = pretrained if pretrained is not None else ("." in model and pretrained_file is None)
     key = "pretrained" if pretrained else "model"
-    load = hub and weights_reachable(model, cfg, key)
+    restored = weights_from_checkpoints()     # a run's checkpoint brings the weights
+    load = hub and not restored and weights_reachable(model, cfg, key)
     size = (int(input_size[0]), int(input_size[1]))
     net = _create(model, num_classes, in_chans, size, dict(model_options), pretrained=load, key=key)
     source = None
     if hub:
         source = f"timm {_tagged(model, cfg)}"
-        for note in hub_adaptations(model, cfg, num_classes, in_chans):
+        for note in [] if restored else hub_adaptations(model, cfg, num_classes, in_chans):
             say(note)
     elif pretrained_file is not None:
-        for note in load_weights(net, pretrained_file, model, in_chans):
+        for note in [] if restored else load_weights(net, pretrained_file, model, in_chans):
             say(note)
         source = str(Path(pretrained_file).expanduser())
     backbone = TimmBackbone(net, model_name=model, in_chans=in_chans, input_size=size)
