@@ -1,8 +1,15 @@
 """kdreg: knowledge distillation for flexible networks, as recipes."""
 
-from kdreg.api import build_backbone, build_bridge, distillation_loss, get_teacher_graph
+from kdreg.api import (
+    build_backbone,
+    build_bridge,
+    build_divergence,
+    distillation_loss,
+    get_teacher_graph,
+)
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge, BridgeBatch
+from kdreg.divergence import Divergence
 from kdreg.graph import Edge, TeacherGraph
 from kdreg.hookspecs import hookimpl
 from kdreg.options import StageRef
@@ -13,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bridge",
     "BridgeBatch",
+    "Divergence",
     "Edge",
     "FlexibleBackbone",
     "StageRef",
@@ -21,6 +29,7 @@ __all__ = [
     "__version__",
     "build_backbone",
     "build_bridge",
+    "build_divergence",
     "distillation_loss",
     "get_teacher_graph",
     "hookimpl",

@@ -7,10 +7,12 @@ from typing import Any
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.create import create
+from kdreg.divergence import Divergence
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss
 
-__all__ = ["build_backbone", "build_bridge", "capacity_ratio", "distillation_loss", "get_teacher_graph"]
+__all__ = ["build_backbone", "build_bridge", "build_divergence", "capacity_ratio", "distillation_loss",
+           "get_teacher_graph"]
 
 
 def build_backbone(
@@ -44,6 +46,13 @@ def build_bridge(name: str, *, student: FlexibleBackbone, **options: Any) -> Bri
     takes a :class:`kdreg.TeacherStage`."""
     bridge: Bridge = create("bridge", name, options, provided={"student": student}, path="bridge")
     return bridge
+
+
+def build_divergence(name: str, **options: Any) -> Divergence:
+    """Build the registered divergence ``name`` with ``options`` (``build_divergence("dkd",
+    beta=6.0)``); pass it to :func:`distillation_loss` as ``divergence``."""
+    divergence: Divergence = create("divergence", name, options, provided={}, path="divergence")
+    return divergence
 
 
 def capacity_ratio(teacher: FlexibleBackbone, student: FlexibleBackbone) -> dict[str, float]:

@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="installed plugins and what they register")
 
-    ls = sub.add_parser("list", help="registered backbones, graphs, datasets and bridges")
-    ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges"])
+    ls = sub.add_parser("list", help="registered backbones, graphs, datasets, bridges and divergences")
+    ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges", "divergences"])
     ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
     ev = sub.add_parser("eval", help="test accuracy of a run's selected weights (data keys may be overridden)")
     ev.add_argument("directory")
@@ -175,6 +175,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         stage, model = plan.config, plan.model
         extra = f", teachers {', '.join(sorted(plan.teachers))}" if plan.teachers else ""
         extra += f", bridge {stage.bridge.name}" if stage.bridge is not None else ""
+        if plan.graph.edges:
+            extra += f", divergence {stage.divergence.name}"
         print(f"stage {stage.name}: {stage.backbone.name} ({model.num_submodels} sub-models: "
               f"{', '.join(model.submodel_labels)}), graph {stage.graph.name}{extra}, "
               f"{plan.train.epochs} epochs")
@@ -209,7 +211,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from kdreg.registry import get_registry
 
-    kinds = [args.kind[:-1]] if args.kind else ["backbone", "graph", "dataset", "bridge"]
+    kinds = [args.kind[:-1]] if args.kind else ["backbone", "graph", "dataset", "bridge", "divergence"]
     for kind in kinds:
         entries = get_registry(kind).entries()
         print(f"{kind}s:")

@@ -13,6 +13,7 @@ from typing import Any
 
 from kdreg.backbone import FlexibleBackbone, backbone_problems
 from kdreg.bridge import Bridge
+from kdreg.divergence import Divergence, divergence_problems
 from kdreg.errors import RecipeError, UserError
 from kdreg.graph import TeacherGraph
 from kdreg.options import bind, call, stage_refs
@@ -97,6 +98,16 @@ def _check_backbone(obj: Any, name: str) -> FlexibleBackbone:
     return obj
 
 
+def _check_divergence(obj: Any, name: str) -> Divergence:
+    """A :class:`Divergence` that returns a finite scalar with gradient on a probe batch."""
+    if not isinstance(obj, Divergence):
+        raise TypeError(name)
+    problems = divergence_problems(obj)
+    if problems:
+        raise IncompleteResult(problems)
+    return obj
+
+
 def _instance_of(cls: type) -> Callable[[Any, str], Any]:
     def check(obj: Any, name: str) -> Any:
         if not isinstance(obj, cls):
@@ -112,4 +123,5 @@ RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "backbone": ("a kdreg.FlexibleBackbone (an nn.Module)", _check_backbone),
     "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
     "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
+    "divergence": ("a kdreg.divergence.Divergence", _check_divergence),
 }

@@ -43,9 +43,23 @@ class ExportError(UserError):
 class OptionError(ValueError):
     """A plugin factory rejects one of its options.
 
-    ``key`` names the option (``widths``); the recipe layer turns it into a full key path.
+    ``key`` names the option (``widths``); the recipe layer turns it into a full key path. A
+    factory that finds several problems at once raises the first with the others in ``more``
+    (:meth:`raise_any` does): each becomes a line of its own.
     """
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None, *, more: Iterable[OptionError] = ()):
         self.key = key
+        self.more = tuple(more)
         super().__init__(message)
+
+    def each(self) -> list[OptionError]:
+        """This problem and the others raised with it."""
+        return [self, *self.more]
+
+    @classmethod
+    def raise_any(cls, errors: Iterable[OptionError]) -> None:
+        """Raise ``errors`` together (the first, the others in ``more``), if there is any."""
+        found = list(errors)
+        if found:
+            raise cls(str(found[0]), found[0].key, more=found[1:])

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from kdreg.backbone import FlexibleBackbone
     from kdreg.bridge import Bridge
+    from kdreg.divergence import Divergence
     from kdreg.graph import TeacherGraph
     from kdreg.recipe import Recipe
 
@@ -77,6 +78,10 @@ class StageInfo(Protocol):
 
     @property
     def bridge(self) -> Bridge | None: ...
+
+    @property
+    def divergence(self) -> Divergence:
+        """What is distilled along each edge of the stage's graph."""
 
 
 class RunInfo(Protocol):
@@ -221,9 +226,51 @@ def kdreg_register_datasets(register: Register) -> None:
 
 
 @hookspec
+def kdreg_register_divergences(register: Register) -> None:
+    """Register divergences: what is distilled along each edge of a teacher graph.
+
+    ``register(name, factory, description="")`` where ``factory(**options) ->
+    kdreg.divergence.Divergence``. Options come from the recipe's ``divergence = { name = ...,
+    ... }`` (a stage's ``divergence = "name"`` gives none); declare each as a typed keyword
+    parameter with a default, and raise ``kdreg.errors.OptionError`` (with ``key``) for a weight
+    or other value out of range: ``kdreg validate`` reports it as ``... @
+    recipe.stages.<stage>.divergence.<key>``.
+
+    The returned object subclasses ``kdreg.divergence.Divergence`` and implements
+
+    ``__call__(student, teacher, *, tau, labels, epoch=None) -> Tensor``
+
+    - ``student``: the student sub-model's logits ``[B, C]``, fp32 (autocast is off);
+    - ``teacher``: the teacher's logits ``[B, C]``, fp32, detached (an internal sub-model or a
+      frozen earlier stage; the loss never sends gradient into a teacher);
+    - ``tau``: the stage's temperature (``tau`` of the recipe's stage), > 0;
+    - ``labels``: the batch's targets, class indices ``[B]`` or soft targets ``[B, C]`` under
+      mixup / CutMix (``kdreg.divergence.hard_targets`` gives the dominant class);
+    - ``epoch``: the 1-based epoch being trained (constant within an epoch), or None outside
+      training (evaluate the method at full strength: a warm-up counts as over);
+
+    and returns the edge's loss: a scalar tensor, the batch mean of a per-sample term (or, for a
+    method defined on the batch, its value over this process's batch), that depends on
+    ``student``. kdreg calls the factory's result once on a probe batch when it is built and
+    reports a wrong type, a non-scalar, a non-finite value or one without gradient.
+
+    The stage's loss puts it inside one rule, for every edge ``(t, w)`` of sub-model ``i``:
+    ``L_i = (1 - lam) CE(a_i, y) + lam * sum_(t, w) w * D(a_i, sg(a_t))``. A method whose paper
+    adds its own cross-entropy keeps that term out of ``D`` (the rule has it, weighted by ``1 -
+    lam``); its own weights between its terms (DKD's alpha and beta, DIST's beta and gamma) and
+    schedules (DKD's warm-up) belong to ``D``. The same object serves every edge of a stage: keep
+    no state between calls.
+
+    The built-in ``kl`` and ``ce`` (``kdreg.losses.SoftmaxKD``) are computed for all internal
+    edges at once; every other divergence is called once per edge.
+    """
+
+
+@hookspec
 def kdreg_run_started(run: RunInfo) -> None:
     """A run starts. ``run`` has ``recipe``, ``directory`` (a ``pathlib.Path``), ``device`` and
-    ``plans`` (one per stage, in order: ``name``, ``model``, ``graph``, ``teachers``, ``bridge``)."""
+    ``plans`` (one per stage, in order: ``name``, ``model``, ``graph``, ``teachers``, ``bridge``,
+    ``divergence``)."""
 
 
 @hookspec

@@ -2,11 +2,14 @@
 
     L   = sum_i L_i
     L_i = CE(a_i, y)                                                   if i has no teachers
-    L_i = (1 - lam) CE(a_i, y) + lam sum_{(t, w) in T_i} w KD(a_i, sg(a_t))   otherwise
+    L_i = (1 - lam) CE(a_i, y) + lam sum_{(t, w) in T_i} w D(a_i, sg(a_t))   otherwise
 
+``D`` is the stage's divergence (:class:`kdreg.divergence.Divergence`, a registered name or
+object). The built-in ``kl`` and ``ce`` are :class:`SoftmaxKD`:
 ``KD_kl = tau^2 KL(softmax(a_t/tau) || softmax(a_s/tau))`` and
-``KD_ce = tau^2 H(softmax(a_t/tau), softmax(a_s/tau))``; every per-sample term is averaged over
-the batch (batch mean), never over classes.
+``KD_ce = tau^2 H(softmax(a_t/tau), softmax(a_s/tau))``, computed for every internal edge at once
+(one einsum); any other divergence is called once per edge. Every per-sample term is averaged
+over the batch (batch mean), never over classes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdreg.create import create
+from kdreg.divergence import Divergence, standardise
 from kdreg.graph import TeacherGraph
+from kdreg.registry import Registry, get_registry
 
 DIVERGENCES = ("kl", "ce")
 
@@ -53,6 +59,57 @@ def kd_loss(student: Tensor, teacher: Tensor, *, tau: float, divergence: str = "
         return tau * tau * per_sample.mean()
 
 
+class SoftmaxKD(Divergence):
+    """``kl``: tau^2 KL(p_t || p_s); ``ce``: tau^2 H(p_t, p_s); batch mean, p = softmax(a / tau).
+
+    With ``standardise``, both logits are z-scored per sample first (logit standardisation, Sun
+    et al. CVPR 2024: :func:`kdreg.divergence.standardise`), then divided by ``tau``. The graph loss
+    computes it for every internal edge at once.
+    """
+
+    def __init__(self, kind: str = "kl", *, standardise: bool = False):
+        _check_divergence(kind)
+        self.kind = kind
+        self.standardise = standardise
+
+    def __call__(self, student: Tensor, teacher: Tensor, *, tau: float, labels: Tensor | None = None,
+                 epoch: int | None = None) -> Tensor:
+        if self.standardise:
+            with fp32(student):
+                student, teacher = standardise(student), standardise(teacher)
+        return kd_loss(student, teacher, tau=tau, divergence=self.kind)
+
+    def __repr__(self) -> str:
+        return f"SoftmaxKD({self.kind!r}, standardise={self.standardise})"
+
+
+_defaults: dict[str, tuple[Registry, Divergence]] = {}
+
+
+def as_divergence(divergence: str | Divergence) -> Divergence:
+    """``divergence`` itself, or the registered divergence of that name built with its defaults
+    (raises :class:`kdreg.registry.UnknownNameError` for an unknown name)."""
+    if isinstance(divergence, Divergence):
+        return divergence
+    if not isinstance(divergence, str):
+        raise TypeError(f"divergence must be a registered name or a kdreg.divergence.Divergence, "
+                        f"got {type(divergence).__name__}")
+    registry = get_registry("divergence")
+    cached = _defaults.get(divergence)
+    if cached is not None and cached[0] is registry:
+        return cached[1]
+    built: Divergence = create("divergence", divergence, {}, provided={}, path="divergence")
+    _defaults[divergence] = (registry, built)
+    return built
+
+
+def edge_loss(divergence: Divergence, student: Tensor, teacher: Tensor, *, tau: float,
+              labels: Tensor, epoch: int | None) -> Tensor:
+    """``D(a_s, sg(a_t))`` of one edge, in fp32 (the teacher detached)."""
+    with fp32(student):
+        return divergence(student.float(), teacher.detach().float(), tau=tau, labels=labels, epoch=epoch)
+
+
 def submodel_loss(
     index: int,
     logits: Tensor,
@@ -62,14 +119,17 @@ def submodel_loss(
     *,
     lam: float,
     tau: float,
-    divergence: str = "kl",
+    divergence: str | Divergence = "kl",
+    epoch: int | None = None,
 ) -> Tensor:
-    """L_i of one sub-model; ``teachers`` holds (detached) teacher logits by node."""
+    """L_i of one sub-model; ``teachers`` holds (detached) teacher logits by node; ``epoch`` (the
+    1-based epoch being trained) reaches divergences with a warm-up."""
+    div = as_divergence(divergence)
     edges = graph.teachers_of(index)
     ce = cross_entropy(logits, labels)
     if not edges:
         return ce
-    kd = sum(w * kd_loss(logits, teachers[t].detach(), tau=tau, divergence=divergence) for t, w in edges)
+    kd = sum(w * edge_loss(div, logits, teachers[t], tau=tau, labels=labels, epoch=epoch) for t, w in edges)
     return (1.0 - lam) * ce + lam * kd
 
 
@@ -80,15 +140,20 @@ def distillation_loss(
     *,
     lam: float,
     tau: float,
-    divergence: str = "kl",
+    divergence: str | Divergence = "kl",
     external: Mapping[str, Tensor] | None = None,
+    epoch: int | None = None,
 ) -> Tensor:
-    """The scalar L of the teacher graph over all sub-models, vectorised over edges.
+    """The scalar L of the teacher graph over all sub-models, vectorised over edges for ``kl`` and
+    ``ce``.
 
     ``logits`` is ordered smallest -> largest, each ``[B, C]``; ``external`` holds the logits of
     frozen teachers by node name. Teachers are detached: no KD term sends gradient into them.
+    ``divergence`` names a registered divergence (built with its defaults) or is one
+    (:class:`kdreg.divergence.Divergence`); ``epoch``, the 1-based epoch being trained, reaches
+    divergences with a warm-up (None: warmed up).
     """
-    _check_divergence(divergence)
+    div = as_divergence(divergence)
     n = len(logits)
     if n != graph.num_submodels:
         raise ValueError(f"{n} logits given for a graph over {graph.num_submodels} sub-models")
@@ -97,12 +162,13 @@ def distillation_loss(
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     with fp32(logits[0]):
-        return _graph_loss(logits, labels, graph, lam=lam, tau=tau, divergence=divergence,
-                           external=external)
+        return _graph_loss(logits, labels, graph, lam=lam, tau=tau, divergence=div,
+                           external=external, epoch=epoch)
 
 
 def _graph_loss(logits: Sequence[Tensor], labels: Tensor, graph: TeacherGraph, *, lam: float,
-                tau: float, divergence: str, external: Mapping[str, Tensor] | None) -> Tensor:
+                tau: float, divergence: Divergence, external: Mapping[str, Tensor] | None,
+                epoch: int | None) -> Tensor:
     n = len(logits)
     a = torch.stack([t.float() for t in logits])                      # [n, B, C]
     batch = a.shape[1]
@@ -110,21 +176,28 @@ def _graph_loss(logits: Sequence[Tensor], labels: Tensor, graph: TeacherGraph, *
     targets = labels.repeat(n) if labels.dim() == 1 else labels.float().repeat(n, 1)  # mixed: [B, C]
     ce = F.cross_entropy(a.flatten(0, 1), targets, reduction="none").view(n, batch).mean(1)
     total = torch.where(has_teacher, 1.0 - lam, 1.0).mul(ce).sum()
-    if w is not None:
-        log_ps = F.log_softmax(a / tau, dim=-1)                       # [n, B, C]
+    if w is not None and isinstance(divergence, SoftmaxKD):         # every internal edge at once
+        z = standardise(a) if divergence.standardise else a
+        log_ps = F.log_softmax(z / tau, dim=-1)                       # [n, B, C]
         log_pt = log_ps.detach()
         pt = log_pt.exp()
         # cross[s, t] = mean_b sum_c p_t log p_s ; negent[t] = mean_b sum_c p_t log p_t
         cross = torch.einsum("sbc,tbc->st", log_ps, pt) / batch
         kd = -cross
-        if divergence == "kl":
+        if divergence.kind == "kl":
             kd = kd + (pt * log_pt).sum(-1).mean(-1)[None, :]
         total = total + lam * tau * tau * (w * kd).sum()
+    elif w is not None:                                               # one call per internal edge
+        for e in graph.edges:
+            if isinstance(e.teacher, int):
+                total = total + lam * e.weight * edge_loss(divergence, a[e.student], a[e.teacher], tau=tau,
+                                                           labels=labels, epoch=epoch)
     for e in graph.external_edges():
         if external is None or e.teacher not in external:
             raise KeyError(f"external teacher {e.teacher!r} has no logits in `external`")
-        teacher = external[e.teacher].detach()  # type: ignore[index]
-        total = total + lam * e.weight * kd_loss(a[e.student], teacher, tau=tau, divergence=divergence)
+        teacher = external[e.teacher]  # type: ignore[index]
+        total = total + lam * e.weight * edge_loss(divergence, a[e.student], teacher, tau=tau,
+                                                   labels=labels, epoch=epoch)
     return total
 
 

@@ -90,8 +90,8 @@ def call(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, path: str) -
     try:
         return factory(**kwargs)
     except OptionError as exc:
-        where = f"{path}.{exc.key}" if exc.key else path
-        raise RecipeError([f"{exc} @ {where}"]) from None
+        raise RecipeError([f"{e} @ {path}.{e.key}" if e.key else f"{e} @ {path}"
+                           for e in exc.each()]) from None
     except (ValueError, TypeError) as exc:
         raise RecipeError([f"{exc} @ {path}"]) from None
 

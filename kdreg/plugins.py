@@ -18,7 +18,7 @@ import os
 import re
 import weakref
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import pluggy
@@ -192,12 +192,10 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def reset(pm: pluggy.PluginManager | None = None) -> None:
-    """Forget the cached manager and registries (or install ``pm``); for tests and tools."""
+    """Forget the cached manager (or install ``pm``); for tests and tools. The registries
+    (:mod:`kdreg.registry`) follow: each is collected again from the next manager."""
     global _manager
     _manager = pm
-    from kdreg import registry
-
-    registry.reset()
 
 
 def distribution_of(pm: pluggy.PluginManager, plugin_name: str) -> tuple[str, str]:
@@ -208,10 +206,3 @@ def distribution_of(pm: pluggy.PluginManager, plugin_name: str) -> tuple[str, st
 def plugin_versions(pm: pluggy.PluginManager | None = None) -> dict[str, str]:
     """``{distribution: version}`` of every loaded plugin, for results.json."""
     return plugin_set(pm or plugin_manager()).versions()
-
-
-if TYPE_CHECKING:  # the engine's run is what the run events are documented to receive
-    from kdreg.engine.run import Run
-
-    def _run_is_run_info(run: Run) -> hookspecs.RunInfo:
-        return run

@@ -139,7 +139,7 @@ class StageConfig:
     bridge: PluginSpec | None = setting(None, "Collaboration bridge to a frozen earlier stage: `{ name = \"stc\", teacher = \"teacher\", student_split = \"layer2\", teacher_split = \"layer2\", alpha = 0.3 }`.")
     lam: float = setting(0.8, "Weight of the distillation term (1 - lam weighs CE) for sub-models with teachers.", low=0.0, high=1.0)
     tau: float = setting(1.0, "Distillation temperature.", low=0.0, low_open=True)
-    divergence: str = setting("kl", "`kl` (tau^2 KL) or `ce` (tau^2 soft-target cross-entropy).", choices=("kl", "ce"))
+    divergence: PluginSpec = setting(PluginSpec("kl"), "What is distilled along each edge of the graph: `kl` (tau^2 KL), `ce` (tau^2 soft-target cross-entropy), `dkd` (decoupled KD), `dist` (DIST) or a plugin's; a name or a table with options, `{ name = \"dkd\", alpha = 1.0, beta = 8.0, warmup = 20 }`, `{ name = \"kl\", standardise = true }` (logit standardisation). It is `D` in `(1 - lam) CE + lam * sum w * D`; `kdreg list divergences` lists them.")
     init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage (with `epochs = 0`: a trained model, evaluated and used as a teacher, not trained).")
     epochs: int | None = setting(None, "Overrides `train.epochs` for this stage; 0 (with `init`, or a backbone with pretrained weights) loads the stage instead of training it: it is evaluated and may teach later stages.", low=0)
     optimizer: OptimizerConfig | None = setting(None, "Overrides `train.optimizer` (keys merged) for this stage.")

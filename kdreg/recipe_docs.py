@@ -15,6 +15,7 @@ from kdreg.recipe import (
     AugmentConfig,
     DataConfig,
     OptimizerConfig,
+    PluginSpec,
     Recipe,
     ScheduleConfig,
     StageConfig,
@@ -40,14 +41,18 @@ can be overridden on the command line by its dotted path: `--set train.epochs=1`
 may be written bare (`--set data.root=/data/cifar`).
 
 A stage's `epochs`, `optimizer` and `schedule` override `[train]`; a partial `optimizer` or
-`schedule` table is completed from `[train]`'s. Plugin tables (`backbone`, `graph`) take `name`
-plus the plugin's own options: `kdreg list --details` shows the registered names, and a wrong option
-is reported with the options the plugin accepts.
+`schedule` table is completed from `[train]`'s. Plugin tables (`backbone`, `graph`, `bridge`,
+`divergence`) take `name` plus the plugin's own options: `kdreg list --details` shows the registered
+names, and a wrong option is reported with the options the plugin accepts.
 
 The distillation rule every graph uses: a sub-model without teachers is trained on `CE`; one with
-teachers `T_i` on `(1 - lam) * CE + lam * sum_(t,w) w * KD(a_i, sg(a_t))`, with
-`KD = tau^2 * KL(p_t || p_s)` (`divergence = "kl"`) or `tau^2 * H(p_t, p_s)` (`"ce"`), averaged over
-the batch (not over classes; TAKD's reference also divided by the number of classes).
+teachers `T_i` on `(1 - lam) * CE + lam * sum_(t,w) w * D(a_i, sg(a_t))`, where `D` is the stage's
+`divergence`: `KD = tau^2 * KL(p_t || p_s)` (`divergence = "kl"`, the default) or
+`tau^2 * H(p_t, p_s)` (`"ce"`), averaged over the batch (not over classes; TAKD's reference also
+divided by the number of classes), or another registered divergence (`dkd`, `dist`, a plugin's).
+A method whose paper has its own cross-entropy term leaves it to the rule (`1 - lam`); its weights
+between its own terms and its warm-up are the divergence's options (see the README's table of
+divergences).
 
 ## Stages that learn from earlier stages
 
@@ -141,6 +146,8 @@ a test fails when it is out of date.
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "none"
+    if tp is PluginSpec:
+        return "name or table"
     if attrs.has(tp):
         return "table"
     origin = typing.get_origin(tp)
@@ -161,6 +168,8 @@ def _default(field: Any) -> str:
         default = default.factory()
     if default is None:
         return "unset"
+    if isinstance(default, PluginSpec) and not default.options:
+        return f'`"{default.name}"`'
     if attrs.has(type(default)):
         return "see below"
     if isinstance(default, bool):

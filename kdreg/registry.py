@@ -1,8 +1,11 @@
 """Name -> factory tables, filled through the ``kdreg_register_*`` hooks.
 
-One :class:`Registry` per kind (backbones, graphs, bridges, datasets). Lookups of an unknown name
-raise an error that lists the registered names; a name registered twice is an error naming both
-plugins.
+One :class:`Registry` per kind (backbones, graphs, bridges, datasets, divergences). Lookups of an
+unknown name raise an error that lists the registered names; a name registered twice is an error
+naming both plugins.
+
+The registries are read from the process-wide plugin manager (:func:`kdreg.plugins.plugin_manager`)
+and kept until it changes: this module imports :mod:`kdreg.plugins`, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from kdreg import plugins
 from kdreg.errors import PluginError, UserError
 from kdreg.hookspecs import Register
 
@@ -22,6 +26,7 @@ KINDS = {
     "graph": "kdreg_register_graphs",
     "bridge": "kdreg_register_bridges",
     "dataset": "kdreg_register_datasets",
+    "divergence": "kdreg_register_divergences",
 }
 
 
@@ -74,17 +79,17 @@ class Registry:
         return f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(self.names()) or 'none'}"
 
 
-_registries: dict[str, Registry] = {}
+#: kind -> (the plugin manager it was collected from, the registry)
+_registries: dict[str, tuple[pluggy.PluginManager, Registry]] = {}
 
 
 def reset() -> None:
+    """Forget the collected registries (they are collected again on next use)."""
     _registries.clear()
 
 
 def collect(kind: str, pm: pluggy.PluginManager | None = None) -> Registry:
     """Call the ``kdreg_register_*`` hook of ``kind`` on every plugin and build its registry."""
-    from kdreg import plugins
-
     pm = pm or plugins.plugin_manager()
     entries: dict[str, Entry] = {}
     problems: list[str] = []
@@ -141,12 +146,15 @@ class _Registrar:
 
 
 def get_registry(kind: str) -> Registry:
-    """The (cached) registry of ``kind``: backbone, graph, bridge or dataset."""
+    """The registry of ``kind`` (backbone, graph, bridge, dataset or divergence), collected once
+    per plugin manager: :func:`kdreg.plugins.reset` makes the next call collect it again."""
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; known: {', '.join(KINDS)}")
-    if kind not in _registries:
-        _registries[kind] = collect(kind)
-    return _registries[kind]
+    pm = plugins.plugin_manager()
+    cached = _registries.get(kind)
+    if cached is None or cached[0] is not pm:
+        cached = _registries[kind] = (pm, collect(kind, pm))
+    return cached[1]
 
 
 def _first_line(obj: Any) -> str:
@@ -168,3 +176,7 @@ def list_bridges() -> list[str]:
 
 def list_datasets() -> list[str]:
     return get_registry("dataset").names()
+
+
+def list_divergences() -> list[str]:
+    return get_registry("divergence").names()

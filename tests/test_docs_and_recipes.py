@@ -66,12 +66,12 @@ def test_paper_recipes_use_the_papers_hyperparameters(path: Path) -> None:
         assert ("(weiaicunzai/pytorch-cifar100): SGD momentum 0.9, weight decay 5e-4, batch 128, "
                 "lr x0.2 at epochs 60, 120 and 160.") in comment
         assert train.optimizer.nesterov and set(train.optimizer.no_decay) == {"bias", "norm", "depthwise"}
-        assert (train.epochs, stage.tau, stage.divergence) == (200, 1.0, "ce")
+        assert (train.epochs, stage.tau, stage.divergence.name) == (200, 1.0, "ce")
         assert stage.backbone.options["widths"] == [0.25, 0.5, 0.75, 1.0]
         assert train.schedule.milestones == (60, 120, 160) and train.schedule.gamma == 0.2
         assert r.data.batch_size == 128 and train.optimizer.weight_decay == 5e-4
     else:                          # 300 epochs, tau 5, KL; MSDNet's optimiser
-        assert (train.epochs, stage.tau, stage.divergence) == (300, 5.0, "kl")
+        assert (train.epochs, stage.tau, stage.divergence.name) == (300, 5.0, "kl")
         assert train.schedule.milestones == (150, 225) and train.schedule.gamma == 0.1
         assert r.data.batch_size == 64 and train.optimizer.weight_decay == 1e-4
     assert r.data.dataset == path.stem.split("-")[2]

@@ -19,7 +19,7 @@ import pytest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kdreg-example-plugin"
 ENTRY_POINT, DIST, VERSION = "kdreg_example", "kdreg-example-plugin", "0.1.0"
-BACKBONE, GRAPH = "example_two_exit_mlp", "example-from-final"
+BACKBONE, GRAPH, DIVERGENCE = "example_two_exit_mlp", "example-from-final", "example-js"
 RECIPE = EXAMPLE / "recipe.toml"  # synthetic 3x16x16 images, 4 classes, hidden = 32, 1 epoch
 
 
@@ -57,20 +57,33 @@ def test_kdreg_plugins_lists_it_with_its_distribution(installed: dict[str, str],
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     at = lines.index(f"{ENTRY_POINT}  ({DIST} {VERSION})")
-    assert lines[at + 1:at + 3] == [f"    backbones: {BACKBONE}", f"    graphs: {GRAPH}"]
+    assert lines[at + 1:at + 4] == [f"    backbones: {BACKBONE}", f"    divergences: {DIVERGENCE}",
+                                    f"    graphs: {GRAPH}"]
     assert "graphs  (kdreg " in proc.stdout  # the built-in plugins are there too
 
 
-def test_its_backbone_and_graph_validate_and_train(installed: dict[str, str], tmp_path: Path) -> None:
+def test_its_backbone_graph_and_divergence_validate_and_train(installed: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    proc = kdreg_cli(installed, "list", "divergences", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"    {DIVERGENCE}  tau^2 Jensen-Shannon divergence between teacher and student" in proc.stdout
     proc = kdreg_cli(installed, "validate", str(RECIPE), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (f"stage student: {BACKBONE} (2 sub-models: early, final), graph {GRAPH}, 1 epochs"
-            in proc.stdout)
+    assert (f"stage student: {BACKBONE} (2 sub-models: early, final), graph {GRAPH}, divergence "
+            f"{DIVERGENCE}, 1 epochs" in proc.stdout)
     out = tmp_path / "run"
     proc = kdreg_cli(installed, "run", str(RECIPE), "--out", str(out), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["finished"] is True
+    assert f'[stages.divergence]\nname = "{DIVERGENCE}"\n' in (out / "recipe.toml").read_text()
+    # the same run distilling with kl instead (same data, same initial weights) trains otherwise
+    proc = kdreg_cli(installed, "run", str(RECIPE), "--out", str(tmp_path / "kl"), "--no-progress",
+                     "--set", "stages.student.divergence=kl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    js, kl = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (out, tmp_path / "kl"))
+    assert len(js) == len(kl) == 1 and 0 < js[0]["train_loss"] != kl[0]["train_loss"]
     assert results["plugins"][DIST] == VERSION and results["plugins"]["kdreg"]
     (stage,) = results["stages"]
     assert stage["name"] == "student" and stage["submodels"] == ["early", "final"]
@@ -87,7 +100,8 @@ def test_disabling_it_hides_it_and_fails_a_recipe_that_uses_it(installed: dict[s
     proc = kdreg_cli(disabled, "list", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "tiny_exits" in proc.stdout and "ipkd-ta-m" in proc.stdout
-    assert BACKBONE not in proc.stdout and GRAPH not in proc.stdout
+    assert BACKBONE not in proc.stdout and GRAPH not in proc.stdout and DIVERGENCE not in proc.stdout
+    assert "dkd" in proc.stdout
     out = tmp_path / "run"
     proc = kdreg_cli(disabled, "run", str(RECIPE), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

@@ -38,7 +38,7 @@ def test_a_good_recipe_structures_with_defaults() -> None:
     r = parse_recipe(BASE)
     s = r.stages[0]
     assert s.backbone.name == "slimmable_mobilenet_v1" and s.backbone.options == {"widths": [0.25, 0.5, 0.75, 1.0]}
-    assert s.graph.name == "ipkd-ta-m" and s.divergence == "ce"
+    assert s.graph.name == "ipkd-ta-m" and s.divergence.name == "ce" and s.divergence.options == {}
     assert r.data.batch_size == 128 and r.data.val_split == 5000
     assert r.stage_train(s).optimizer.lr == 0.05 and r.stage_train(s).optimizer.nesterov is True
     assert check_recipe(r) == []
@@ -73,7 +73,8 @@ def test_round_trip_of_the_resolved_recipe() -> None:
         (BASE.replace("lam = 0.8", "lam = 1.5"), [], "lam must be in [0, 1], got 1.5 @ recipe.stages.student.lam"),
         (BASE.replace("lam = 0.8", "lam = -0.1"), [], "lam must be in [0, 1], got -0.1 @ recipe.stages.student.lam"),
         (BASE.replace("tau = 1.0", "tau = 0"), [], "tau must be > 0, got 0 @ recipe.stages.student.tau"),
-        (BASE.replace('divergence = "ce"', 'divergence = "js"'), [], "expected one of kl, ce, got 'js' @ recipe.stages.student.divergence"),
+        (BASE.replace('divergence = "ce"', 'divergence = "js"'), [], "unknown divergence 'js'; registered: ce, dist, dkd, kl @ recipe.stages.student.divergence.name"),
+        (BASE.replace('divergence = "ce"', 'divergence = 3'), [], "expected a table with a `name` or a name string, got int 3 @ recipe.stages.student.divergence"),
         (BASE.replace("[train]", "[train]\nbatch = 3"), [], "unknown key(s) batch @ recipe.train"),
         (BASE.replace('"ipkd-ta-m"', '"ipkd-tam"'), [], "unknown graph 'ipkd-tam' (did you mean ipkd-ta-m"),
         (BASE.replace('"slimmable_mobilenet_v1"', '"mobilenet"'), [], "@ recipe.stages.student.backbone.name"),

@@ -4,7 +4,8 @@ no traceback, and a run writes nothing.
 Each example injects problems into a valid recipe, at most one per key (and one unknown key per
 table), so the number of lines and their key paths are known. Problems of the recipe's structure
 (types, unknown keys, ranges, choices) are found when it is read; stage references only once it
-reads, so an example with both expects the first kind alone.
+reads, so an example with both expects the first kind alone (as with a divergence no plugin
+builds: an unknown name, an option unknown or out of range).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ VALUES: list[tuple[tuple[str, ...], str, st.SearchStrategy[Any]]] = [
     (("train", "schedule"), "gamma", NOT_POSITIVE), (("train", "schedule"), "warmup_epochs", BELOW_ZERO_INT),
     (("train", "schedule"), "name", st.sampled_from(["step", 7])),
     (("student",), "lam", NOT_FLOAT), (("student",), "lam", ABOVE_1), (("student",), "lam", BELOW_0),
-    (("student",), "tau", NOT_POSITIVE), (("student",), "divergence", st.sampled_from(["js", "KL", 1])),
+    (("student",), "tau", NOT_POSITIVE), (("student",), "divergence", st.sampled_from([1, 2.5, True, ["kl"]])),
     (("student",), "epochs", NOT_INT), (("student",), "epochs", BELOW_ZERO_INT),
 ]
 TABLES = [(), ("data",), ("train",), ("train", "optimizer"), ("train", "schedule"), ("teacher",), ("student",)]
@@ -125,11 +126,29 @@ def _third(teacher: Any) -> Callable[[dict[str, Any]], None]:
 MISSING = st.sampled_from(["ghost", "teachr", "Student", "third"])
 
 
-REFERENCES = ["missing", "later", "itself", "third"]
+REFERENCES = ["missing", "later", "itself", "third", "divergence", "divergence-option"]
+
+# divergence tables that read but name no divergence, or give one an option out of range
+BAD_DIVERGENCES = st.one_of(
+    st.sampled_from(["js", "KL", "dkdd", "ghost"]).map(lambda n: (n, "name")),
+    st.sampled_from([({"name": "dkd", "beta": -1.0}, "beta"), ({"name": "dkd", "alpha": -0.5}, "alpha"),
+                     ({"name": "dkd", "warmup": -3}, "warmup"), ({"name": "dist", "gamma": -2.0}, "gamma"),
+                     ({"name": "kl", "standardise": "yes"}, "standardise"),
+                     ({"name": "dkd", "temperature": 4.0}, "temperature")]))
+
+
+def _divergence(value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(raw: dict[str, Any]) -> None:
+        at(raw, ("student",))["divergence"] = value
+    return mutate
 
 
 def reference(kind: str, draw: Callable[[st.SearchStrategy[Any]], Any]) -> tuple[Callable[[dict[str, Any]], None], str]:
-    """A broken stage reference of ``kind``, and the key path of its line."""
+    """A broken stage reference of ``kind`` (or a divergence no plugin builds), and the key path
+    of its line."""
+    if kind.startswith("divergence"):   # an unknown name, or an option out of range or unknown
+        value, key = draw(BAD_DIVERGENCES)
+        return _divergence(value), f"recipe.stages.student.divergence.{key}"
     if kind == "missing":   # a name no stage has
         return _graph("student", draw(MISSING)), "recipe.stages.student.graph.teacher"
     if kind == "later":
@@ -142,9 +161,10 @@ def reference(kind: str, draw: Callable[[st.SearchStrategy[Any]], Any]) -> tuple
 
 @st.composite
 def reference_problems(draw: st.DrawFn) -> list[tuple[Callable[[dict[str, Any]], None], str]]:
-    """Broken stage references: a graph naming a missing stage, a later one or itself."""
+    """Broken stage references (a graph naming a missing stage, a later one or itself) and
+    divergences no plugin builds."""
     kinds = draw(st.lists(st.sampled_from(REFERENCES), min_size=1, max_size=3,
-                          unique_by=lambda k: "teacher" if k in ("later", "itself") else k))
+                          unique_by=lambda k: "teacher" if k in ("later", "itself") else k.split("-")[0]))
     return [reference(kind, draw) for kind in kinds]
 
 

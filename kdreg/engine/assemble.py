@@ -2,7 +2,7 @@
 `eval`.
 
 For each stage its plan holds the model (built once, its ``init`` loaded once), the teacher
-graph, the frozen earlier stages it learns from, its bridge and its loss settings. Options that
+graph, the divergence of its edges, the frozen earlier stages it learns from and its bridge. Options that
 name an earlier stage are resolved here: a backbone factory gets a trainable copy of the stage's
 model (its weights are set to the trained ones before the new stage trains); a graph or bridge
 factory gets the stage itself, frozen (:class:`kdreg.TeacherStage`).
@@ -27,6 +27,7 @@ from kdreg.bridge import Bridge
 from kdreg.create import create
 from kdreg.data.loading import PROVIDED, source_shape
 from kdreg.data.splits import Splits
+from kdreg.divergence import Divergence
 from kdreg.downloads import no_downloads, weights_from_checkpoints
 from kdreg.engine import checkpoint
 from kdreg.errors import CheckpointError, DataError, RecipeError, UserError
@@ -69,6 +70,8 @@ class StagePlan:
     path: str                                   # its recipe key, e.g. recipe.stages.student
     model: FlexibleBackbone
     graph: TeacherGraph
+    #: what is distilled along each edge of the graph
+    divergence: Divergence
     #: frozen earlier stages this stage learns from (graph nodes and bridge), by name
     teachers: dict[str, FlexibleBackbone] = attrs.field(factory=dict)
     #: external graph node -> (stage name, sub-model index)
@@ -175,6 +178,11 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
                        refs=teacher_ref(f"{path}.graph"))
     except UserError as exc:
         problems += exc.problems
+    divergence: Divergence | None = None
+    try:
+        divergence = build_divergence(stage.divergence, f"{path}.divergence")
+    except UserError as exc:
+        problems += exc.problems
     bridge: Bridge | None = None
     if stage.bridge is not None:
         try:
@@ -192,10 +200,17 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     if bridge is not None:
         teachers[bridge.teacher] = plans[bridge.teacher].model
     problems += _class_problems(model, teachers, path)
-    if problems or graph is None or (stage.bridge is not None and bridge is None):
+    if problems or graph is None or divergence is None or (stage.bridge is not None and bridge is None):
         raise UserError(problems)  # empty when only a failed earlier stage is to blame
     return StagePlan(index=index, config=stage, train=train, path=path, model=model, graph=graph,
-                     teachers=teachers, nodes=nodes, bridge=bridge, copies=copies)
+                     divergence=divergence, teachers=teachers, nodes=nodes, bridge=bridge,
+                     copies=copies)
+
+
+def build_divergence(spec: PluginSpec, path: str) -> Divergence:
+    """The stage's divergence from its recipe table (``path``: ``recipe.stages.<stage>.divergence``)."""
+    divergence: Divergence = create("divergence", spec.name, spec.options, provided={}, path=path)
+    return divergence
 
 
 def ref_problem(key: str, ref: str, names: list[str], index: int, where: str) -> str:
@@ -310,6 +325,10 @@ def static_problems(recipe: Recipe) -> list[str]:
         path = stage_path(stage, index)
         if stage.init is not None and not Path(stage.init).expanduser().is_file():
             problems.append(f"checkpoint {stage.init} does not exist @ {path}.init")
+        try:  # needs no data: built in full, so that its range checks run too
+            build_divergence(stage.divergence, f"{path}.divergence")
+        except UserError as exc:
+            problems += exc.problems
         for kind, spec, provided in (("backbone", stage.backbone, DataShape(1).provided()),
                                      ("graph", stage.graph, {"num_submodels": 1}),
                                      ("bridge", stage.bridge, {"student": None})):

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kdreg
 from kdreg import plugins
@@ -183,7 +183,7 @@ class Run:
         recipe, stage = self.recipe, plan.config
         dtype = resolve_precision(plan.train.precision, self.device)
         scaler = grad_scaler(dtype, self.device)
-        loss = LossSettings(plan.graph, stage.lam, stage.tau, stage.divergence, dtype=dtype, scaler=scaler)
+        loss = LossSettings(plan.graph, stage.lam, stage.tau, plan.divergence, dtype=dtype, scaler=scaler)
         teachers = None
         if plan.teachers:
             bridge_stage = plan.bridge.teacher if plan.bridge is not None else None
@@ -244,3 +244,10 @@ class Run:
         tmp = self.directory / (RESULTS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.results, indent=2) + "\n")
         tmp.replace(self.directory / RESULTS_FILE)
+
+
+if TYPE_CHECKING:  # a run is what the run events are documented to receive
+    from kdreg import hookspecs
+
+    def _run_is_run_info(run: Run) -> hookspecs.RunInfo:
+        return run

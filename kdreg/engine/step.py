@@ -11,10 +11,11 @@ from torch import Tensor
 
 from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge, BridgeBatch
+from kdreg.divergence import Divergence
 from kdreg.engine.device import autocast
 from kdreg.engine.runner import Runner, as_runner
 from kdreg.graph import TeacherGraph
-from kdreg.losses import distillation_loss, submodel_loss
+from kdreg.losses import as_divergence, distillation_loss, submodel_loss
 from kdreg.normalise import normalise
 
 
@@ -23,10 +24,13 @@ class LossSettings:
     graph: TeacherGraph
     lam: float
     tau: float
-    divergence: str = "kl"
+    #: the stage's divergence (a registered name is built with its defaults)
+    divergence: Divergence = attrs.field(factory=lambda: as_divergence("kl"), converter=as_divergence)
     #: autocast dtype (None: fp32) and an optional fp16 gradient scaler
     dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    #: the 1-based epoch being trained (the trainer sets it each epoch), for warm-ups; None: none
+    epoch: int | None = None
 
     def backward(self, value: Tensor) -> None:
         (self.scaler.scale(value) if self.scaler is not None else value).backward()
@@ -70,7 +74,7 @@ def multi_pass_backward(
             with autocast(x.device, loss.dtype):
                 logits = run.forward_submodel(x, i)
             li = submodel_loss(i, logits, y, g, teachers, lam=loss.lam, tau=loss.tau,
-                               divergence=loss.divergence)
+                               divergence=loss.divergence, epoch=loss.epoch)
             loss.backward(li)
         total += li.detach()
         correct[i] = (logits.detach().argmax(-1) == hard).sum()
@@ -93,7 +97,7 @@ def single_pass_backward(
     with autocast(x.device, loss.dtype):
         logits = as_runner(model)(x)
     total = distillation_loss(logits, y, loss.graph, lam=loss.lam, tau=loss.tau,
-                              divergence=loss.divergence, external=external)
+                              divergence=loss.divergence, external=external, epoch=loss.epoch)
     loss.backward(total)
     hard = hard_labels(y)
     correct = torch.stack([(a.detach().argmax(-1) == hard).sum() for a in logits])
@@ -165,7 +169,7 @@ def bridge_backward(
     with autocast(x.device, loss.dtype):
         logits, term = as_runner(model, bridge).forward_bridge(x, BridgeBatch(y, teacher_logits, loss.tau))
     graph_loss = distillation_loss([logits], y, loss.graph, lam=loss.lam, tau=loss.tau,
-                                   divergence=loss.divergence, external=external)
+                                   divergence=loss.divergence, external=external, epoch=loss.epoch)
     total = bridge.alpha * term + (1.0 - bridge.alpha) * graph_loss
     loss.backward(total)
     correct = (logits.detach().argmax(-1) == hard_labels(y)).sum().reshape(1)

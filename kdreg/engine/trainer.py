@@ -151,13 +151,14 @@ class StageTrainer:
                    disable=not (self.progress and distributed.is_main() and stderr_is_terminal()))
         t0 = time.perf_counter()
         lr = base_lr
+        loss = attrs.evolve(self.loss, epoch=epoch + 1)   # the epoch reaches warm-ups (DKD's)
         for step, (x, y) in enumerate(loader):
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
-            out = stage_backward(self.runner, x, y, self.loss, self.teachers, self.bridge)
+            out = stage_backward(self.runner, x, y, loss, self.teachers, self.bridge)
             if self.loss.scaler is not None:
                 self.loss.scaler.step(opt)
                 self.loss.scaler.update()

@@ -1,4 +1,4 @@
-"""An example kdreg plugin: one backbone and one teacher graph.
+"""An example kdreg plugin: one backbone, one teacher graph and one divergence.
 
 kdreg finds this module through the entry point ``kdreg_example`` (group ``kdreg``) of the
 distribution ``kdreg-example-plugin`` and calls its ``@kdreg.hookimpl`` functions.
@@ -6,6 +6,9 @@ distribution ``kdreg-example-plugin`` and calls its ``@kdreg.hookimpl`` function
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 import kdreg
@@ -54,6 +57,26 @@ def from_final(num_submodels: int, weight: float = 1.0) -> kdreg.TeacherGraph:
     return kdreg.TeacherGraph(n, edges, name="example-from-final")
 
 
+class JensenShannon(kdreg.Divergence):
+    """tau^2 JS(p_t, p_s): the Jensen-Shannon divergence of the softened distributions, batch mean.
+
+    It implements the divergence hook spec's ``__call__``; ``labels`` and ``epoch`` go unused.
+    """
+
+    def __call__(self, student: Tensor, teacher: Tensor, *, tau: float, labels: Tensor,
+                 epoch: int | None = None) -> Tensor:
+        log_ps, log_pt = (student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1)
+        log_m = torch.logaddexp(log_ps, log_pt) - math.log(2.0)     # log of their mean
+        kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+        kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
+        return tau * tau * (0.5 * (kl_t + kl_s)).mean()
+
+
+def jensen_shannon() -> JensenShannon:
+    """tau^2 Jensen-Shannon divergence between teacher and student."""
+    return JensenShannon()
+
+
 @kdreg.hookimpl
 def kdreg_register_backbones(register: Register) -> None:
     register("example_two_exit_mlp", two_exit_mlp)
@@ -63,3 +86,7 @@ def kdreg_register_backbones(register: Register) -> None:
 def kdreg_register_graphs(register: Register) -> None:
     register("example-from-final", from_final)
 
+
+@kdreg.hookimpl
+def kdreg_register_divergences(register: Register) -> None:
+    register("example-js", jensen_shannon)
