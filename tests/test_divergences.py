@@ -29,7 +29,7 @@ from kdreg import plugins
 from kdreg.cli import main
 from kdreg.divergence import Divergence
 from kdreg.engine.run import Run
-from kdreg.engine.step import LossSettings, single_pass_backward
+from kdreg.engine.step import LossSettings, backward
 from kdreg.errors import RecipeError
 from kdreg.losses import SoftmaxKD, cross_entropy
 
@@ -402,21 +402,23 @@ def test_the_trainer_passes_each_epoch_to_the_divergence(tmp_path: Path, one_thr
         plugins.reset()
 
 
-def test_dkd_warm_up_changes_the_engines_loss_with_the_epoch() -> None:
+@pytest.mark.parametrize("backbone", ["tiny_exits", "tiny_slimmable"])   # one pass, a pass each
+def test_dkd_warm_up_changes_the_engines_loss_with_the_epoch(backbone: str) -> None:
     torch.manual_seed(3)
-    model = kdreg.build_backbone("tiny_exits", num_classes=4, input_size=(16, 16), channels=4)
+    model = kdreg.build_backbone(backbone, num_classes=4, input_size=(16, 16), channels=4)
+    model.eval()   # the same BN statistics at every call
     g = kdreg.get_teacher_graph("ipkd-ta-m", model.num_submodels)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     dkd = kdreg.build_divergence("dkd", warmup=4)
 
     def loss_at(epoch: int | None) -> float:
         model.zero_grad()
-        return single_pass_backward(model, x, y, LossSettings(g, 1.0, 4.0, dkd, epoch=epoch)).loss.item()
+        return backward(model, x, y, LossSettings(g, 1.0, 4.0, dkd, epoch=epoch)).loss.item()
 
     # CE of the largest exit (no teachers) + min(epoch / 4, 1) * (the DKD terms of the others)
     at = {e: loss_at(e) for e in (1, 2, 4, 9, None)}
     step = at[2] - at[1]
-    assert step > 0 and at[4] - at[1] == pytest.approx(3 * step, rel=1e-4)
+    assert step > 0 and at[4] - at[1] == pytest.approx(3 * step, rel=1e-2)   # differences of fp32 sums
     assert at[9] == pytest.approx(at[4], rel=1e-6) and at[None] == pytest.approx(at[4], rel=1e-6)
 
 
