@@ -195,6 +195,27 @@ def test_an_index_that_cannot_be_kept_beside_the_shards_goes_to_kdregs_cache(
     assert indexed == []
 
 
+def test_under_torchrun_the_first_process_indexes_and_the_others_read_its_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = shards(tmp_path / "wds")
+    first = wds(root=root)                                     # rank 0: indexes, samples the stats
+    indexed: list[str] = []
+    real = module.index_shard
+    monkeypatch.setattr(module, "index_shard", lambda s: indexed.append(s.name) or real(s))
+    monkeypatch.setattr(module.distributed, "is_main", lambda: False)
+    given: list[Any] = []
+    monkeypatch.setattr(module.distributed, "broadcast",
+                        lambda value: given.append(value) or (list(first.mean), list(first.std)))
+    other = wds(root=root)                                     # another rank: rank 0's statistics
+    assert given == [None] and indexed == []                   # it computed nothing, indexed nothing
+    assert (other.mean, other.std) == (first.mean, first.std)
+    assert [other.train.filename(i) for i in range(12)] == [first.train.filename(i) for i in range(12)]
+    # a problem found by rank 0 stops the others with the same line
+    monkeypatch.setattr(module.distributed, "broadcast", lambda value: ["shard x: bad"])
+    with pytest.raises(DataError, match="shard x: bad"):
+        wds(root=root)
+
+
 # ----------------------------------------------------------------------------- training
 RECIPE = """
 name = "shards"
@@ -392,6 +413,16 @@ def test_a_missing_split_other_classes_and_a_bad_folder_are_refused(tmp_path: Pa
                                                 (f"t{i}.cls", str(i % 2).encode()))])
     _one_line(root, ("train shards", f"{root}/train-000000.tar", f"{root}/test-000000.tar",
                      "same classes", "only in train: emu", "only in test: -"))
+    # a split whose shards hold no sample; a classes.txt with a gap
+    empty = write_shard(root / "test-000001.tar", [])
+    (root / "test-000000.tar").unlink()
+    _one_line(root, ("the test shards of", "test-000001.tar", "hold no samples"))
+    empty.unlink()
+    shards(root, train=6, test=3)
+    (root / "classes.txt").write_text("cat\n\ndog\nemu\n")
+    _one_line(root, (f"{root}/classes.txt line 2 is empty",))
+    (root / "classes.txt").write_text("cat\ndog\nemu\n\n")
+    assert wds(root=root).classes == CLASSES
     # both layouts at once
     (root / "classes.txt").unlink()
     write_shard(root / "test" / "a.tar", [("t.jpg", IMAGE), ("t.cls", b"0")])
