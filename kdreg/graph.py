@@ -12,6 +12,9 @@ from __future__ import annotations
 import attrs
 import torch
 
+#: The smallest edge weight: float32's smallest normal number (the loss is computed in float32).
+MIN_WEIGHT = float(torch.finfo(torch.float32).tiny)
+
 from kdreg.errors import OptionError
 
 Node = int | str
@@ -65,6 +68,10 @@ class TeacherGraph:
                 out.append(f"teacher {e.teacher} is smaller than its student {e.student}")
             if not e.weight > 0:
                 out.append(f"edge {e.student} <- {e.teacher} has weight {e.weight}; weights must be > 0")
+            elif not MIN_WEIGHT <= e.weight < float("inf"):
+                out.append(f"edge {e.student} <- {e.teacher} has weight {e.weight}; weights must be finite "
+                           f"and at least {MIN_WEIGHT:.3g} (the smallest float32 the loss computes "
+                           f"with: a smaller one would vanish)")
             if (e.student, e.teacher) in seen:
                 out.append(f"edge {e.student} <- {e.teacher} is listed twice")
             seen.add((e.student, e.teacher))

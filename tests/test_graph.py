@@ -9,16 +9,18 @@ from hypothesis import strategies as st
 
 import kdreg
 from kdreg.errors import OptionError, RecipeError
-from kdreg.graph import Edge, TeacherGraph
+from kdreg.graph import MIN_WEIGHT, Edge, TeacherGraph
 
-edges = st.lists(st.tuples(st.integers(-1, 6), st.integers(-1, 6), st.floats(-1.0, 2.0)), max_size=10)
+edges = st.lists(st.tuples(st.integers(-1, 6), st.integers(-1, 6),
+                           st.floats(-1.0, 2.0) | st.sampled_from([1e-300, MIN_WEIGHT / 2, MIN_WEIGHT])),
+                 max_size=10)
 
 
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 6), spec=edges)
 def test_a_graph_is_accepted_exactly_when_every_edge_is_valid(n: int, spec) -> None:  # type: ignore[no-untyped-def]
     pairs = [(s, t) for s, t, _ in spec]
-    valid = (all(0 <= s < n and 0 <= t < n and t > s and w > 0 for s, t, w in spec)
+    valid = (all(0 <= s < n and 0 <= t < n and t > s and w >= MIN_WEIGHT for s, t, w in spec)
              and len(set(pairs)) == len(pairs))
     if valid:
         g = TeacherGraph(n, tuple(Edge(s, t, w) for s, t, w in spec))
@@ -69,3 +71,10 @@ def test_subset_graph_options() -> None:
 
 def test_describe_lists_teachers_per_student() -> None:
     assert kdreg.get_teacher_graph("ipkd-ta-m", 3).describe() == "0 <- 1 (0.5), 2 (0.5)\n1 <- 2 (1)\n2 <- labels only"
+
+
+@pytest.mark.parametrize("weight", [1e-300, MIN_WEIGHT / 2, float("inf")])
+def test_a_weight_the_float32_loss_cannot_hold_is_refused(weight: float) -> None:
+    with pytest.raises(OptionError, match=r"edge 0 <- 1 has weight .*; weights must be finite and at least 1.18e-38"):
+        TeacherGraph(2, (Edge(0, 1, weight),))
+    assert TeacherGraph(2, (Edge(0, 1, MIN_WEIGHT),)).weight_matrix()[0, 1] > 0

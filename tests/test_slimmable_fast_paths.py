@@ -118,8 +118,8 @@ def test_mobilenet_channels_last_forward_matches_nchw() -> None:
             grads.append([xi.grad] + [p.grad for p in model.parameters() if p.grad is not None])
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-9, atol=1e-12)
         assert len(grads[0]) == len(grads[1]) > 2
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+        for a, b in zip(*grads):   # float64 sums in other orders: cancellation noise of the scale
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10 * max(1.0, float(b.abs().max())))
     # the channels-last path is the one taken on the CPU
     seen = []
     hook = model.stem[1].depthwise[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
