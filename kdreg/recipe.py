@@ -84,7 +84,7 @@ class AugmentConfig:
 
 @attrs.frozen
 class DataConfig:
-    dataset: str = setting("cifar10", "Data source: `cifar10`, `cifar100`, `imagefolder` (folders or archives of images of any sizes), `cifar10-sample`, `synthetic`, `hfds` (a Hugging Face dataset saved on disk; `pip install \"kdreg[hf]\"`) or a plugin's.")
+    dataset: str = setting("cifar10", "Data source: `cifar10`, `cifar100`, `imagefolder` (folders or archives of images of any sizes), `cifar10-sample`, `synthetic`, `hfds` (a Hugging Face dataset saved on disk; `pip install \"kdreg[hf]\"`), `wds` (WebDataset shards) or a plugin's; see docs/data.md.")
     root: str = setting("~/.cache/kdreg/data", "Folder (or `.tar`/`.tar.gz` archive for `imagefolder`) of the data.")
     download: bool = setting(False, "Allow `cifar10`/`cifar100` to download when the files are missing.")
     batch_size: int = setting(128, "Training batch size, global: under torchrun with N processes each takes `batch_size / N` images of every batch (it must divide), so a recipe means the same optimisation on any number of processes.", low=1)
