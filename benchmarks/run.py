@@ -42,7 +42,7 @@ The streamed data path (``benchmarks/streaming.py``):
   ``ImageFolder`` + ``DataLoader`` with its reference preset (RandomResizedCrop to 128 px + flip,
   float tensors out), the same workers (``--workers``) and batch, on a folder of 2,000 JPEGs of
   300-500 px a side built from the packaged sample; whole epochs, alternating.
-* ``stream_memory_ratio``: peak resident memory (process and loader workers) of ``kdreg run``
+* ``stream_memory_ratio``: peak resident memory (process and loader workers, proportional set sizes summed) of ``kdreg run``
   training one streamed epoch over 8,000 images / over 2,000 images.
 * ``loader_fraction_streamed`` (reported): ``loader_fraction`` with the packaged sample's 32x32
   JPEGs streamed through worker processes (``data.in_memory = false``).

@@ -6,9 +6,10 @@
   worker processes and batch size, on a folder of JPEGs of ImageNet-like sizes (300-500 px a side,
   any aspect) built from the packaged CIFAR-10 sample. Whole epochs, the two loaders alternating,
   the median of each.
-* ``stream_memory_ratio``: peak resident memory (the process and its loader workers, summed,
-  sampled every 20 ms) of ``kdreg run`` training one streamed epoch over N = 8,000 images / the
-  same over N = 2,000 images.
+* ``stream_memory_ratio``: peak resident memory (the process and its loader workers: their
+  proportional set sizes summed, so that pages the forked workers share with the process count
+  once; sampled every 20 ms) of ``kdreg run`` training one streamed epoch over N = 8,000 images /
+  the same over N = 2,000 images.
 * ``loader_fraction_streamed``: ``loader_fraction`` with the streamed path: the packaged sample's
   32x32 JPEGs read by worker processes (reported beside the in-memory figure, no target).
 """
@@ -115,7 +116,9 @@ def alternate_epochs(loaders: dict[str, Callable[[int], Iterable[Any]]], rounds:
 
 # ------------------------------------------------------------------------------ memory
 def tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants (Linux ``/proc``)."""
+    """Resident bytes of process ``pid`` and all its descendants (Linux ``/proc``): the sum of
+    their proportional set sizes (a page shared by k processes counts 1/k in each), so memory the
+    loader workers share with the training process after ``fork`` is counted once."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -130,8 +133,8 @@ def tree_rss(pid: int) -> int:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
             continue
@@ -217,6 +220,6 @@ def memory_ratio(workdir: Path, *, small: int, large: int, workers: int, batch: 
         recipe.write_text(RUN_RECIPE.format(root=root, batch=batch, size=size, workers=workers))
         peak, seconds = peak_rss(kdreg_command("run", str(recipe), "--out", str(workdir / f"run-{n}"),
                                                "--no-progress"))
-        out[str(n)] = {"peak_rss_bytes": peak, "seconds": round(seconds, 1)}
-    out["ratio"] = out[str(large)]["peak_rss_bytes"] / out[str(small)]["peak_rss_bytes"]
+        out[str(n)] = {"peak_pss_bytes": peak, "seconds": round(seconds, 1)}
+    out["ratio"] = out[str(large)]["peak_pss_bytes"] / out[str(small)]["peak_pss_bytes"]
     return out
