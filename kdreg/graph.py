@@ -12,10 +12,10 @@ from __future__ import annotations
 import attrs
 import torch
 
+from kdreg.errors import OptionError
+
 #: The smallest edge weight: float32's smallest normal number (the loss is computed in float32).
 MIN_WEIGHT = float(torch.finfo(torch.float32).tiny)
-
-from kdreg.errors import OptionError
 
 Node = int | str
 
