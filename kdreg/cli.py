@@ -334,8 +334,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - no traceback without --debug
         if args.debug:
             raise
+        if _peer_stopped(exc):
+            from kdreg.engine import distributed
+
+            print(f"failed: process {distributed.rank()} of {distributed.world_size()} stopped because "
+                  "another process of the run stopped first (its own message says why)", file=sys.stderr)
+            return EXIT_FAILED
         print(f"failed: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+
+
+#: What gloo and NCCL say when the process at the other end of a collective is gone.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def _peer_stopped(exc: Exception) -> bool:
+    """Under torchrun: ``exc`` is this process losing a peer that stopped first (on bad input, say),
+    not a failure of its own, so the peer's message is the one that explains the run's end."""
+    from kdreg.engine import distributed
+
+    if distributed.world_size() < 2:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_GONE))
 
 
 if __name__ == "__main__":

@@ -435,6 +435,8 @@ def test_bad_input_under_torchrun_exits_2_with_its_line_and_no_traceback(tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(bad) in errors[0] and errors[0].endswith("@ recipe.data.root")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    others = [line for line in proc.stderr.splitlines() if line.startswith("failed: ")]
+    assert all("another process of the run stopped first" in line for line in others), others
 
 
 def test_mixed_targets_of_one_class_train_as_plain_labels(tmp_path: Path) -> None:
