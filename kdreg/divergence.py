@@ -13,6 +13,7 @@ Divergences are registered through the ``kdreg_register_divergences`` hook (the 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -21,13 +22,14 @@ from torch import Tensor
 STANDARDISE_EPS = 1e-7
 
 
-class Divergence:
+class Divergence(ABC):
     """The loss along one edge of the teacher graph; subclass it and implement :meth:`__call__`.
 
     A divergence has no parameters of its own (it is not trained) and keeps no state between
     calls: the same object serves every edge of a stage.
     """
 
+    @abstractmethod
     def __call__(self, student: Tensor, teacher: Tensor, *, tau: float, labels: Tensor,
                  epoch: int | None = None) -> Tensor:
         """The edge's loss, a scalar: the batch mean of a per-sample term.
@@ -38,7 +40,6 @@ class Divergence:
         is the 1-based epoch being trained, or None outside training (a method with a warm-up
         then counts as warmed up).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
 
 def standardise(logits: Tensor) -> Tensor:
