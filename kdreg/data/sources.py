@@ -124,24 +124,36 @@ def check_image_data(data: Any, name: str) -> ImageData:
             continue
         if len(images) != len(labels):
             problems.append(f"{len(images)} {split} images but {len(labels)} labels")
-        if len(labels) == 0:
-            problems.append(f"it has no {split} images")
-        elif num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            problems.append(f"{split} labels must lie in [0, {num_classes}), found "
-                            f"[{int(labels.min())}, {int(labels.max())}]")
+        problems += _label_problems(split, labels, num_classes)
         shapes.append(tuple(images.shape[1:]))
     if len(shapes) == 2 and shapes[0] != shapes[1]:
         problems.append(f"train images are {_shape(shapes[0])} but test images {_shape(shapes[1])}")
     if shapes:
-        chans = shapes[0][0]
-        if len(data.mean) != chans or len(data.std) != chans:
-            problems.append(f"mean and std need {chans} values (one per channel), got "
-                            f"{len(data.mean)} and {len(data.std)}")
-        if any(not s > 0 for s in data.std):
-            problems.append(f"std must be > 0, got {data.std}")
+        problems += _stats_problems(data.mean, data.std, shapes[0][0])
     if problems:
         raise DataError([f"dataset {name!r}: {p}" for p in problems])
     return data
+
+
+def _label_problems(split: str, labels: Tensor, num_classes: int) -> list[str]:
+    """A split without images, or labels outside ``range(num_classes)``."""
+    if len(labels) == 0:
+        return [f"it has no {split} images"]
+    if num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        return [f"{split} labels must lie in [0, {num_classes}), found "
+                f"[{int(labels.min())}, {int(labels.max())}]"]
+    return []
+
+
+def _stats_problems(mean: tuple[float, ...], std: tuple[float, ...], chans: int) -> list[str]:
+    """Statistics that are not one positive value per channel."""
+    problems = []
+    if len(mean) != chans or len(std) != chans:
+        problems.append(f"mean and std need {chans} values (one per channel), got "
+                        f"{len(mean)} and {len(std)}")
+    if any(not s > 0 for s in std):
+        problems.append(f"std must be > 0, got {std}")
+    return problems
 
 
 def _describe(value: Any) -> str:
@@ -170,16 +182,8 @@ def check_stream(data: ImageStream, name: str) -> ImageStream:
             problems.append(f"{split}_labels must give one label per image: {len(reader)} images "
                             f"but labels {list(labels.shape)}")
             continue
-        if len(labels) == 0:
-            problems.append(f"it has no {split} images")
-        elif num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            problems.append(f"{split} labels must lie in [0, {num_classes}), found "
-                            f"[{int(labels.min())}, {int(labels.max())}]")
-    if len(data.mean) != data.in_chans or len(data.std) != data.in_chans:
-        problems.append(f"mean and std need {data.in_chans} values (one per channel), got "
-                        f"{len(data.mean)} and {len(data.std)}")
-    if any(not s > 0 for s in data.std):
-        problems.append(f"std must be > 0, got {data.std}")
+        problems += _label_problems(split, labels, num_classes)
+    problems += _stats_problems(data.mean, data.std, data.in_chans)
     if problems:
         raise DataError([f"dataset {name!r}: {p}" for p in problems])
     return data
