@@ -22,7 +22,42 @@ def _reflect_table(size: int, pad: int) -> Tensor:
     return torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)
 
 
-class BatchLoader:
+class EpochBatches:
+    """The epoch bookkeeping both loaders share (:class:`BatchLoader` in memory,
+    :class:`kdreg.data.streaming.StreamLoader` streamed): ``len()`` in batches of this process's
+    shard, :meth:`set_epoch`, and an iteration that starts the announced epoch, or the one after
+    the last when none was announced."""
+
+    batch_size: int
+    train: bool
+
+    def _init_epochs(self, shard: int, drop_last: bool | None) -> None:
+        """``shard`` images are this process's; ``drop_last`` defaults to True when training (if
+        at least one full batch exists), else False."""
+        self._shard = shard
+        self.drop_last = (self.train and shard >= self.batch_size) if drop_last is None else drop_last
+        self.epoch = 0
+        self._announced, self._iterated = True, False
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self._shard // self.batch_size
+        return math.ceil(self._shard / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation and augmentation of ``epoch`` (reproducible)."""
+        self.epoch = int(epoch)
+        self._announced = True
+
+    def _start_epoch(self) -> int:
+        """The epoch an iteration beginning now trains (see the class docstring)."""
+        if self._iterated and not self._announced:
+            self.epoch += 1
+        self._iterated, self._announced = True, False
+        return self.epoch
+
+
+class BatchLoader(EpochBatches):
     """Batches of one set, scaled (and augmented when training) on ``device``.
 
     The uint8 images move to ``device`` once. Each iteration yields ``(x, y)``: x float32
@@ -63,27 +98,13 @@ class BatchLoader:
         self.train = bool(train)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch = 0
-        self._announced = True
-        self._iterated = False
         shard = len(self.images) // world_size if self.train else self._eval_index().numel()
-        self.drop_last = (self.train and shard >= batch_size) if drop_last is None else drop_last
-        self._shard = shard
+        self._init_epochs(shard, drop_last)
         self._shift = torch.tensor([255.0 * m for m in mean]).view(1, -1, 1, 1).to(self.device)
         self._scale = torch.tensor([255.0 * s for s in std]).view(1, -1, 1, 1).to(self.device)
         self.padding = max(0, min(int(padding), height - 1, width - 1))
         self._rows = _reflect_table(height, self.padding).to(self.device)
         self._cols = _reflect_table(width, self.padding).to(self.device)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self._shard // self.batch_size
-        return math.ceil(self._shard / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation and augmentation of ``epoch`` (reproducible)."""
-        self.epoch = int(epoch)
-        self._announced = True
 
     def _eval_index(self) -> Tensor:
         return torch.arange(len(self.labels))[self.rank::self.world_size]
@@ -101,10 +122,7 @@ class BatchLoader:
         if not self.train:
             yield from self._iter_eval()
             return
-        if self._iterated and not self._announced:
-            self.epoch += 1
-        self._iterated, self._announced = True, False
-        perm, offsets, flips = self.draws(self.epoch)
+        perm, offsets, flips = self.draws(self._start_epoch())
         usable = len(perm) - len(perm) % self.world_size
         perm, offsets, flips = (t[:usable][self.rank::self.world_size]
                                 for t in (perm, offsets, flips))

@@ -18,7 +18,6 @@ reads what).
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kdreg.data.batches import EpochBatches
 from kdreg.data.transforms import BatchMix, Transform, seeded
 from kdreg.errors import DataError
 from kdreg.streams import stream_seed
@@ -202,7 +202,7 @@ def collate(items: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor,
             problems)
 
 
-class StreamLoader:
+class StreamLoader(EpochBatches):
     """Batches of one streamed set on ``device``, float32 in [0, 1] (see the module docstring).
 
     The interface of :class:`kdreg.data.batches.BatchLoader`: ``set_epoch``, ``len``, iteration
@@ -221,11 +221,7 @@ class StreamLoader:
         self.streaming = streaming
         self.sampler = ShardSampler(len(data), train=train, seed=seed, rank=rank,
                                     world_size=world_size)
-        shard = len(self.sampler)
-        self.drop_last = (self.train and shard >= batch_size) if drop_last is None else drop_last
-        self._shard = shard
-        self.epoch = 0
-        self._announced, self._iterated = True, False
+        self._init_epochs(len(self.sampler), drop_last)
         workers = streaming.workers
         transform = streaming.train_transform if train else streaming.eval_transform
         self.loader: DataLoader[Any] = DataLoader(
@@ -238,24 +234,13 @@ class StreamLoader:
         if train and streaming.mix is not None:
             self.mix = BatchMix(streaming.mix, num_classes, self.device)
 
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self._shard // self.batch_size
-        return math.ceil(self._shard / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._announced = True
-
     @property
     def skipped(self) -> set[str]:
         return self.streaming.counter.skipped
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.train:
-            if self._iterated and not self._announced:
-                self.epoch += 1
-            self._iterated, self._announced = True, False
+            self._start_epoch()
         self.sampler.set_epoch(self.epoch)
         batches = iter(self.loader)
         step = 0
