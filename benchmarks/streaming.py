@@ -88,7 +88,7 @@ def torchvision_loader(root: Path, *, workers: int, batch: int) -> Iterable[Any]
                                        prefetch_factor=4 if workers > 0 else None)
 
 
-def images_per_second(loader: Iterable[Any], warm: bool = True) -> float:
+def images_per_second(loader: Iterable[Any]) -> float:
     """One epoch of ``loader`` (every batch pulled, nothing else done), in images per second."""
     seen = 0
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def alternate_epochs(loaders: dict[str, Callable[[int], Iterable[Any]]], rounds:
 
 
 # ------------------------------------------------------------------------------ memory
-def tree_rss(pid: int) -> int:
+def tree_pss(pid: int) -> int:
     """Resident bytes of process ``pid`` and all its descendants (Linux ``/proc``): the sum of
     their proportional set sizes (a page shared by k processes counts 1/k in each), so memory the
     loader workers share with the training process after ``fork`` is counted once."""
@@ -141,14 +141,14 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def peak_rss(command: list[str], env: dict[str, str] | None = None, every: float = 0.02) -> tuple[int, float]:
-    """Peak of :func:`tree_rss` while ``command`` runs, and its seconds; its exit must be 0."""
+def peak_pss(command: list[str], env: dict[str, str] | None = None, every: float = 0.02) -> tuple[int, float]:
+    """Peak of :func:`tree_pss` while ``command`` runs, and its seconds; its exit must be 0."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        peak = max(peak, tree_pss(proc.pid))
         time.sleep(every)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
@@ -218,7 +218,7 @@ def memory_ratio(workdir: Path, *, small: int, large: int, workers: int, batch: 
         root = build_folder(workdir / f"jpeg-{n}", n)
         recipe = workdir / f"memory-{n}.toml"
         recipe.write_text(RUN_RECIPE.format(root=root, batch=batch, size=size, workers=workers))
-        peak, seconds = peak_rss(kdreg_command("run", str(recipe), "--out", str(workdir / f"run-{n}"),
+        peak, seconds = peak_pss(kdreg_command("run", str(recipe), "--out", str(workdir / f"run-{n}"),
                                                "--no-progress"))
         out[str(n)] = {"peak_pss_bytes": peak, "seconds": round(seconds, 1)}
     out["ratio"] = out[str(large)]["peak_pss_bytes"] / out[str(small)]["peak_pss_bytes"]
