@@ -88,30 +88,16 @@ class IncompleteResult(Exception):
         super().__init__("; ".join(problems))
 
 
-def _check_backbone(obj: Any, name: str) -> FlexibleBackbone:
-    """A :class:`FlexibleBackbone` (an ``nn.Module``) that keeps the backbone contract."""
-    if not isinstance(obj, FlexibleBackbone):
-        raise TypeError(name)
-    problems = backbone_problems(obj)
-    if problems:
-        raise IncompleteResult(problems)
-    return obj
-
-
-def _check_divergence(obj: Any, name: str) -> Divergence:
-    """A :class:`Divergence` that returns a finite scalar with gradient on a probe batch."""
-    if not isinstance(obj, Divergence):
-        raise TypeError(name)
-    problems = divergence_problems(obj)
-    if problems:
-        raise IncompleteResult(problems)
-    return obj
-
-
-def _instance_of(cls: type) -> Callable[[Any, str], Any]:
+def _instance_of(cls: type, contract: Callable[[Any], list[str]] | None = None
+                 ) -> Callable[[Any, str], Any]:
+    """The check of a built object: an instance of ``cls`` (else TypeError) whose ``contract``
+    finds no problem (else :class:`IncompleteResult`)."""
     def check(obj: Any, name: str) -> Any:
         if not isinstance(obj, cls):
             raise TypeError(name)
+        problems = contract(obj) if contract is not None else []
+        if problems:
+            raise IncompleteResult(problems)
         return obj
 
     return check
@@ -120,8 +106,9 @@ def _instance_of(cls: type) -> Callable[[Any, str], Any]:
 #: kind -> (what its factories must return, the check of a built object); a check raises
 #: TypeError for a wrong type and :class:`IncompleteResult` for a broken contract
 RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "backbone": ("a kdreg.FlexibleBackbone (an nn.Module)", _check_backbone),
+    "backbone": ("a kdreg.FlexibleBackbone (an nn.Module)",
+                 _instance_of(FlexibleBackbone, backbone_problems)),
     "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
     "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
-    "divergence": ("a kdreg.divergence.Divergence", _check_divergence),
+    "divergence": ("a kdreg.divergence.Divergence", _instance_of(Divergence, divergence_problems)),
 }
