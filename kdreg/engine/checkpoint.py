@@ -46,10 +46,6 @@ def trust_checkpoints(trusted: bool = True) -> None:
     _trusted = bool(trusted)
 
 
-def checkpoints_trusted() -> bool:
-    return _trusted
-
-
 # --------------------------------------------------------------------------------------------
 # RNG state, in types the weights-only unpickler accepts
 
@@ -115,8 +111,8 @@ def load(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        data = _load_untrusted(path, exc)
+    except pickle.UnpicklingError:
+        data = _load_untrusted(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's problem
         raise CheckpointError(f"checkpoint {path} is not readable: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
@@ -134,7 +130,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
 
 
-def _load_untrusted(path: Path, exc: pickle.UnpicklingError) -> Any:
+def _load_untrusted(path: Path) -> Any:
     """A file the weights-only unpickler refused: an error, or (trusted) the full unpickler."""
     found = unsafe_globals(path)
     what = (f"it would import {', '.join(found)} when read" if found else
