@@ -44,9 +44,33 @@ class FlexibleBackbone(nn.Module):
     #: without ``init``: it is evaluated (and may teach later stages), not trained.
     pretrained: str | None = None
 
+    #: Labels of the sub-models one training step trains, when they are not the evaluated ones
+    #: (a universally slimmable backbone trains the sandwich of its smallest width, widths drawn
+    #: per step and its largest); None: the evaluated ones. In training mode, sub-model ``i`` of
+    #: :meth:`forward_submodel` is then the step's ``i``-th, drawn by :meth:`begin_step`.
+    train_labels: tuple[str, ...] | None = None
+
     @property
     def num_submodels(self) -> int:
         return len(self.submodel_labels)
+
+    @property
+    def num_train_submodels(self) -> int:
+        """Sub-models one training step trains (the teacher graph's nodes): ``train_labels``'s
+        count, by default :attr:`num_submodels`."""
+        return len(self.train_labels) if self.train_labels is not None else self.num_submodels
+
+    def begin_step(self, seed: int) -> None:
+        """Called before each training step with a seed drawn from the stage's streams (the same
+        for a step on every process, and again when the run resumes): a backbone whose trained
+        sub-models vary per step draws them here from a generator seeded with ``seed``. The
+        default trains the same sub-models every step and does nothing."""
+
+    def needs_calibration(self) -> bool:
+        """Whether normalisation statistics of the evaluated sub-models must be recomputed on
+        training images before they are evaluated (widths trained only as part of a range, whose
+        BatchNorm statistics no step kept). The default: False."""
+        return False
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of every sub-model, smallest first."""
@@ -121,6 +145,20 @@ class FlexibleBackbone(nn.Module):
             feats.append(h)
             start = p
         return feats, self.forward_segment(h, start, None)
+
+    def feature_submodels(self) -> tuple[int, ...]:
+        """Sub-models whose features at the split points :meth:`forward_features` gives (feature
+        losses follow the graph edges between them): by default the full model, when the
+        backbone names split points; a slimmable backbone gives every width."""
+        return (self.num_submodels - 1,) if self.split_points() else ()
+
+    def forward_features(self, x: Tensor, index: int, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+        """Features of sub-model ``index`` at ``points`` (network order) and its logits, from one
+        forward pass. The default serves the full model (:meth:`forward_stages`)."""
+        if self.check_index(index) != self.num_submodels - 1:
+            raise TypeError(f"{type(self).__name__} gives features of its full model only, "
+                            f"not of sub-model {index}")
+        return self.forward_stages(x, points)
 
     def feature_shapes(self, input_size: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
         """Shape ``(C, H, W)`` (or ``(tokens, C)``) of the features at every split point."""

@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="installed plugins and what they register")
 
-    ls = sub.add_parser("list", help="registered backbones, graphs, datasets, bridges and divergences")
-    ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges", "divergences"])
+    ls = sub.add_parser("list", help="registered backbones, graphs, datasets, bridges, divergences and "
+                        "feature losses")
+    ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges", "divergences",
+                                                "feature_losses"])
     ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
     ev = sub.add_parser("eval", help="test accuracy of a run's selected weights (data keys may be overridden)")
     ev.add_argument("directory")
@@ -211,10 +213,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from kdreg.registry import get_registry
 
-    kinds = [args.kind[:-1]] if args.kind else ["backbone", "graph", "dataset", "bridge", "divergence"]
+    plural = {"backbone": "backbones", "graph": "graphs", "dataset": "datasets", "bridge": "bridges",
+              "divergence": "divergences", "feature_loss": "feature_losses"}
+    kinds = [k for k, p in plural.items() if args.kind in (None, p)]
     for kind in kinds:
         entries = get_registry(kind).entries()
-        print(f"{kind}s:")
+        print(f"{plural[kind]}:")
         if not entries:
             print("    (none registered)")
         width = max((len(e.name) for e in entries), default=0)

@@ -15,6 +15,7 @@ from kdreg.backbone import FlexibleBackbone, backbone_problems
 from kdreg.bridge import Bridge
 from kdreg.divergence import Divergence, divergence_problems
 from kdreg.errors import RecipeError, UserError
+from kdreg.feature_loss import FeatureLoss, feature_loss_problems
 from kdreg.graph import TeacherGraph
 from kdreg.options import bind, call, stage_refs
 from kdreg.registry import KINDS, Registry, UnknownNameError, get_registry
@@ -111,4 +112,6 @@ RESULTS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "graph": ("a kdreg.TeacherGraph", _instance_of(TeacherGraph)),
     "bridge": ("a kdreg.Bridge", _instance_of(Bridge)),
     "divergence": ("a kdreg.divergence.Divergence", _instance_of(Divergence, divergence_problems)),
+    "feature_loss": ("a kdreg.feature_loss.FeatureLoss (an nn.Module)",
+                     _instance_of(FeatureLoss, feature_loss_problems)),
 }

@@ -267,6 +267,44 @@ def kdreg_register_divergences(register: Register) -> None:
 
 
 @hookspec
+def kdreg_register_feature_losses(register: Register) -> None:
+    """Register feature losses: what is distilled between features at split points.
+
+    ``register(name, factory, description="")`` where ``factory(**options) ->
+    kdreg.feature_loss.FeatureLoss``. A stage names them in ``feature_losses = [{ name = ...,
+    points = [...], weight = ..., <options> }]``; every key but ``name``, ``points``,
+    ``student_points``, ``teacher_points`` and ``weight`` is passed to the factory. Declare each
+    option as a typed keyword parameter with a default, and raise ``kdreg.errors.OptionError``
+    (with ``key``) for a value out of range: ``kdreg validate`` reports it as ``... @
+    recipe.stages.<stage>.feature_losses[k].<key>``.
+
+    The factory is called once per teacher-graph edge the entry follows (an edge whose student
+    and teacher both expose features at the points). The returned object subclasses
+    ``kdreg.feature_loss.FeatureLoss`` (an ``nn.Module``) and implements
+
+    - ``setup(info)``, called once before training with a ``kdreg.feature_loss.FeatureSetup``:
+      ``student`` and ``teacher``, the feature shapes at the paired points (without the batch
+      dimension), ``num_samples`` and ``train_labels`` of the training set, ``num_classes``.
+      Build the parameters and buffers the method owns here (a connector, embeddings, a memory
+      bank); raise ``kdreg.errors.OptionError`` for shapes it cannot join (e.g. channels that
+      differ, for a method without a connector);
+    - ``forward(student, teacher, batch) -> Tensor``: ``student`` and ``teacher`` are lists of
+      ``[B, ...]`` fp32 features (autocast is off), one per paired point, the teacher's detached;
+      ``batch`` is a ``kdreg.feature_loss.FeatureBatch`` (``labels``, ``indices``, ``epoch``).
+      It returns the edge's loss, a scalar that depends on ``student``, without the entry's
+      weight.
+
+    Class attributes: ``default_weight`` (the entry's ``weight`` when the recipe gives none: the
+    paper's) and ``needs_indices`` (True when ``forward`` reads ``batch.indices``, each sample's
+    index in the training set; a data source that cannot give them is refused).
+
+    The term enters the student's loss as ``weight * w * F(phi_s, sg(phi_t))`` for every edge
+    ``(t, w)`` the entry follows, beside the rule ``(1 - lam) CE + lam * sum w * D``. Its
+    parameters train with the student, are saved and resumed with it and are never exported.
+    """
+
+
+@hookspec
 def kdreg_run_started(run: RunInfo) -> None:
     """A run starts. ``run`` has ``recipe``, ``directory`` (a ``pathlib.Path``), ``device`` and
     ``plans`` (one per stage, in order: ``name``, ``model``, ``graph``, ``teachers``, ``bridge``,

@@ -27,6 +27,7 @@ KINDS = {
     "bridge": "kdreg_register_bridges",
     "dataset": "kdreg_register_datasets",
     "divergence": "kdreg_register_divergences",
+    "feature_loss": "kdreg_register_feature_losses",
 }
 
 
@@ -180,3 +181,7 @@ def list_datasets() -> list[str]:
 
 def list_divergences() -> list[str]:
     return get_registry("divergence").names()
+
+
+def list_feature_losses() -> list[str]:
+    return get_registry("feature_loss").names()

@@ -320,6 +320,20 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         self.set_width(-1)
         return self._run(h, start, end)
 
+    def feature_submodels(self) -> tuple[int, ...]:
+        return tuple(range(self.num_submodels)) if self.split_points() else ()
+
+    def forward_features(self, x: Tensor, index: int, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+        """Features of width ``index`` at ``points`` and its logits, from one forward pass."""
+        wanted = self.ordered_points(points)
+        self.set_width(index)
+        feats, h, start = [], x, None
+        for p in wanted:
+            h = self._run(h, start, p)
+            feats.append(h)
+            start = p
+        return feats, self._run(h, start, None)
+
     def count_params(self) -> list[int]:
         return [count_params_at(self, i) for i in range(self.num_submodels)]
 

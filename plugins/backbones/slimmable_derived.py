@@ -1223,6 +1223,17 @@ class DerivedSlimmable(SlimmableBackbone):
             self._segments[key] = _segment(self.net, self.split_nodes, start, end)
         return self._segments[key](h)
 
+    def forward_features(self, x: Tensor, index: int, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+        """Features of width ``index`` at ``points`` and its logits, from one forward pass."""
+        wanted = self.ordered_points(points)
+        index = self.check_index(index)
+        feats, h, start = [], x, None
+        for p in wanted:
+            h = self.forward_segment(h, start, p, index)
+            feats.append(h)
+            start = p
+        return feats, self.forward_segment(h, start, None, index)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._segments = {}  # segments hold references to tensors that may be replaced
         return super()._apply(fn, recurse)
