@@ -82,7 +82,7 @@ class FeatureLoss(nn.Module):
         Raise :class:`kdreg.errors.OptionError` for shapes the method cannot join (reported as
         ``what @ recipe.stages.<stage>.feature_losses[k]``). The default accepts any shapes."""
 
-    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],  # type: ignore[override]
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
         """The edge's loss, a scalar (without the entry's weight).
 
