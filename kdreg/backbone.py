@@ -4,18 +4,25 @@ A flexible model holds ``n`` sub-models ordered by size, index 0 the smallest an
 full model. Slimmable widths are multi-pass (each width needs its own forward); early-exit
 networks are single-pass (one forward yields every exit); a plain network is a flexible model with
 ``n = 1``.
+
+This module holds the contract (:class:`FlexibleBackbone`, :func:`backbone_problems`) and
+:func:`segment_range`; measuring a model (MACs, the parameters its outputs depend on) is
+:mod:`kdreg.measure`, copying a sub-model or a front for export is :mod:`kdreg.pruning`, and
+split points named by modules are :mod:`kdreg.module_splits`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from kdreg.errors import ExportError, OptionError
+from kdreg.measure import count_macs, device_of, macs_depended_on, params_depended_on
+from kdreg.pruning import FrontModule, SubmodelModule, pruned_copy
 
 T = TypeVar("T")
 
@@ -169,7 +176,7 @@ class FlexibleBackbone(nn.Module):
         """``fn(zeros)`` on a zero batch at ``input_size`` (default: the model's), in eval mode
         without gradients, restoring the training mode after; for counting and shape checks."""
         h, w = input_size or self.input_size
-        x = torch.zeros(batch, self.in_chans, h, w, device=_device_of(self))
+        x = torch.zeros(batch, self.in_chans, h, w, device=device_of(self))
         was_training = self.training
         self.eval()
         try:
@@ -184,10 +191,11 @@ class FlexibleBackbone(nn.Module):
 
         The default suits a plain network (every parameter belongs to its only sub-model) and any
         single-pass model: sub-model ``i`` counts the parameters its logits depend on, read from
-        the autograd graph of one forward pass on a probe batch (see :func:`params_depended_on`).
-        Multi-pass models with several sub-models override it (a width uses a slice of a shared
-        weight, which the graph does not show), and so does a single-pass model that runs part of
-        its forward under ``no_grad`` (or that counts earlier exits' heads too, as MSDNet does).
+        the autograd graph of one forward pass on a probe batch (see
+        :func:`kdreg.measure.params_depended_on`). Multi-pass models with several sub-models
+        override it (a width uses a slice of a shared weight, which the graph does not show), and
+        so does a single-pass model that runs part of its forward under ``no_grad`` (or that
+        counts earlier exits' heads too, as MSDNet does).
         """
         if self.num_submodels == 1:
             return [sum(p.numel() for p in self.parameters())]
@@ -201,7 +209,7 @@ class FlexibleBackbone(nn.Module):
 
         The default runs :meth:`forward_submodel` once per sub-model; for a single-pass model that
         only implements :meth:`forward`, sub-model ``i`` counts the operations its logits depend
-        on in one forward pass (see :func:`macs_depended_on`).
+        on in one forward pass (see :func:`kdreg.measure.macs_depended_on`).
         """
         if (self.single_pass and self.num_submodels > 1
                 and type(self).forward_submodel is FlexibleBackbone.forward_submodel):
@@ -218,9 +226,10 @@ class FlexibleBackbone(nn.Module):
         exits' heads included, though only its own head runs).
 
         The default serves a model with one sub-model: a deep copy of itself
-        (:class:`SubmodelModule`). A single-pass model whose ``forward_submodel`` runs only up to
-        the chosen exit returns :func:`truncated_copy`; the slimmable backbones build plain layers
-        holding their width's slices. Any other model raises :class:`kdreg.errors.ExportError`.
+        (:class:`kdreg.pruning.SubmodelModule`). A single-pass model whose ``forward_submodel``
+        runs only up to the chosen exit returns :func:`kdreg.pruning.truncated_copy`; the
+        slimmable backbones build plain layers holding their width's slices. Any other model
+        raises :class:`kdreg.errors.ExportError`.
         """
         index = self.check_index(index)
         if self.num_submodels == 1:
@@ -234,102 +243,9 @@ class FlexibleBackbone(nn.Module):
         ``forward(x)`` returns the features there, as ``forward_front(x, split)`` does, holding
         only what they use (the ``exits`` backbone exports an exit as its trunk's front and the
         exit's head). The default is a copy with the modules after ``split`` left out
-        (:func:`pruned_copy`)."""
+        (:func:`kdreg.pruning.pruned_copy`)."""
         self.check_split(split)
         return FrontModule(pruned_copy(self, lambda m, x: m.forward_front(x, split)), split).eval()
-
-
-class SubmodelModule(nn.Module):
-    """Sub-model ``index`` of ``model`` as a module whose ``forward(x)`` returns its logits."""
-
-    def __init__(self, model: FlexibleBackbone, index: int):
-        super().__init__()
-        self.model = model
-        self.index = model.check_index(index)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_submodel(x, self.index)
-
-
-class FrontModule(nn.Module):
-    """The front of ``model`` up to split point ``split``: ``forward(x)`` returns the features."""
-
-    def __init__(self, model: FlexibleBackbone, split: str):
-        super().__init__()
-        self.model = model
-        self.split = model.check_split(split)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_front(x, self.split)
-
-
-class Pruned(nn.Module):
-    """Stands in for a module that :func:`pruned_copy` leaves out; running it is an error."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"module {self.path!r} was left out of this truncated copy: the "
-                           "sub-model does not use it")
-
-
-def truncated_copy(
-    model: FlexibleBackbone, index: int,
-    run: Callable[[FlexibleBackbone, Tensor], Tensor | Sequence[Tensor]] | None = None,
-) -> SubmodelModule:
-    """Sub-model ``index`` of a copy of ``model`` in eval mode, holding only what ``run(model,
-    x)`` (default: ``forward_submodel(x, index)``) uses (:func:`pruned_copy`); its forward is
-    ``forward_submodel(x, index)``.
-
-    For single-pass models whose ``forward_submodel`` stops at the chosen exit: an early-exit
-    network truncated at its exit. A model that counts exits the anytime way (exit ``i`` costs
-    heads ``1..i`` too) passes a ``run`` that evaluates every exit up to ``index``, so that the
-    copy holds what ``count_params()[index]`` counts, earlier heads included.
-    """
-    index = model.check_index(index)
-    keep = run or (lambda m, x: m.forward_submodel(x, index))
-    return SubmodelModule(pruned_copy(model, keep), index).eval()
-
-
-def pruned_copy(model: FlexibleBackbone,
-                run: Callable[[FlexibleBackbone, Tensor], Tensor | Sequence[Tensor]]) -> FlexibleBackbone:
-    """A deep copy of ``model`` without the modules that ``run(model, x)`` does not need: every
-    module that it does not call (nor any module inside it) and whose parameters its outputs do
-    not depend on is replaced by a parameterless :class:`Pruned` placeholder (a ``ModuleList``
-    keeps its length). Read from one call on a probe batch (see :func:`probe_with_graph`)."""
-    entered: set[int] = set()
-    handles = [m.register_forward_pre_hook(lambda m, _args: entered.add(id(m)))
-               for m in model.modules()]
-
-    def depended(x: Tensor) -> set[int]:
-        out = run(model, x)
-        outs = [out] if isinstance(out, Tensor) else list(out)
-        return {id(p) for t in outs for p in leaf_tensors(t)}
-
-    try:
-        used = probe_with_graph(model, depended)
-    finally:
-        for handle in handles:
-            handle.remove()
-    kept = [name for name, m in model.named_modules()
-            if id(m) in entered or any(id(p) in used for p in m.parameters(recurse=False))]
-
-    def needed(name: str) -> bool:
-        return any(k == name or k.startswith(name + ".") for k in kept)
-
-    twin = copy.deepcopy(model)
-    pruned: list[str] = []
-    for name, m in twin.named_modules():
-        if (name and not needed(name) and not any(name.startswith(p + ".") for p in pruned)
-                and (next(m.parameters(), None) is not None
-                     or next(m.buffers(), None) is not None)):
-            pruned.append(name)
-    for name in pruned:
-        parent, _, attr = name.rpartition(".")
-        twin.get_submodule(parent)._modules[attr] = Pruned(name)
-    return twin
 
 
 def backbone_problems(model: FlexibleBackbone) -> list[str]:
@@ -381,125 +297,3 @@ def segment_range(points: Sequence[str], start: str | None, end: str | None) -> 
     if end is not None and j <= i:
         raise OptionError(f"split point {start!r} does not come before {end!r}")
     return i, j
-
-
-def count_macs(fn) -> int:
-    """Multiply-accumulates of the convolutions and matrix products that ``fn()`` runs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops()) // 2
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------------------------
-# What a model's outputs depend on: the autograd graph of one forward pass on a probe batch
-
-
-def leaf_tensors(t: Tensor) -> list[Tensor]:
-    """The distinct leaf tensors (parameters that require grad) ``t`` was computed from."""
-    found: dict[int, Tensor] = {}
-    for fn in _graph_nodes(t).values():
-        leaf = getattr(fn, "variable", None)
-        if isinstance(leaf, Tensor):
-            found[id(leaf)] = leaf
-    return list(found.values())
-
-
-def _graph_nodes(t: Tensor) -> dict[int, Any]:
-    """Every autograd node ``t`` was computed through, by ``id``.
-
-    The nodes are held in the result: a node's Python object lives only while referenced, and
-    ids of dead objects are reused, so an id is only a node's name while the node is held.
-    """
-    nodes: dict[int, Any] = {}
-    stack = [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in nodes:
-            continue
-        nodes[id(fn)] = fn
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return nodes
-
-
-def probe_with_graph(model: FlexibleBackbone, fn: Callable[[Tensor], T],
-                     input_size: Sequence[int] | None = None) -> T:
-    """``fn(zeros)`` on a one-image zero batch at ``input_size`` (default: the model's), in eval
-    mode with gradients enabled and every parameter requiring grad, so that the outputs' autograd
-    graph reaches every parameter they depend on; the modes and flags are restored after."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    h, w = input_size or model.input_size
-    x = torch.zeros(1, model.in_chans, h, w, device=_device_of(model))
-    model.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            return fn(x)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def params_depended_on(model: FlexibleBackbone, outputs: Callable[[Tensor], Sequence[Tensor]],
-                       input_size: Sequence[int] | None = None) -> list[int]:
-    """For each tensor of ``outputs(x)``, the number of ``model``'s parameters it depends on.
-
-    ``count_params`` of a single-pass model is ``params_depended_on(model, model.forward)``; the
-    trunk parameters up to split points are ``params_depended_on(trunk, lambda x:
-    trunk.forward_stages(x, points)[0])``. Parameters used under ``no_grad`` are not seen.
-    """
-    own = {id(p) for p in model.parameters()}
-
-    def measure(x: Tensor) -> list[int]:
-        return [sum(p.numel() for p in leaf_tensors(out) if id(p) in own) for out in outputs(x)]
-
-    return probe_with_graph(model, measure, input_size)
-
-
-def macs_depended_on(model: FlexibleBackbone, outputs: Callable[[Tensor], Sequence[Tensor]],
-                     input_size: Sequence[int] | None = None) -> list[int]:
-    """For each tensor of ``outputs(x)``, the multiply-accumulates (as :func:`count_macs` counts
-    them) of the operations it was computed through, from one forward pass of one image.
-
-    Every operation's MACs are recorded with its output, whose autograd node places it in the
-    graph; an output counts the operations whose nodes it reaches. Operations run under
-    ``no_grad`` are not seen.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-    from torch.utils.flop_counter import flop_registry
-
-    records: list[tuple[list[Tensor], int]] = []
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            flops = flop_registry.get(func._overloadpacket)
-            if flops is not None:
-                tensors = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-                records.append((tensors, int(flops(*args, **kwargs, out_val=out)) // 2))
-            return out
-
-    def measure(x: Tensor) -> list[int]:
-        with Recorder():
-            outs = list(outputs(x))
-        counts = []
-        for out in outs:
-            nodes = _graph_nodes(out)
-            counts.append(sum(macs for tensors, macs in records
-                              if any(id(t.grad_fn) in nodes for t in tensors)))
-        return counts
-
-    return probe_with_graph(model, measure, input_size)

@@ -27,8 +27,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs
+from kdreg.backbone import FlexibleBackbone
 from kdreg.errors import ExportError, UserError
+from kdreg.measure import count_macs
 from kdreg.normalise import input_stats
 
 FORMATS = ("pt2", "safetensors")

@@ -145,7 +145,7 @@ def kdreg_register_backbones(register: Register) -> None:
     ``torch.export``). The default serves a model with one sub-model (a deep copy of itself) and
     raises ``kdreg.errors.ExportError`` for others; an early-exit model whose
     ``forward_submodel`` stops at the chosen exit returns
-    ``kdreg.backbone.truncated_copy(self, index)`` (with a ``run`` that evaluates every exit up to
+    ``kdreg.pruning.truncated_copy(self, index)`` (with a ``run`` that evaluates every exit up to
     ``index`` where it counts earlier heads, as MSDNet does); the slimmable backbones build
     plain layers holding their width's slices. A trunk's ``export_front(split)`` (the features at a split point,
     for exits on it) defaults to a copy without the modules after ``split``.

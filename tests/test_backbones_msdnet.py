@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import kdreg
-from kdreg.backbone import FlexibleBackbone, count_macs
+from kdreg.backbone import FlexibleBackbone
 from kdreg.errors import OptionError, RecipeError
+from kdreg.measure import count_macs
 from kdreg_plugins.backbones.msdnet import MSDNet, build_msdnet, scale_schedule
 
 #: The reference's cumulative figures per exit on CIFAR-100 (blocks and heads 1..i).

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 import kdreg
-from kdreg.backbone import FlexibleBackbone, params_depended_on
+from kdreg.backbone import FlexibleBackbone
 from kdreg.cli import main
 from kdreg.data import Splits, load_data
 from kdreg.engine.run import Run
 from kdreg.errors import ExportError
+from kdreg.measure import params_depended_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,6 +20,7 @@ from kdreg.engine.step import LossSettings, backward
 from kdreg.errors import OptionError, RecipeError
 from kdreg.export import Normalised, standalone, to_program
 from kdreg.hookspecs import hookimpl
+from kdreg.measure import count_macs
 from kdreg_plugins.backbones.cifar_resnet import PoolLinear, StagedBackbone
 from kdreg_plugins.backbones.exits import build_exits
 from kdreg_plugins.backbones.slimmable import SlimmableMixin, SwitchableBatchNorm2d
@@ -553,7 +554,7 @@ def test_one_width_exports_as_a_plain_network() -> None:
     net = standalone(model, index, mean, std)  # checked to reproduce the width's logits
     assert not any(isinstance(m, SlimmableMixin) for m in net.modules())
     assert sum(p.numel() for p in net.parameters()) == model.count_params()[index]
-    assert kdreg.backbone.count_macs(lambda: net(torch.zeros(1, 3, *SIZE))) == model.count_macs()[index]
+    assert count_macs(lambda: net(torch.zeros(1, 3, *SIZE))) == model.count_macs()[index]
     program = to_program(Normalised(net, mean, std).eval(), (3, *SIZE))
     x = torch.rand(3, 3, *SIZE)
     with torch.no_grad():

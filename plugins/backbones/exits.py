@@ -31,8 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs, params_depended_on
+from kdreg.backbone import FlexibleBackbone
 from kdreg.errors import OptionError, UserError
+from kdreg.measure import count_macs, params_depended_on
 from kdreg.options import StageRef
 
 HeadKind = Literal["linear", "flatten_linear", "msdnet_conv"]

@@ -35,8 +35,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs, segment_range, truncated_copy
+from kdreg.backbone import FlexibleBackbone, segment_range
 from kdreg.errors import OptionError
+from kdreg.measure import count_macs
+from kdreg.pruning import truncated_copy
 
 #: Channel multiplier per scale (the reference's grFactor) and bottleneck width factor (bnFactor).
 SCALE_FACTORS = (1, 2, 4)

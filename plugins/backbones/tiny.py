@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from kdreg.backbone import FlexibleBackbone, count_macs, segment_range, truncated_copy
+from kdreg.backbone import FlexibleBackbone, segment_range
 from kdreg.errors import OptionError
+from kdreg.measure import count_macs
+from kdreg.pruning import truncated_copy
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     SlimmableBackbone,
