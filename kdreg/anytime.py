@@ -150,12 +150,12 @@ def budget_curve(val: ExitOutputs, test: ExitOutputs, macs: Sequence[int],
 
 # ---------------------------------------------------------------------------- a trained run
 @torch.no_grad()
-def exit_logits(model: FlexibleBackbone, batches: Iterable[tuple[Tensor, Tensor]], *, device: torch.device,
+def exit_logits(model: FlexibleBackbone, batches: Iterable[tuple[Tensor, ...]], *, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Logits ``[exits, images, classes]`` (float32, on the CPU) and labels of a single-pass model."""
     model.eval()
     logits, labels = [], []
-    for x, y in batches:
+    for x, y, *_ in batches:
         with autocast(device, dtype):
             outs = model(normalise(model, x))
         logits.append(torch.stack([o.float() for o in outs]).cpu())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import re
 import sys
 import typing
@@ -42,6 +43,33 @@ class PluginSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.options}
+
+
+@attrs.frozen
+class FeatureLossSpec:
+    """One entry of a stage's ``feature_losses``: ``{ name = "at", points = [...], weight = 1000.0,
+    <options> }``; every other key is an option of the method's factory."""
+
+    name: str
+    points: tuple[str, ...] = ()
+    student_points: tuple[str, ...] = ()
+    teacher_points: tuple[str, ...] = ()
+    weight: float | None = None
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The student's and the teacher's points, paired in order."""
+        return (self.student_points or self.points, self.teacher_points or self.points)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for key in ("points", "student_points", "teacher_points"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        if self.weight is not None:
+            out["weight"] = self.weight
+        return {**out, **self.options}
 
 
 @attrs.frozen
@@ -113,6 +141,7 @@ class TrainConfig:
     compile: bool = setting(False, "Compile the model with `torch.compile` (its forward calls); when compilation fails the run says so and trains without it.")
     compile_backend: str = setting("inductor", "The `torch.compile` backend (`inductor`; `eager` or `aot_eager` to debug).")
     sync_bn: bool = setting(False, "Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm); without it each process normalises its own shard and the running statistics are averaged after every epoch.")
+    calibrate_images: int = setting(2000, "Training images whose batch statistics recalibrate the BatchNorm of a universally slimmable backbone's evaluated widths before each evaluation (widths trained as a range keep no statistics of their own).", low=1)
     log_interval: int = setting(20, "Training steps between progress-bar updates (metrics are read from the device then).", low=1)
     loggers: tuple[str, ...] = setting(
         ("jsonl",), "Where every epoch's metrics go: any of `jsonl` (`metrics.jsonl`, a line per epoch, what "
@@ -140,6 +169,7 @@ class StageConfig:
     lam: float = setting(0.8, "Weight of the distillation term (1 - lam weighs CE) for sub-models with teachers.", low=0.0, high=1.0)
     tau: float = setting(1.0, "Distillation temperature.", low=0.0, low_open=True)
     divergence: PluginSpec = setting(PluginSpec("kl"), "What is distilled along each edge of the graph: `kl` (tau^2 KL), `ce` (tau^2 soft-target cross-entropy), `dkd` (decoupled KD), `dist` (DIST) or a plugin's; a name or a table with options, `{ name = \"dkd\", alpha = 1.0, beta = 8.0, warmup = 20 }`, `{ name = \"kl\", standardise = true }` (logit standardisation). It is `D` in `(1 - lam) CE + lam * sum w * D`; `kdreg list divergences` lists them.")
+    feature_losses: tuple[FeatureLossSpec, ...] = setting((), "Feature losses at split points, along the graph's edges whose two ends give features there (a frozen teacher stage's full model; the other widths of a slimmable student): `[{ name = \"at\", points = [\"layer1\", \"layer2\", \"layer3\"], weight = 1000.0 }]`; `student_points` and `teacher_points` where the two sides differ; `weight` defaults to the method's; other keys are the method's options. Each adds `weight * w * F(phi_i, sg(phi_t))` per edge; `kdreg list feature_losses` lists them.")
     init: str | None = setting(None, "Checkpoint file whose model weights initialise this stage (with `epochs = 0`: a trained model, evaluated and used as a teacher, not trained).")
     epochs: int | None = setting(None, "Overrides `train.epochs` for this stage; 0 (with `init`, or a backbone with pretrained weights) loads the stage instead of training it: it is evaluated and may teach later stages.", low=0)
     optimizer: OptimizerConfig | None = setting(None, "Overrides `train.optimizer` (keys merged) for this stage.")
@@ -210,7 +240,33 @@ def _structure_in_memory(value: Any, _: type) -> bool | str:
     raise TypeError(f"expected true, false or \"auto\", got {type(value).__name__} {value!r}")
 
 
+@attrs.frozen
+class _FeatureKeys:
+    name: str
+    points: tuple[str, ...] = ()
+    student_points: tuple[str, ...] = ()
+    teacher_points: tuple[str, ...] = ()
+    weight: float | None = None
+
+
+_feature_keys = cattrs.gen.make_dict_structure_fn(_FeatureKeys, converter, _cattrs_forbid_extra_keys=True,
+                                                  _cattrs_detailed_validation=True)
+_FEATURE_KEYS = ("name", "points", "student_points", "teacher_points", "weight")
+
+
+def _structure_feature_loss(value: Any, _: type) -> FeatureLossSpec:
+    """``{ name = ..., points = [...], weight = ..., <options> }``; the options are checked by the
+    method's factory when the stage is assembled."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a table {{ name = ..., points = [...] }}, got {type(value).__name__} {value!r}")
+    keys = _feature_keys({k: v for k, v in value.items() if k in _FEATURE_KEYS}, _FeatureKeys)
+    return FeatureLossSpec(keys.name, keys.points, keys.student_points, keys.teacher_points, keys.weight,
+                           {k: v for k, v in value.items() if k not in _FEATURE_KEYS})
+
+
 converter.register_structure_hook(AugmentConfig, _structure_augment)
+converter.register_structure_hook(FeatureLossSpec, _structure_feature_loss)
+converter.register_unstructure_hook(FeatureLossSpec, FeatureLossSpec.to_dict)
 converter.register_structure_hook_func(lambda tp: tp == (bool | str), _structure_in_memory)
 
 
@@ -430,6 +486,8 @@ def check_ranges(raw: Mapping[str, Any]) -> list[str]:
             bad = sorted(set(map(str, nd)) - {"bias", "norm", "depthwise"})
             if bad:
                 problems.append(f"unknown no_decay kinds {bad}; allowed: bias, norm, depthwise @ {where}.optimizer.no_decay")
+    for i, stage in enumerate(stages):
+        problems += _feature_loss_problems(stage.get("feature_losses"), f"recipe.stages[{i}].feature_losses")
     augment = _table(raw, "data").get("augment")
     presets = attrs.fields(AugmentConfig).name.metadata["choices"]
     if isinstance(augment, str) and augment not in presets:
@@ -461,6 +519,32 @@ def _logger_problems(loggers: Any) -> list[str]:
         if needs is not None and not _installed(needs[0]):
             problems.append(f"logger {name!r} needs the {needs[0]} package: "
                             f"pip install \"kdreg[{needs[1]}]\" @ {where}")
+    return problems
+
+
+def _feature_loss_problems(entries: Any, where: str) -> list[str]:
+    """Points missing or unpaired, and weights out of range, of a stage's ``feature_losses``
+    (other types: the converter)."""
+    if not isinstance(entries, list):
+        return []
+    problems = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            continue
+        at = f"{where}[{k}]"
+        points, student, teacher = (entry.get(key) for key in ("points", "student_points", "teacher_points"))
+        if not points and not (student and teacher):
+            problems.append(f"give the split points it reads: points = [...], or student_points and "
+                            f"teacher_points @ {at}.points")
+        elif points and (student or teacher):
+            problems.append(f"give points, or student_points and teacher_points, not both @ {at}.points")
+        elif (isinstance(student, list) and isinstance(teacher, list) and len(student) != len(teacher)):
+            problems.append(f"student_points ({len(student)}) and teacher_points ({len(teacher)}) are paired "
+                            f"in order and must be as many @ {at}.teacher_points")
+        weight = entry.get("weight")
+        if (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                and not (math.isfinite(weight) and weight > 0)):
+            problems.append(f"weight must be a finite number > 0, got {weight} @ {at}.weight")
     return problems
 
 
@@ -533,5 +617,5 @@ def _range_text(meta: Mapping[str, Any]) -> str:
 
 
 
-for _cls in (PluginSpec, OptimizerConfig, ScheduleConfig, DataConfig, TrainConfig, StageConfig, Recipe):
+for _cls in (PluginSpec, FeatureLossSpec, _FeatureKeys, OptimizerConfig, ScheduleConfig, DataConfig, TrainConfig, StageConfig, Recipe):
     attrs.resolve_types(_cls)

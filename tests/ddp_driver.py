@@ -68,7 +68,7 @@ def step(recipe_path: str, *, train_mode: bool = False, batch: tuple[torch.Tenso
     else:
         x, y = (t.to(run.device) for t in batch)
     trainer.optimizer.zero_grad(set_to_none=True)
-    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers, trainer.bridge)
+    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers)
     grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in enumerate(plan.modules())
              for n, p in m.named_parameters() if p.grad is not None}
     return grads, dict(reduced), (x.detach().cpu(), y.detach().cpu())

@@ -15,7 +15,7 @@ from kdreg import plugins
 from kdreg.cli import main
 from kdreg.engine.assemble import DataShape, assemble
 from kdreg.engine.run import Run
-from kdreg.engine.step import LossSettings, bridge_backward
+from kdreg.engine.step import LossSettings, multi_pass_backward
 from kdreg.errors import RecipeError
 from kdreg.hookspecs import hookimpl
 from kdreg.losses import cross_entropy, kd_loss
@@ -330,7 +330,7 @@ def test_stc_gradient_flows_through_the_frozen_teachers_back_part(tmp_path: Path
     with torch.no_grad():
         o_t = teacher(x)[0]
     student.train()
-    out = bridge_backward(student, bridge, x, y, LossSettings(plan.graph, 0.0, 1.0), {}, o_t)
+    out = multi_pass_backward(student, x, y, LossSettings(plan.graph, 0.0, 1.0, bridge=bridge), {}, bridge_logits=o_t)
     for name, p in student.named_parameters():
         if name.startswith(("stem", "layer1", "layer2")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -397,7 +397,7 @@ def test_stc_hard_target_is_ce_against_the_teachers_argmax(tmp_path: Path) -> No
 
     student.zero_grad(set_to_none=True)
     bridge.zero_grad(set_to_none=True)
-    out = bridge_backward(student, bridge, x, y, LossSettings(plan.graph, 0.0, 1.0), {}, o_t)
+    out = multi_pass_backward(student, x, y, LossSettings(plan.graph, 0.0, 1.0, bridge=bridge), {}, bridge_logits=o_t)
     got = {n: p.grad.clone() for n, p in [*student.named_parameters(), *bridge.named_parameters(prefix="bridge")]
            if p.grad is not None}
     assert any(n.startswith("bridge.adapter.") for n in got)

@@ -30,6 +30,9 @@ class EpochBatches:
 
     batch_size: int
     train: bool
+    #: yield ``(x, y, indices)``: each training image's index in its set, int64 ``[B]`` on the
+    #: device (for feature losses that keep a memory of every sample, as CRD does)
+    with_indices: bool = False
 
     def _init_epochs(self, shard: int, drop_last: bool | None) -> None:
         """``shard`` images are this process's; ``drop_last`` defaults to True when training (if
@@ -118,7 +121,7 @@ class BatchLoader(EpochBatches):
         flips = torch.rand(n, generator=gen) < 0.5
         return perm, offsets, flips
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         if not self.train:
             yield from self._iter_eval()
             return
@@ -130,7 +133,8 @@ class BatchLoader(EpochBatches):
                                 for t in (perm, offsets, flips))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             sl = slice(start, start + self.batch_size)
-            yield self._augment(perm[sl], offsets[sl], flips[sl]), self.labels[perm[sl]]
+            x, y = self._augment(perm[sl], offsets[sl], flips[sl]), self.labels[perm[sl]]
+            yield (x, y, perm[sl]) if self.with_indices else (x, y)
 
     def _iter_eval(self) -> Iterator[tuple[Tensor, Tensor]]:
         index = None if self.world_size == 1 else self._eval_index().to(self.device)

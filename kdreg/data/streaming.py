@@ -146,10 +146,10 @@ def open_image(image: Any) -> Image.Image:
     return Image.open(image)
 
 
-class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
+class StreamDataset(Dataset[tuple[Tensor | None, int, str | None, int]]):
     """One set of a stream: item ``(position, seed)`` is its image decoded and transformed with
-    the global RNGs seeded from ``seed``, with its label: ``(uint8 [C, H, W], label, None)``, or
-    ``(None, label, why)`` for an image that cannot be read."""
+    the global RNGs seeded from ``seed``, with its label and position: ``(uint8 [C, H, W], label,
+    None, position)``, or ``(None, label, why, position)`` for an image that cannot be read."""
 
     def __init__(self, data: StreamSet, transform: Transform, mode: str = "RGB"):
         self.reader, self.transform, self.mode = data.reader, transform, mode
@@ -159,7 +159,12 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None]]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, str | None, int]:
+        position = item[0]
+        x, label, why = self._read(item)
+        return x, label, why, position
+
+    def _read(self, item: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
         position, seed = item
         i = self.index[position]
         log = os.environ.get(LOG_ENV)
@@ -192,14 +197,17 @@ def _log(folder: Path, name: str) -> None:
         out.write(name + "\n")
 
 
-def collate(items: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor, Tensor, list[str]]:
-    """The readable images stacked, their labels, and why the others could not be read."""
-    good = [(x, y) for x, y, why in items if why is None and x is not None]
-    problems = [why for _, _, why in items if why is not None]
+def collate(items: list[tuple[Tensor | None, int, str | None, int]]
+            ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """The readable images stacked, their labels and positions, and why the others could not be
+    read."""
+    good = [(x, y, i) for x, y, why, i in items if why is None and x is not None]
+    problems = [why for _, _, why, _ in items if why is not None]
     if not good:
-        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), problems
-    return (torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long),
-            problems)
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.uint8), empty, empty, problems
+    return (torch.stack([x for x, _, _ in good]), torch.tensor([y for _, y, _ in good], dtype=torch.long),
+            torch.tensor([i for _, _, i in good], dtype=torch.long), problems)
 
 
 class StreamLoader(EpochBatches):
@@ -238,7 +246,7 @@ class StreamLoader(EpochBatches):
     def skipped(self) -> set[str]:
         return self.streaming.counter.skipped
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         if self.train:
             self._start_epoch()
         self.sampler.set_epoch(self.epoch)
@@ -246,7 +254,7 @@ class StreamLoader(EpochBatches):
         step = 0
         while True:
             try:
-                x, y, problems = next(batches)
+                x, y, positions, problems = next(batches)
             except StopIteration:
                 return
             except RuntimeError as exc:
@@ -270,5 +278,5 @@ class StreamLoader(EpochBatches):
             if self.mix is not None:
                 x, y = self.mix(x, y, stream_seed(self.seed, self.epoch, "batch", step))
             step += 1
-            yield x, y
+            yield (x, y, positions.to(self.device, non_blocking=True)) if self.with_indices else (x, y)
 

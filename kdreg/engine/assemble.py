@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,12 @@ from kdreg.data.splits import Splits
 from kdreg.divergence import Divergence
 from kdreg.downloads import no_downloads, weights_from_checkpoints
 from kdreg.engine import checkpoint
-from kdreg.errors import CheckpointError, DataError, RecipeError, UserError
-from kdreg.graph import TeacherGraph, parse_external_node
+from kdreg.engine.step import FeatureEdge, LossSettings, Teachers
+from kdreg.errors import CheckpointError, DataError, OptionError, RecipeError, UserError
+from kdreg.feature_loss import FeatureLoss, FeatureSetup
+from kdreg.graph import Node, TeacherGraph, parse_external_node
 from kdreg.options import bind
-from kdreg.recipe import PluginSpec, Recipe, StageConfig, TrainConfig
+from kdreg.recipe import FeatureLossSpec, PluginSpec, Recipe, StageConfig, TrainConfig
 from kdreg.registry import get_registry
 from kdreg.stages import TeacherStage
 from kdreg.streams import init_seed
@@ -50,10 +52,15 @@ class DataShape:
     input_size: tuple[int, int] = (32, 32)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: the training set's size and labels (feature losses with a memory of every sample); None
+    #: when unknown (validation without the data)
+    num_samples: int | None = None
+    train_labels: torch.Tensor | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def of(cls, splits: Splits) -> DataShape:
-        return cls(splits.num_classes, splits.in_chans, splits.input_size, splits.mean, splits.std)
+        return cls(splits.num_classes, splits.in_chans, splits.input_size, splits.mean, splits.std,
+                   len(splits.train), splits.train.labels)
 
     def provided(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "in_chans": self.in_chans,
@@ -79,14 +86,33 @@ class StagePlan:
     bridge: Bridge | None = None
     #: (stage name, copy) of earlier stages' models handed to this stage's backbone factory
     copies: list[tuple[str, FlexibleBackbone]] = attrs.field(factory=list)
+    #: the feature losses along the graph's edges, one object per (entry, edge)
+    features: tuple[FeatureEdge, ...] = ()
+    #: external node -> the split points feature losses read from it
+    teacher_points: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def loss(self) -> LossSettings:
+        """Every part of the stage's loss (graph, divergence, feature losses, bridge), at fp32; the
+        run sets the precision."""
+        return LossSettings(self.graph, self.config.lam, self.config.tau, self.divergence,
+                            features=self.features, bridge=self.bridge)
+
+    @property
+    def frozen(self) -> Teachers | None:
+        """The frozen earlier stages the step reads (None: none)."""
+        if not self.teachers:
+            return None
+        return Teachers(self.teachers, self.nodes, self.bridge.teacher if self.bridge is not None else None,
+                        self.teacher_points)
+
     def modules(self) -> list[torch.nn.Module]:
-        """What this stage trains: its model and its bridge's own parameters."""
-        return [self.model] + ([self.bridge] if self.bridge is not None else [])
+        """What this stage trains: its model, its bridge's and its feature losses' own parameters."""
+        return [self.model] + self.loss.trained_modules()
 
     def to(self, device: torch.device) -> StagePlan:
         for m in self.modules():
@@ -200,11 +226,106 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     if bridge is not None:
         teachers[bridge.teacher] = plans[bridge.teacher].model
     problems += _class_problems(model, teachers, path)
+    features: list[FeatureEdge] = []
+    if stage.feature_losses and graph is not None and len(nodes) == len(graph.external):
+        for k, spec in enumerate(stage.feature_losses):
+            try:
+                features += _feature_edges(spec, k, model, graph, nodes, plans, shape, recipe,
+                                           f"{path}.feature_losses[{k}]")
+            except UserError as exc:
+                problems += exc.problems
     if problems or graph is None or divergence is None or (stage.bridge is not None and bridge is None):
         raise UserError(problems)  # empty when only a failed earlier stage is to blame
+    teacher_points: dict[str, set[str]] = {}
+    for e in features:
+        if isinstance(e.teacher, str):
+            teacher_points.setdefault(e.teacher, set()).update(e.teacher_points)
     return StagePlan(index=index, config=stage, train=train, path=path, model=model, graph=graph,
                      divergence=divergence, teachers=teachers, nodes=nodes, bridge=bridge,
-                     copies=copies)
+                     copies=copies, features=tuple(features),
+                     teacher_points={n: tuple(sorted(p)) for n, p in teacher_points.items()})
+
+
+def _feature_edges(spec: FeatureLossSpec, entry: int, model: FlexibleBackbone, graph: TeacherGraph,
+                   nodes: Mapping[str, tuple[str, int]], plans: Mapping[str, StagePlan],
+                   shape: DataShape, recipe: Recipe, path: str) -> list[FeatureEdge]:
+    """One :class:`FeatureEdge` per edge of ``graph`` whose two ends give features at the entry's
+    points, each with its own loss object, set up for that edge's feature shapes."""
+    registry = get_registry("feature_loss")
+    if spec.name not in registry:
+        raise UserError([f"{registry.unknown_message(spec.name)} @ {path}.name"])
+    student_points, teacher_points = spec.pairs
+    student_key = "student_points" if spec.student_points else "points"
+    teacher_key = "teacher_points" if spec.teacher_points else "points"
+    problems = _point_problems(model, student_points, "the student", f"{path}.{student_key}")
+    if model.single_pass and model.num_train_submodels > 1:
+        problems.append(f"feature losses distil a network with one sub-model or the widths of a "
+                        f"slimmable one; {type(model).__name__} computes {model.num_train_submodels} "
+                        f"sub-models in one pass @ {path}")
+    needs_indices = getattr(registry.get(spec.name).factory, "needs_indices", False)
+    augment = recipe.data.augment
+    if needs_indices and (augment.mixup > 0 or augment.cutmix > 0):
+        problems.append(f"{spec.name} reads each sample's index in the training set, and mixup / CutMix "
+                        f"(data.augment) blend two samples into each image: no index names it @ {path}.name")
+    if problems:
+        raise UserError(problems)
+    own = set(range(model.num_train_submodels)) if len(model.feature_submodels()) > 1 else (
+        {model.num_train_submodels - 1} if model.feature_submodels() else set())
+    ends: list[tuple[int, Node, float, FlexibleBackbone, int]] = []
+    seen_teachers: set[str] = set()
+    for e in graph.edges:
+        if e.student not in own:
+            continue
+        if isinstance(e.teacher, int):
+            if e.teacher in own:
+                ends.append((e.student, e.teacher, e.weight, model, e.teacher))
+            continue
+        stage, index = nodes[e.teacher]
+        teacher = plans[stage].model
+        if stage not in seen_teachers:
+            seen_teachers.add(stage)
+            problems += _point_problems(teacher, teacher_points, f"teacher stage {stage!r}",
+                                        f"{path}.{teacher_key}")
+        if index in teacher.feature_submodels():
+            ends.append((e.student, e.teacher, e.weight, teacher, index))
+    if any(isinstance(t, int) for _, t, *_ in ends):
+        problems += _point_problems(model, teacher_points, "the student (teaching its smaller widths)",
+                                    f"{path}.{teacher_key}")
+    if problems:
+        raise UserError(problems)
+    if not ends:
+        raise UserError([f"no edge of graph {graph.name!r} joins two ends that give features at these "
+                         f"points (a frozen teacher stage's full model, or the widths of a slimmable "
+                         f"student); it has {len(graph.edges)} edge(s) @ {path}"])
+    edges = []
+    for student, teacher_node, w, teacher, index in ends:
+        loss: FeatureLoss = create("feature_loss", spec.name, spec.options, provided={}, path=path)
+        try:
+            loss.setup(FeatureSetup(_shapes(model, student, student_points),
+                                    _shapes(teacher, index, teacher_points),
+                                    num_samples=shape.num_samples or 1, num_classes=shape.num_classes,
+                                    train_labels=shape.train_labels))
+        except OptionError as exc:
+            raise UserError([f"{e} @ {path}" + (f".{e.key}" if e.key else "") for e in exc.each()]) from None
+        weight = type(loss).default_weight if spec.weight is None else spec.weight
+        edges.append(FeatureEdge(student, teacher_node, weight * w, loss, tuple(student_points),
+                                 tuple(teacher_points), entry))
+    return edges
+
+
+def _point_problems(model: FlexibleBackbone, points: Sequence[str], whose: str, where: str) -> list[str]:
+    known = model.split_points()
+    problems = [f"unknown split point {p!r} of {whose} ({type(model).__name__}); known: "
+                f"{', '.join(known) if known else 'none'} @ {where}" for p in points if p not in known]
+    if not problems and [known.index(p) for p in points] != sorted(known.index(p) for p in points):
+        problems.append(f"split points {list(points)} are not in network order {list(known)} @ {where}")
+    return problems
+
+
+def _shapes(model: FlexibleBackbone, index: int, points: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Feature shapes (without the batch) of sub-model ``index`` of ``model`` at ``points``."""
+    feats = model.probe(lambda x: model.forward_features(x, index, points)[0], batch=2)
+    return tuple(tuple(f.shape[1:]) for f in feats)
 
 
 def build_divergence(spec: PluginSpec, path: str) -> Divergence:
@@ -329,6 +450,17 @@ def static_problems(recipe: Recipe) -> list[str]:
             build_divergence(stage.divergence, f"{path}.divergence")
         except UserError as exc:
             problems += exc.problems
+        registry = get_registry("feature_loss")
+        for k, entry in enumerate(stage.feature_losses):
+            where = f"{path}.feature_losses[{k}]"
+            if entry.name not in registry:
+                problems.append(f"{registry.unknown_message(entry.name)} @ {where}.name")
+                continue
+            try:
+                bind(registry.get(entry.name).factory, entry.options, provided={}, path=where,
+                     what=f"feature loss {entry.name!r}")
+            except UserError as exc:
+                problems += exc.problems
         for kind, spec, provided in (("backbone", stage.backbone, DataShape(1).provided()),
                                      ("graph", stage.graph, {"num_submodels": 1}),
                                      ("bridge", stage.bridge, {"student": None})):

@@ -16,7 +16,7 @@ from kdreg.normalise import normalise
 @torch.no_grad()
 def evaluate(
     model: FlexibleBackbone,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     *,
     device: torch.device,
     dtype: torch.dtype | None = None,
@@ -31,7 +31,7 @@ def evaluate(
     correct = torch.zeros(n, dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
     try:
-        for x, y in batches:
+        for x, y, *_ in batches:
             x = normalise(model, x)
             with autocast(device, dtype):
                 if model.single_pass:

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 import kdreg
 from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
@@ -17,7 +19,6 @@ from kdreg.engine import checkpoint, distributed
 from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
 from kdreg.engine.device import grad_scaler, resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
-from kdreg.engine.step import LossSettings, Teachers
 from kdreg.engine.trainer import StageTrainer, eval_loader
 from kdreg.errors import RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
@@ -180,19 +181,15 @@ class Run:
             yield plan, model
 
     def _trainer(self, plan: StagePlan, splits: Splits) -> StageTrainer:
-        recipe, stage = self.recipe, plan.config
+        recipe = self.recipe
         dtype = resolve_precision(plan.train.precision, self.device)
         scaler = grad_scaler(dtype, self.device)
-        loss = LossSettings(plan.graph, stage.lam, stage.tau, plan.divergence, dtype=dtype, scaler=scaler)
-        teachers = None
-        if plan.teachers:
-            bridge_stage = plan.bridge.teacher if plan.bridge is not None else None
-            teachers = Teachers(plan.teachers, plan.nodes, bridge_stage)  # frozen when they finished
         return StageTrainer(
-            name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train, loss=loss, device=self.device,
-            seed=batch_seed(recipe.seed, plan.index), batch_size=recipe.data.batch_size, eval_batch_size=recipe.data.eval_batch_size,
-            directory=self.directory, notify=self._notify, progress=self.progress,
-            teachers=teachers, bridge=plan.bridge,
+            name=plan.name, model=plan.model, splits=splits, train_cfg=plan.train,
+            loss=attrs.evolve(plan.loss, dtype=dtype, scaler=scaler), device=self.device,
+            seed=batch_seed(recipe.seed, plan.index), batch_size=recipe.data.batch_size,
+            eval_batch_size=recipe.data.eval_batch_size, directory=self.directory, notify=self._notify,
+            progress=self.progress, teachers=plan.frozen,   # frozen when they finished
         )
 
     def _train_stage(self, trainer: StageTrainer, plan: StagePlan) -> dict[str, Any]:
@@ -223,6 +220,8 @@ class Run:
         }
         if plan.config.bridge is not None:
             result["bridge"] = plan.config.bridge.name
+        if plan.config.feature_losses:
+            result["feature_losses"] = [f.name for f in plan.config.feature_losses]
         if plan.config.init is not None:
             result["init"] = plan.config.init
         elif plan.model.pretrained is not None:

@@ -1,8 +1,8 @@
 """How a training step calls the model it trains: directly, through DistributedDataParallel, or
 compiled with ``torch.compile``.
 
-A :class:`Runner` offers the three calls a step makes (every sub-model, one sub-model, the
-logits with the bridge's term) and ``no_sync()``, the context in which a backward pass
+A :class:`Runner` offers the three calls a step makes (every sub-model, one sub-model, one
+sub-model's pass with its features and the terms computed from them) and ``no_sync()``, the context in which a backward pass
 only accumulates gradients. Under torchrun the calls go through one ``DistributedDataParallel``
 module, so gradients are all-reduced by PyTorch's own reducer: once per step, in the last backward
 of the step (a multi-pass model runs its other sub-models under ``no_sync``), every width's
@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
-from kdreg.bridge import Bridge
+from kdreg.bridge import Bridge, BridgeBatch
 from kdreg.engine import distributed
 from kdreg.errors import UserError
 from kdreg.normalise import normalise
+
+
+@attrs.frozen(eq=False)
+class Pass:
+    """One sub-model's pass that gives features: sub-model ``index``, the split ``points`` whose
+    features it returns, the teacher features of each of its feature edges (in the order of the
+    runner's edges whose student it is), the feature batch and the bridge's batch (None: no
+    bridge term)."""
+
+    index: int
+    points: tuple[str, ...]
+    teacher_features: Sequence[Mapping[str, Tensor]]
+    batch: Any                       # kdreg.feature_loss.FeatureBatch
+    bridge: BridgeBatch | None = None
 
 
 class Runner:
@@ -31,21 +46,26 @@ class Runner:
 
     def __init__(self, model: FlexibleBackbone, call: Callable[..., Any],
                  no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                 ddp: nn.Module | None = None, bridge: Bridge | None = None):
+                 ddp: nn.Module | None = None, bridge: Bridge | None = None,
+                 features: Sequence[Any] = ()):
         self.model = model
         self.bridge = bridge
+        #: the stage's feature edges (:class:`kdreg.engine.step.FeatureEdge`)
+        self.features = tuple(features)
         self._call = call                    # call(x, kind, arg) -> the model's output
         self._no_sync = no_sync
         #: the DistributedDataParallel module under torchrun (None in one process)
         self.ddp = ddp
 
     @classmethod
-    def plain(cls, model: FlexibleBackbone, bridge: Bridge | None = None) -> Runner:
-        return cls(model, _Entry(model, bridge), bridge=bridge)
+    def plain(cls, model: FlexibleBackbone, bridge: Bridge | None = None,
+              features: Sequence[Any] = ()) -> Runner:
+        return cls(model, _Entry(model, bridge, features), bridge=bridge, features=features)
 
     @property
     def num_submodels(self) -> int:
-        return self.model.num_submodels
+        """The sub-models a training step trains."""
+        return self.model.num_train_submodels
 
     @property
     def single_pass(self) -> bool:
@@ -60,10 +80,13 @@ class Runner:
         out: Tensor = self._call(x, "submodel", index)
         return out
 
-    def forward_bridge(self, x: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
-        """The student's logits and its bridge's term (the bridge runs inside the same forward,
-        so that under DDP its own parameters are reduced with the model's)."""
-        out: tuple[Tensor, Tensor] = self._call(x, "bridge", batch)
+    def forward_pass(self, x: Tensor, request: Pass
+                     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
+        """Sub-model ``request.index``'s logits, its features at ``request.points`` (detached),
+        the sum of its feature edges' weighted terms (None: none) and its bridge's term (None:
+        none). The feature losses and the bridge run inside the same forward, so that under DDP
+        their own parameters are reduced with the model's."""
+        out: tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None] = self._call(x, "pass", request)
         return out
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
@@ -71,24 +94,26 @@ class Runner:
         return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
 
 
-def as_runner(model: FlexibleBackbone | Runner, bridge: Bridge | None = None) -> Runner:
-    """``model`` itself when it is a runner (holding ``bridge`` when one is asked for); else a
-    plain runner of the model (and ``bridge``)."""
+def as_runner(model: FlexibleBackbone | Runner, bridge: Bridge | None = None,
+              features: Sequence[Any] = ()) -> Runner:
+    """``model`` itself when it is a runner; else a plain runner of the model with ``bridge``
+    and the feature edges ``features``."""
     if isinstance(model, Runner):
-        if bridge is None or model.bridge is not None:
-            return model
-        model = model.model
-    return Runner.plain(model, bridge)
+        return model
+    return Runner.plain(model, bridge, features)
 
 
 class _Entry(nn.Module):
     """One ``forward`` for the three calls, as DistributedDataParallel needs (its reducer is
-    prepared in ``forward``). The bridge is held so its own parameters are replicated too."""
+    prepared in ``forward``). The bridge and the feature losses are held so that their own
+    parameters are replicated too."""
 
-    def __init__(self, model: FlexibleBackbone, bridge: Bridge | None = None):
+    def __init__(self, model: FlexibleBackbone, bridge: Bridge | None = None, features: Sequence[Any] = ()):
         super().__init__()
         self.model = model
         self.bridge = bridge
+        self.edges = tuple(features)
+        self.feature_losses = nn.ModuleList(e.loss for e in self.edges)
 
     def forward(self, x: Tensor, kind: str, arg: Any) -> Any:  # noqa: D102
         x = normalise(self.model, x)
@@ -96,19 +121,30 @@ class _Entry(nn.Module):
             return self.model(x)
         if kind == "submodel":
             return self.model.forward_submodel(x, arg)
-        if self.bridge is None:
-            raise TypeError("forward_bridge needs a runner built with the stage's bridge")
-        feats, logits = self.model.forward_stages(x, [self.bridge.student_split])
-        return logits, self.bridge(feats[0], arg)
+        from kdreg.engine.step import feature_term
+
+        request: Pass = arg
+        order = self.model.split_points()
+        points = sorted(set(request.points), key=order.index)
+        f, logits = self.model.forward_features(x, request.index, points)
+        own = dict(zip(points, f))
+        edges = [e for e in self.edges if e.student == request.index]
+        term = feature_term(edges, own, request.teacher_features, request.batch)
+        bridged = None
+        if request.bridge is not None:
+            if self.bridge is None:
+                raise TypeError("a bridge term needs a runner built with the stage's bridge")
+            bridged = self.bridge(own[self.bridge.student_split], request.bridge)
+        return logits, {p: v.detach() for p, v in own.items()}, term, bridged
 
 
 def build_runner(model: FlexibleBackbone, bridge: Bridge | None, device: torch.device, *,
-                 sync_bn: bool = False, compile: bool = False, compile_backend: str = "inductor",
-                 say: Callable[[str], None] | None = None) -> Runner:
+                 features: Sequence[Any] = (), sync_bn: bool = False, compile: bool = False,
+                 compile_backend: str = "inductor", say: Callable[[str], None] | None = None) -> Runner:
     """The runner of a stage: DDP under torchrun (with SyncBatchNorm when ``sync_bn``), compiled
     when ``compile`` (falling back to eager execution, with a message, when compilation fails)."""
     say = say or _say
-    entry = _Entry(model, bridge)
+    entry = _Entry(model, bridge, features)
     call: Callable[..., Any] = entry
     no_sync, ddp = None, None
     if distributed.active() and any(p.requires_grad for p in entry.parameters()):
@@ -126,7 +162,7 @@ def build_runner(model: FlexibleBackbone, bridge: Bridge | None, device: torch.d
         call, no_sync = ddp, ddp.no_sync
     if compile:
         call = _compiled(call, compile_backend, say)
-    return Runner(model, call, no_sync, ddp, bridge)
+    return Runner(model, call, no_sync, ddp, bridge, features)
 
 
 def _compiled(fn: Callable[..., Any], backend: str, say: Callable[[str], None]) -> Callable[..., Any]:

@@ -14,7 +14,6 @@ import torch
 from tqdm import tqdm
 
 from kdreg.backbone import FlexibleBackbone
-from kdreg.bridge import Bridge
 from kdreg.data.batches import BatchLoader
 from kdreg.data.loading import batches
 from kdreg.data.splits import Splits
@@ -28,6 +27,7 @@ from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import KdregError
 from kdreg.recipe import TrainConfig
+from kdreg.streams import stream_seed
 
 
 class TrainingFailed(KdregError):
@@ -59,11 +59,13 @@ class StageTrainer:
     notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
     progress: bool = True                        # a progress bar, when stderr is a terminal
     teachers: Teachers | None = None             # frozen earlier stages this stage learns from
-    bridge: Bridge | None = None                 # trained with the model, used at training only
 
     def __attrs_post_init__(self) -> None:
         s, cfg = self.splits, self.train_cfg
-        trained = self.model if self.bridge is None else torch.nn.ModuleList([self.model, self.bridge])
+        #: the bridge and the feature losses' own parameters: trained with the model, saved and
+        #: resumed with it, used at training only (never exported)
+        self.extras = torch.nn.ModuleList(self.loss.trained_modules())
+        trained = torch.nn.ModuleList([self.model, *self.extras]) if len(self.extras) else self.model
         if self.device.type == "cpu":
             keep_freed_memory()
             guard_convs(trained)   # strided 1x1 convs of few channels: around a broken oneDNN kernel
@@ -75,8 +77,9 @@ class StageTrainer:
                                     train=True, seed=self.seed, rank=distributed.rank(), world_size=world)
         if len(self.train_loader) == 0:
             raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
-        self.runner = build_runner(self.model, self.bridge, self.device, sync_bn=cfg.sync_bn,
-                                   compile=cfg.compile, compile_backend=cfg.compile_backend)
+        self.train_loader.with_indices = self.loss.needs_indices
+        self.runner = build_runner(self.model, self.loss.bridge, self.device, features=self.loss.features,
+                                   sync_bn=cfg.sync_bn, compile=cfg.compile, compile_backend=cfg.compile_backend)
         self.state = StageState()
 
     @property
@@ -96,13 +99,16 @@ class StageTrainer:
         self._save("last.pt", model=self.model.state_dict(),
                    optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
                    rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
-                   bridge=self.bridge.state_dict() if self.bridge is not None else None)
+                   bridge=self.loss.bridge.state_dict() if self.loss.bridge is not None else None,
+                   feature_losses=[e.loss.state_dict() for e in self.loss.features])
 
     def resume(self) -> None:
         data = checkpoint.load(self.checkpoint_dir / "last.pt")
         self.model.load_state_dict(data["model"])
-        if self.bridge is not None and data.get("bridge") is not None:
-            self.bridge.load_state_dict(data["bridge"])
+        if self.loss.bridge is not None and data.get("bridge") is not None:
+            self.loss.bridge.load_state_dict(data["bridge"])
+        for edge, state in zip(self.loss.features, data.get("feature_losses") or []):
+            edge.loss.load_state_dict(state)
         self.optimizer.load_state_dict(data["optimizer"])
         self.state = StageState(**data["state"])
         checkpoint.set_rng_state(data["rng"])
@@ -118,6 +124,7 @@ class StageTrainer:
             epoch = self.state.epoch
             t0 = time.perf_counter()
             train = self.train_epoch(epoch, epochs)
+            self.calibrate()
             val = evaluate(self.model, val_loader, device=self.device, dtype=self.loss.dtype) if val_loader else []
             self.state.seconds += time.perf_counter() - t0
             self.state.epoch = epoch + 1
@@ -136,13 +143,12 @@ class StageTrainer:
     def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
         model, loader, opt = self.model, self.train_loader, self.optimizer
         model.train()
-        if self.bridge is not None:
-            self.bridge.train()
+        self.extras.train()
         loader.set_epoch(epoch)
         steps = len(loader)
         base_lr = self.train_cfg.optimizer.lr
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros(model.num_submodels, dtype=torch.long, device=self.device)
+        correct = torch.zeros(model.num_train_submodels, dtype=torch.long, device=self.device)
         seen = 0
         world = distributed.world_size()
         channels_last = self.train_cfg.channels_last
@@ -152,13 +158,14 @@ class StageTrainer:
         t0 = time.perf_counter()
         lr = base_lr
         loss = attrs.evolve(self.loss, epoch=epoch + 1)   # the epoch reaches warm-ups (DKD's)
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y, *indices) in enumerate(loader):
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
-            out = stage_backward(self.runner, x, y, loss, self.teachers, self.bridge)
+            model.begin_step(stream_seed(self.seed, epoch, "submodels", step))  # the same on every process
+            out = stage_backward(self.runner, x, y, loss, self.teachers, indices[0] if indices else None)
             if self.loss.scaler is not None:
                 self.loss.scaler.step(opt)
                 self.loss.scaler.update()
@@ -181,8 +188,8 @@ class StageTrainer:
             bar.update(1)
         bar.close()
         distributed.average_buffers(model)
-        if self.bridge is not None:
-            distributed.average_buffers(self.bridge)
+        if self.loss.bridge is not None:
+            distributed.average_buffers(self.loss.bridge)
         totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), correct.to(loss_sum.dtype)]))
         elapsed = time.perf_counter() - t0
         return {
@@ -191,6 +198,21 @@ class StageTrainer:
             "train_accuracy": [100.0 * c / seen for c in totals[1:].tolist()],
             "images_per_second": round(seen / elapsed, 1),
         }
+
+    def calibrate(self) -> None:
+        """Recompute the normalisation statistics of the evaluated sub-models on
+        ``train.calibrate_images`` training images, when the model needs it (widths trained as a
+        range: :meth:`kdreg.FlexibleBackbone.needs_calibration`)."""
+        if not self.model.needs_calibration():
+            return
+        from kdreg.calibrate import calibrate
+
+        world = distributed.world_size()
+        loader = batches(self.splits, "train", batch_size=self.batch_size // world, device=self.device,
+                         train=True, seed=stream_seed(self.seed, "calibration"), rank=distributed.rank(),
+                         world_size=world)
+        calibrate(self.model, loader, max(1, self.train_cfg.calibrate_images // world))
+        distributed.average_buffers(self.model)
 
     def load_best(self) -> None:
         """Put the selected epoch's weights into the model (what later stages and the test use)."""
@@ -204,6 +226,7 @@ class StageTrainer:
         """A stage that is loaded, not trained (``epochs = 0``): its weights as they are are the
         selected ones, evaluated on the validation split."""
         has_val = len(self.splits.val.labels) > 0
+        self.calibrate()
         val = evaluate(self.model, self.eval_loader("val"), device=self.device,
                        dtype=self.loss.dtype) if has_val else []
         self.state = StageState(epoch=0, best_epoch=0, best_val=val)
