@@ -396,9 +396,7 @@ class CRD(FeatureLoss):
 
     def setup(self, info: FeatureSetup) -> None:
         _one_point("crd", info)
-        n = info.num_samples
-        if n < 2:
-            raise OptionError(f"crd needs a training set of at least 2 samples, got {n}")
+        n = max(int(info.num_samples), 1)   # (a recipe validated without its data: 1)
         self.num_samples = n
         self.embed_s = Embed(vector_size(info.student[0], self.pool), self.dim)
         self.embed_t = Embed(vector_size(info.teacher[0], self.pool), self.dim)
@@ -441,6 +439,9 @@ class CRD(FeatureLoss):
                 batch: FeatureBatch) -> Tensor:
         if self.num_samples == 0:
             raise RuntimeError("crd: setup() was not called")
+        if self.num_samples < 2:
+            raise ValueError("crd needs a training set of at least 2 samples (its memory bank holds "
+                             "one row per sample and draws negatives among the others)")
         if len(student) != 1:
             raise ValueError(f"crd is defined on one point, got {len(student)}")
         if batch.indices is None:

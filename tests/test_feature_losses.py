@@ -452,14 +452,19 @@ def test_crd_state_dict_holds_memory_z_and_embeddings_and_resumes() -> None:
      "crd draws its negatives from other classes, but every training sample has the same label"),
     (FeatureSetup(((8,),), ((8,),), num_samples=4, num_classes=2, train_labels=torch.zeros(5)),
      r"crd needs train labels: 4 class indices >= 0, got a tensor of shape \[5\]"),
-    (FeatureSetup(((8,),), ((8,),), num_samples=1, num_classes=2),
-     "crd needs a training set of at least 2 samples, got 1"),
 ])
 def test_crd_refuses_what_it_cannot_do(setup: FeatureSetup, match: str) -> None:
     with pytest.raises(OptionError, match=match) as err:
         build("crd").setup(setup)
     if "one point" in match:
         assert err.value.key == "points"
+
+
+def test_crd_set_up_without_a_training_set_refuses_to_run_not_to_be_built() -> None:
+    """A recipe validated without its data sets up with one sample: only training needs two."""
+    loss = crd_setup(1, negatives=3)
+    with pytest.raises(ValueError, match="crd needs a training set of at least 2 samples"):
+        loss([torch.randn(2, 3, 2, 2)], [torch.randn(2, 5)], FeatureBatch(torch.zeros(2), torch.tensor([0, 0])))
 
 
 def test_crd_joins_any_channels_and_pools_by_default() -> None:
