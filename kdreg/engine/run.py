@@ -73,8 +73,10 @@ class Run:
     # ------------------------------------------------------------------ creation
     @classmethod
     def start(cls, recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
-              progress: bool = True) -> Run:
-        recipe = load_recipe(recipe_path, overrides)
+              progress: bool = True, recipe: Recipe | None = None) -> Run:
+        """A new run of the recipe at ``recipe_path`` (with ``overrides``), or of ``recipe`` when
+        the caller has parsed it already (the file is then only its name in messages)."""
+        recipe = recipe if recipe is not None else load_recipe(recipe_path, overrides)
         problems = static_problems(recipe)
         if problems:
             raise RecipeError([f"{recipe_path}: {p}" for p in problems])
@@ -91,11 +93,14 @@ class Run:
         return run
 
     @classmethod
-    def resume(cls, directory: str | Path, progress: bool = True, overrides: Iterable[str] = ()) -> Run:
+    def resume(cls, directory: str | Path, progress: bool = True, overrides: Iterable[str] = (),
+               recipe: Recipe | None = None) -> Run:
+        """The run in ``directory``, to continue; ``recipe``: its recipe, when the caller has read
+        it already."""
         directory = Path(directory)
         if not (directory / RECIPE_FILE).is_file():
             raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
-        recipe = load_recipe(directory / RECIPE_FILE, overrides)
+        recipe = recipe if recipe is not None else load_recipe(directory / RECIPE_FILE, overrides)
         run = cls(recipe, directory, source=str(directory / RECIPE_FILE), progress=progress)
         if (directory / RESULTS_FILE).is_file():
             run.results = json.loads((directory / RESULTS_FILE).read_text())
