@@ -51,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--anytime", action="store_true",
                     help="early exits: accuracy against average MACs per image, thresholds chosen on the "
                          "validation split (a repeat directory: each seed run)")
-    ev.add_argument("--stage", help="with --anytime: the stage (default: the last trained one)")
+    ev.add_argument("--stage", help="with --anytime: the stage (default: the last trained one); with --widths or "
+                                    "--calibrate: only that stage")
+    ev.add_argument("--widths", metavar="W1,W2,...",
+                    help="universally slimmable stages (widths trained as a range): evaluate these widths, "
+                         "e.g. 0.35,0.6, after recalibrating their BatchNorm statistics")
+    ev.add_argument("--calibrate", type=int, metavar="N",
+                    help="recalibrate the BatchNorm statistics of the evaluated widths of universally slimmable "
+                         "stages on N training images first (default with --widths: train.calibrate_images)")
     ev.add_argument("--out", help="with --anytime: the JSON file (default: DIR/anytime-<stage>.json)")
 
     rep = sub.add_parser("report", help="a table (report.md) and plots comparing runs, repeats or methods")
@@ -66,12 +73,17 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="one sub-model of a run as a standalone network (.pt2 or safetensors)")
     exp.add_argument("directory", help="the run directory")
-    exp.add_argument("--submodel", metavar="LABEL", help="e.g. x0.5 or exit2 (default: the full model, the last)")
+    exp.add_argument("--submodel", metavar="LABEL", help="e.g. x0.5 or exit2 (default: the full model, the last); a "
+                     "universally slimmable stage: any width of its range")
     exp.add_argument("--stage", help="the stage (default: the run's last)")
     exp.add_argument("--out", required=True, metavar="FILE", help="model.pt2 (or model.safetensors); model.json goes beside it")
     exp.add_argument("--format", choices=["pt2", "safetensors"],
                      help="pt2: a torch.export program; safetensors: the state dict (default: from FILE's suffix, else pt2)")
     exp.add_argument("--force", action="store_true", help="overwrite FILE and its .json")
+    exp.add_argument("--calibrate", type=int, metavar="N",
+                     help="a universally slimmable stage (widths trained as a range; --submodel: any width in "
+                          "it, e.g. x0.6): recalibrate the width's BatchNorm statistics on N training images "
+                          "(default: train.calibrate_images)")
     trust_help = ("read checkpoints that are not weights-only (e.g. written by an earlier kdreg) with Python's "
                   "full unpickler: only for files you trust, it lets them run any code")
     for command in (run, val, ev, exp):
@@ -246,14 +258,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.anytime:
         return _eval_anytime(args)
-    if args.stage or args.out:
-        raise UserError("--stage and --out belong to `kdreg eval DIR --anytime`")
+    if args.out:
+        raise UserError("--out belongs to `kdreg eval DIR --anytime`")
+    if args.stage and args.widths is None and args.calibrate is None:
+        raise UserError("--stage belongs to `kdreg eval DIR --anytime`, --widths or --calibrate")
+    widths = _width_list(args.widths) if args.widths is not None else None
     run = Run.resume(args.directory, progress=False, overrides=args.overrides)
-    for stage in run.evaluate():
+    for stage in run.evaluate(widths=widths, calibrate=args.calibrate, stage=args.stage):
         accs = ", ".join(f"{label} {a:.2f}" for label, a in zip(stage["submodels"], stage["test_accuracy"]))
+        calibrated = (f", BatchNorm calibrated on {stage['calibration_images']} training images"
+                      if "calibration_images" in stage else "")
         print(f"stage {stage['name']} ({stage['test_images']} test images): {accs} "
-              f"(mean {stage['mean_test_accuracy']:.2f})")
+              f"(mean {stage['mean_test_accuracy']:.2f}){calibrated}")
     return EXIT_OK
+
+
+def _width_list(text: str) -> list[float]:
+    """``0.35,0.6`` (or ``x0.35,x0.6``) as widths; :class:`UserError` for anything else."""
+    try:
+        widths = [float(part.strip().removeprefix("x")) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--widths takes widths separated by commas, e.g. 0.35,0.6; got {text!r}") from None
+    return widths
 
 
 def _eval_anytime(args: argparse.Namespace) -> int:
@@ -305,7 +331,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from kdreg.export import export_submodel
 
     info = export_submodel(args.directory, args.out, label=args.submodel, stage=args.stage,
-                           fmt=args.format, force=args.force)
+                           fmt=args.format, force=args.force, calibrate=args.calibrate)
     acc = info["test_accuracy"]
     print(f"wrote {args.out} and its .json: {info['label']} of stage {info['stage']}, "
           f"{info['params']:,} params, {info['macs'] / 1e6:.2f} M MACs"

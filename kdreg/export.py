@@ -55,13 +55,17 @@ class Normalised(nn.Module):
 
 def export_submodel(directory: str | Path, out: str | Path, *, label: str | None = None,
                     stage: str | None = None, fmt: str | None = None,
-                    force: bool = False) -> dict[str, Any]:
+                    force: bool = False, calibrate: int | None = None) -> dict[str, Any]:
     """Write sub-model ``label`` (default: the full model) of ``stage`` (default: the run's last)
     of the run in ``directory`` to ``out`` as ``fmt`` (default: ``safetensors`` for a
     ``.safetensors`` file, else ``pt2``), and its description beside it; return the description.
 
     Refuses (:class:`UserError`) an unknown stage or label, a stage without selected weights or
     results, and an existing ``out`` or JSON file unless ``force``. Everything runs on the CPU.
+
+    A universally slimmable stage (widths trained as a range) exports any width of its range
+    (``label`` ``x0.6`` or ``0.6``; default: its largest), its BatchNorm statistics calibrated
+    first on ``calibrate`` training images (default: the stage's ``train.calibrate_images``).
     """
     from kdreg.data.loading import load_data
     from kdreg.engine.run import Run
@@ -98,10 +102,17 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
     # a stage learns only from earlier ones: the later ones need not be built
     run.recipe = attrs.evolve(run.recipe, stages=run.recipe.stages[:names.index(stage) + 1])
     splits = load_data(run.recipe.data)
-    model = next((m for plan, m in run.trained_stages(splits) if plan.name == stage), None)
+    found = next(((plan, m) for plan, m in run.trained_stages(splits) if plan.name == stage),
+                 None)
+    plan, model = found if found is not None else (None, None)
     if model is None:
         raise UserError(f"stage {stage!r} cannot be loaded: an earlier stage has no selected "
                         "weights (checkpoints/<stage>/best.pt)")
+    if getattr(model, "width_range", None) is not None:
+        label, result = _range_width(run, plan, model, splits, label, result, calibrate)
+    elif calibrate is not None:
+        raise UserError(f"--calibrate: stage {stage!r} trains no width range; its BatchNorm "
+                        "statistics are its own")
     labels = list(model.submodel_labels)
     label = labels[-1] if label is None else label
     if label not in labels:
@@ -122,6 +133,40 @@ def export_submodel(directory: str | Path, out: str | Path, *, label: str | None
         _atomic(out, lambda tmp: save_safetensors(net, tmp, {"format": FORMAT, "label": label}))
     _atomic(meta, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
     return info
+
+
+def _range_width(run: Any, plan: Any, model: Any, splits: Any, label: str | None,
+                 result: dict[str, Any], images: int | None) -> tuple[str, dict[str, Any]]:
+    """Make width ``label`` (default: the range's largest) the model's one evaluated width and
+    calibrate its statistics; return its label and the results of it that results.json holds
+    (a width the run evaluated), else none."""
+    from kdreg.calibrate import calibrate_on_training_images
+    from kdreg.errors import OptionError
+    from kdreg.streams import batch_seed
+
+    r, stage = model.width_range, plan.name
+    if label is None:
+        width = r.max
+    else:
+        try:
+            width = float(label.removeprefix("x"))
+        except ValueError:
+            raise UserError(f"stage {stage!r} trains the widths {r.min:g} to {r.max:g}; give a "
+                            f"width in that range, e.g. --submodel x{r.max:g}, not {label!r}") from None
+    try:
+        model.set_eval_widths([width])
+    except OptionError as exc:
+        raise UserError(f"--submodel {label}: {exc} (stage {stage!r})") from None
+    if images is not None and images < 1:
+        raise UserError(f"--calibrate takes a number of training images >= 1, got {images}")
+    count = images if images is not None else plan.train.calibrate_images
+    calibrate_on_training_images(model, splits, images=count, batch_size=run.recipe.data.batch_size,
+                                 device=run.device, seed=batch_seed(run.recipe.seed, plan.index))
+    new = model.submodel_labels[0]
+    known = list(result.get("submodels", []))
+    own = {key: [values[known.index(new)]] for key, values in result.items()
+           if new in known and isinstance(values, list) and len(values) == len(known)}
+    return new, own
 
 
 def standalone(model: FlexibleBackbone, index: int, mean: Sequence[float],

@@ -100,6 +100,28 @@ Every stage inherits `epochs` from `[train]` unless it sets its own, so `--set t
 shortens every trained stage of a recipe. `results.json` has an entry per stage (teachers and every
 chain link too) with its sub-models, parameters, MACs, accuracies and the stages it learned from.
 
+## Slimmable widths: a list or a range
+
+A slimmable backbone (`slimmable_mobilenet_v1`, `slimmable_resnet<depth>`, `tiny_slimmable`, or
+`slimmable` over any `trunk`) takes its widths in one of two forms:
+
+- `widths = [0.25, 0.5, 0.75, 1.0]` (the default): those widths are trained every step and
+  evaluated, each with a private BatchNorm (Yu et al., slimmable networks).
+- `widths = { min = 0.25, max = 1.0, sampled = 2 }`: universally slimmable (US-Nets, Yu & Huang
+  ICCV 2019), any width of [min, max]. Every step trains the sandwich `min`, `sampled` widths
+  drawn uniformly from (min, max) and `max` (the teacher graph's nodes, smallest first, so that
+  `graph = "ipkd"` is inplace distillation from the largest); `eval = [...]` are the widths
+  evaluated, counted and exported (default: 4 widths evenly spaced from `min` to `max`
+  inclusive). Each layer has one BatchNorm whose affine parameters every width shares (its first
+  channels) and which normalises with the batch's statistics in training; the statistics of each
+  evaluated width are recomputed before every evaluation as the plain average over
+  `train.calibrate_images` training images (BN calibration). A width's channels follow the list
+  form's rule (`int(C * w)`); a `min` that leaves a layer no channel, `min > max`, widths outside
+  (0, 1] and `sampled < 0` are refused (`@ recipe.stages.<stage>.backbone.widths`).
+  `kdreg eval RUN --widths 0.35,0.6 --calibrate 2000` evaluates other widths of the range after
+  recalibrating them; `kdreg export RUN --submodel x0.6` exports any width of it as a plain
+  network.
+
 ## Many processes and GPUs (torchrun)
 
 `kdreg run RECIPE --nproc N` starts `torchrun --standalone --nproc_per_node N -m kdreg run RECIPE`

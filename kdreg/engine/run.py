@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everythin
 from kdreg.engine.device import grad_scaler, resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.trainer import StageTrainer, eval_loader
-from kdreg.errors import RecipeError, UserError
+from kdreg.errors import OptionError, RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 from kdreg.stages import freeze
 from kdreg.streams import batch_seed, train_seed
@@ -158,19 +158,60 @@ class Run:
             self.pm.hook.kdreg_run_finished(run=self, results=self.results)
         return self.results
 
-    def evaluate(self) -> list[dict[str, Any]]:
-        """Test accuracy per sub-model of the selected weights of every trained stage."""
+    def evaluate(self, widths: Sequence[float] | None = None, calibrate: int | None = None,
+                 stage: str | None = None) -> list[dict[str, Any]]:
+        """Test accuracy per sub-model of the selected weights of every trained stage (``stage``:
+        that one only).
+
+        ``widths``: every universally slimmable stage (widths trained as a range) evaluates
+        these widths instead, recalibrated on ``calibrate`` training images (default: its
+        ``train.calibrate_images``); refused (:class:`UserError`) when the chosen stage, or
+        every stage, trains no range. ``calibrate`` alone: the stages that need calibration
+        recompute their evaluated widths' statistics on that many images first."""
+        from kdreg.calibrate import calibrate_on_training_images
+
+        if calibrate is not None and calibrate < 1:
+            raise UserError(f"--calibrate takes a number of training images >= 1, got {calibrate}")
         splits = load_data(self.recipe.data)
+        names = [s.name for s in self.recipe.stages]
+        if stage is not None and stage not in names:
+            raise UserError(f"run {self.directory} has no stage {stage!r}; its stages: {', '.join(names)}")
+        stages = [(plan, model) for plan, model in self.trained_stages(splits)
+                  if stage is None or plan.name == stage]
+        if not stages:
+            raise UserError(f"{self.directory} holds no trained stage yet (no checkpoints/<stage>/best.pt)"
+                            if stage is None else f"stage {stage!r} has no selected weights yet "
+                            f"(checkpoints/{stage}/best.pt)")
+        ranged = [plan.name for plan, model in stages if getattr(model, "width_range", None) is not None]
+        if widths is not None:
+            if not ranged:
+                which = f"stage {stage!r} does not" if stage else f"no stage of {self.directory}"
+                raise UserError(f"--widths: {which} train a width range (backbone widths = "
+                                "{ min, max, ... }); only a universally slimmable stage evaluates other widths")
+            for plan, model in stages:
+                if plan.name in ranged:
+                    try:
+                        getattr(model, "set_eval_widths")(widths)  # noqa: B009 - range models only
+                    except OptionError as exc:
+                        raise UserError(f"--widths: {exc} (stage {plan.name!r})") from None
         test = eval_loader(splits, "test", self.recipe.data.eval_batch_size, self.device)
         out = []
-        for plan, model in self.trained_stages(splits):
+        for plan, model in stages:
+            images = None
+            if model.needs_calibration() and (calibrate is not None
+                                              or (widths is not None and plan.name in ranged)):
+                images = calibrate if calibrate is not None else plan.train.calibrate_images
+                calibrate_on_training_images(model, splits, images=images,
+                                             batch_size=self.recipe.data.batch_size, device=self.device,
+                                             seed=batch_seed(self.recipe.seed, plan.index))
             dtype = resolve_precision(plan.train.precision, self.device)
             acc = evaluate(model, test, device=self.device, dtype=dtype)
-            out.append({"name": plan.name, "submodels": list(model.submodel_labels),
-                        "test_accuracy": acc, "mean_test_accuracy": sum(acc) / len(acc),
-                        "test_images": len(splits.test)})
-        if not out:
-            raise UserError(f"{self.directory} holds no trained stage yet (no checkpoints/<stage>/best.pt)")
+            entry = {"name": plan.name, "submodels": list(model.submodel_labels),
+                     "test_accuracy": acc, "mean_test_accuracy": sum(acc) / len(acc),
+                     "test_images": len(splits.test)}
+            if images is not None:
+                entry["calibration_images"] = images
+            out.append(entry)
         return out
 
     def trained_stages(self, splits: Splits) -> Iterator[tuple[StagePlan, FlexibleBackbone]]:

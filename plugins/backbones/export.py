@@ -3,7 +3,9 @@
 :func:`plain_width` turns width ``i`` of a :class:`~kdreg_plugins.backbones.slimmable.SlimmableBackbone`
 into a plain network of ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` layers that hold only
 that width's slices of the shared weights and that width's own BN (affine parameters and running
-statistics), so its parameter count is the width's ``count_params()[i]``. The plain network keeps
+statistics), so its parameter count is the width's ``count_params()[i]``. A universally
+slimmable backbone (a width range) exports an evaluated width the same way, its BN holding the
+first channels of the shared affine parameters and that width's calibrated statistics. The plain network keeps
 the slimmable model's module names (a switchable BN ``x.bn.<i>`` becomes ``x``) and has a forward
 of its own: the stages in order, global average pooling, the classifier. It reads only the
 slimmable layers' parameters, buffers and channel lists, never their forward code.
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from kdreg.errors import ExportError
 from kdreg_plugins.backbones.slimmable import (
+    RangeBatchNorm2d,
     SlimmableBackbone,
     SlimmableConv2d,
     SlimmableLinear,
@@ -83,7 +86,7 @@ def plain_width(model: SlimmableBackbone, index: int) -> nn.Module:
     (pooling) and one :class:`SlimmableLinear`, the classifier; the stages may hold slimmable
     layers, ``nn.Sequential``, stateless modules and the blocks of the built-in families.
     """
-    i = model.check_index(index)
+    i = model.eval_slot(index)  # the slot of evaluated width ``index`` (fixed widths: itself)
     heads = [name for name, m in model.named_children() if isinstance(m, SlimmableLinear)]
     others = [name for name, m in model.named_children()
               if name not in model.stage_names and name not in heads and not isinstance(m, STATELESS)]
@@ -143,6 +146,12 @@ def _batch_norm(m: SwitchableBatchNorm2d, i: int, _path: str) -> nn.BatchNorm2d:
     return bn.to(next(iter(state.values())).device)
 
 
+def _range_batch_norm(m: RangeBatchNorm2d, i: int, _path: str) -> nn.Module:
+    """An evaluated width of a universally slimmable BN: its first channels of the shared affine
+    parameters and that width's own (calibrated) running statistics."""
+    return m.plain(i)
+
+
 def _sequential(m: nn.Module, i: int, path: str) -> nn.Sequential:
     return nn.Sequential(*(plain_module(child, i, f"{path}.{name}")
                            for name, child in m.named_children()))
@@ -169,6 +178,7 @@ def _converters() -> dict[type, Callable[[Any, int, str], nn.Module]]:
         SlimmableConv2d: _conv,
         SlimmableLinear: _linear,
         SwitchableBatchNorm2d: _batch_norm,
+        RangeBatchNorm2d: _range_batch_norm,
         nn.Sequential: _sequential,
         DepthwiseSeparable: _depthwise_separable,
         SlimmableBasicBlock: _basic_block,

@@ -23,7 +23,8 @@ layer4    2 blocks, the first with stride 2                   1024    2x2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,13 +85,13 @@ class SlimmableMobileNetV1(SlimmableBackbone):
     def __init__(
         self,
         num_classes: int,
-        widths: Sequence[float] = DEFAULT_WIDTHS,
+        widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
         *,
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
     ):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
-        n = len(self.widths)
+        n = len(self.slot_widths)
         channels = self.channels(STEM_CHANNELS)
         stem: list[nn.Module] = [ConvBNReLU([in_chans] * n, channels, 3)]
         self.stage_names = tuple(name for name, _ in STAGES)
@@ -103,6 +104,7 @@ class SlimmableMobileNetV1(SlimmableBackbone):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(channels, [num_classes] * n)
         self.reset_parameters()
+        self.finish_widths()
 
     def reset_parameters(self) -> None:
         """He (fan-out) init for convs, N(0, 0.01) for the classifier, zero biases, unit BN."""
@@ -125,7 +127,7 @@ def build_slimmable_mobilenet_v1(
     num_classes: int,
     in_chans: int = 3,
     input_size: tuple[int, int] = (32, 32),
-    widths: Sequence[float] = DEFAULT_WIDTHS,
+    widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
 ) -> SlimmableMobileNetV1:
     """Slimmable MobileNet-V1 for CIFAR (private BN per width); ``widths`` in (0, 1], increasing."""
     if num_classes < 1:

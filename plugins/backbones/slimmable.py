@@ -11,14 +11,17 @@ other weight is shared. :func:`set_width_index` switches every slimmable layer o
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdreg.backbone import FlexibleBackbone, segment_range
 from kdreg.engine.optim import NoDecayKind, no_decay_kind  # one rule, the engine's
@@ -48,6 +51,83 @@ def check_widths(widths: Sequence[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class WidthRange:
+    """A continuous range of widths (universally slimmable, US-Nets): each training step trains
+    ``min``, ``sampled`` widths drawn uniformly from (min, max) and ``max`` (the sandwich rule);
+    ``eval`` are the widths evaluated, counted and exported."""
+
+    min: float
+    max: float
+    sampled: int
+    eval: tuple[float, ...]
+
+    @property
+    def train_labels(self) -> tuple[str, ...]:
+        return ("min", *(f"sampled{k + 1}" for k in range(self.sampled)), "max")
+
+
+RANGE_KEYS = ("min", "max", "sampled", "eval")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(f"{what} must be a number, got {value!r}", key="widths")
+    if not 0.0 < value <= 1.0:
+        raise OptionError(f"{what} must lie in (0, 1], got {value!r}", key="widths")
+    return float(value)
+
+
+def check_width_range(spec: Mapping[str, Any]) -> WidthRange:
+    """``widths = { min, max, sampled, eval }`` checked, or :class:`OptionError` (key ``widths``):
+    ``min <= max`` in (0, 1], ``sampled >= 0``, ``eval`` (default: 4 widths evenly spaced from
+    ``min`` to ``max`` inclusive) strictly increasing within [min, max]."""
+    unknown = sorted(set(spec) - set(RANGE_KEYS))
+    if unknown:
+        raise OptionError(f"unknown key(s) {', '.join(map(repr, unknown))} in the width range; "
+                          f"accepted: {', '.join(RANGE_KEYS)}", key="widths")
+    missing = [k for k in ("min", "max") if k not in spec]
+    if missing:
+        raise OptionError(f"a width range needs {' and '.join(missing)}, e.g. widths = "
+                          "{ min = 0.25, max = 1.0, sampled = 2 }", key="widths")
+    low, high = _number(spec["min"], "widths.min"), _number(spec["max"], "widths.max")
+    if low > high:
+        raise OptionError(f"widths.min ({low:g}) must not exceed widths.max ({high:g})",
+                          key="widths")
+    sampled = spec.get("sampled", 2)
+    if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 0:
+        raise OptionError(f"widths.sampled must be an integer >= 0, got {sampled!r}",
+                          key="widths")
+    if "eval" in spec:
+        evaluated = check_eval_widths(spec["eval"], low, high)
+    else:
+        evaluated = tuple(dict.fromkeys(round(low + (high - low) * k / 3, 12) for k in range(4)))
+    return WidthRange(low, high, sampled, evaluated)
+
+
+def check_eval_widths(widths: Any, low: float, high: float) -> tuple[float, ...]:
+    """Evaluated widths of a range: :func:`check_widths`, each within [low, high], labels distinct."""
+    out = check_widths(widths)
+    outside = [w for w in out if not low - 1e-12 <= w <= high + 1e-12]
+    if outside:
+        raise OptionError(f"evaluated widths {', '.join(f'{w:g}' for w in outside)} lie outside "
+                          f"the trained range [{low:g}, {high:g}]", key="widths")
+    labels = [width_label(w) for w in out]
+    if len(set(labels)) != len(labels):
+        raise OptionError(f"evaluated widths {list(out)} are too close to tell apart in their "
+                          f"labels {labels}", key="widths")
+    return out
+
+
+def parse_widths(widths: Any) -> tuple[float, ...] | WidthRange:
+    """A list of widths (:func:`check_widths`) or a range table (:func:`check_width_range`)."""
+    if isinstance(widths, WidthRange):
+        return widths
+    if isinstance(widths, Mapping):
+        return check_width_range(widths)
+    return check_widths(widths)
+
+
 def width_label(width: float) -> str:
     """The sub-model label of a width: ``x0.25``, ``x0.5``, ``x1.0``."""
     text = f"{width:g}"
@@ -65,16 +145,71 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(channels * width + 1e-9))
 
 
+@dataclass(frozen=True)
+class ChannelRule:
+    """How many of a layer's ``base`` channels (at width 1.0) run at any width: ``int(base * w)``
+    (:func:`scale_channels`), rounded down to whole groups of ``multiple`` (at least one);
+    ``fixed``: always all of them (the image's channels, the logits)."""
+
+    base: int
+    multiple: int = 1
+    fixed: bool = False
+
+    def at(self, width: float) -> int:
+        if self.fixed:
+            return self.base
+        k = int(self.base * width + 1e-9)
+        return max(self.multiple, k // self.multiple * self.multiple)
+
+    def empty_at(self, width: float) -> bool:
+        """Whether ``width`` leaves this layer no channel (``int(base * w)`` below a group)."""
+        return not self.fixed and int(self.base * width + 1e-9) < self.multiple
+
+
+class Channels(tuple):
+    """Channel counts, one per width slot, that remember the :class:`ChannelRule` they follow
+    (what a range-mode backbone's :meth:`SlimmableBackbone.channels` returns)."""
+
+    rule: ChannelRule
+
+    def __new__(cls, counts: Sequence[int], rule: ChannelRule) -> Channels:
+        out = super().__new__(cls, (int(c) for c in counts))
+        out.rule = rule
+        return out
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        return (tuple(self), self.rule)  # copies and pickles keep the rule
+
+
+def rule_of(counts: Sequence[int]) -> ChannelRule:
+    """The rule of ``counts``: its own for :class:`Channels`, else all of them at every width."""
+    rule = getattr(counts, "rule", None)
+    return rule if isinstance(rule, ChannelRule) else ChannelRule(max(int(c) for c in counts),
+                                                                  fixed=True)
+
+
 # ------------------------------------------------------------------------------------ layers
 class SlimmableMixin(ABC):
     """A layer whose active width is chosen by :attr:`width_index` (set by :func:`set_width_index`)."""
 
     num_widths: int
     width_index: int
+    #: attribute holding channel counts per width slot -> the rule that computes them (range mode)
+    channel_rules: dict[str, ChannelRule]
 
     def _init_widths(self, num_widths: int) -> None:
         self.num_widths = num_widths
         self.width_index = num_widths - 1
+
+    def _record_rules(self, **lists: Sequence[int]) -> None:
+        self.channel_rules = {name: rule_of(counts) for name, counts in lists.items()}
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        """Recompute every channel list for the width slots ``widths`` (range mode)."""
+        for name, rule in getattr(self, "channel_rules", {}).items():
+            setattr(self, name, tuple(rule.at(w) for w in widths))
+        self.num_widths = len(widths)
+        self.width_index = min(self.width_index, self.num_widths - 1)
 
     def check_width(self, index: int) -> int:
         if not 0 <= index < self.num_widths:
@@ -154,6 +289,7 @@ class SlimmableConv2d(nn.Conv2d, SlimmableMixin):
         self.in_list = tuple(int(c) for c in in_list)
         self.out_list = tuple(int(c) for c in out_list)
         self.depthwise = depthwise
+        self._record_rules(in_list=in_list, out_list=out_list)
         self._init_widths(n)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,6 +324,7 @@ class SlimmableLinear(nn.Linear, SlimmableMixin):
         super().__init__(max(in_list), max(out_list), bias=bias)
         self.in_list = tuple(int(c) for c in in_list)
         self.out_list = tuple(int(c) for c in out_list)
+        self._record_rules(in_list=in_list, out_list=out_list)
         self._init_widths(n)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -216,6 +353,7 @@ class SwitchableBatchNorm2d(nn.Module, SlimmableMixin):
         n = _check_lists(num_features_list)
         self.num_features_list = tuple(int(c) for c in num_features_list)
         self.bn = nn.ModuleList(nn.BatchNorm2d(c, **bn_kwargs) for c in self.num_features_list)
+        self._record_rules(num_features_list=num_features_list)
         self._init_widths(n)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -223,6 +361,176 @@ class SwitchableBatchNorm2d(nn.Module, SlimmableMixin):
 
     def params_at(self, index: int) -> int:
         return sum(p.numel() for p in self.bn[self.check_width(index)].parameters())
+
+
+class RangeBatchNorm2d(nn.Module, SlimmableMixin):
+    """The BatchNorm of a universally slimmable layer (US-Nets, Yu & Huang ICCV 2019): ONE set of
+    affine parameters shared by every width (its first ``k`` channels at a width of ``k``), batch
+    statistics in training, and running statistics private to each *evaluated* width, filled only
+    by calibration (:func:`kdreg.calibrate.calibrate`).
+
+    Width slots ``0 .. num_train - 1`` are the training step's widths: they always normalise with
+    the batch's statistics and keep none. Slot ``num_train + j`` is evaluated width ``j``: in eval
+    mode it normalises with its own running statistics (row ``j`` of ``running_mean`` /
+    ``running_var``); in training mode (calibration) it normalises with the batch's and updates
+    row ``j`` (``momentum = None``: the plain average of the batches' statistics).
+
+    ``post`` (timm's ``BatchNormAct2d``: its dropout and activation) runs after the
+    normalisation; ``template`` (unregistered) is a one-channel copy of the original layer that
+    :meth:`plain` fills with a width's slices (the exported width's own layer class).
+    """
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(self, norm: _BatchNorm, sizes: Sequence[int], num_train: int):
+        super().__init__()
+        channels = int(norm.num_features)
+        self.num_features_list = tuple(int(c) for c in sizes)
+        self.num_features = channels
+        self.eps, self.momentum = norm.eps, norm.momentum
+        self.num_train = num_train
+        if norm.weight is not None:
+            self.weight = nn.Parameter(norm.weight.detach().clone(), norm.weight.requires_grad)
+        else:
+            self.register_parameter("weight", None)
+        if norm.bias is not None:
+            self.bias = nn.Parameter(norm.bias.detach().clone(), norm.bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+        self._stats_from = norm.running_mean is not None
+        n_eval = len(self.num_features_list) - num_train
+        self._allocate(n_eval, device=_first_tensor(norm).device)
+        if norm.running_mean is not None and norm.running_var is not None:
+            with torch.no_grad():
+                assert self.running_mean is not None and self.running_var is not None
+                self.running_mean.copy_(norm.running_mean.expand_as(self.running_mean))
+                self.running_var.copy_(norm.running_var.expand_as(self.running_var))
+        tail = [getattr(norm, n) for n in ("drop", "act") if isinstance(getattr(norm, n, None),
+                                                                        nn.Module)]
+        self.post = nn.Sequential(*tail) if tail else None
+        self._record_rules(num_features_list=sizes)
+        self.template = [_narrowed(norm, 1)]  # a list: not a submodule of this one
+        self._init_widths(len(self.num_features_list))
+
+    def _allocate(self, n_eval: int, device: torch.device) -> None:
+        """Uncalibrated statistics (mean 0, variance 1) for ``n_eval`` evaluated widths."""
+        if not self._stats_from:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+            return
+        c = self.num_features
+        self.register_buffer("running_mean", torch.zeros(n_eval, c, device=device))
+        self.register_buffer("running_var", torch.ones(n_eval, c, device=device))
+        self.register_buffer("num_batches_tracked",
+                             torch.zeros(n_eval, dtype=torch.long, device=device))
+
+    def set_eval_slots(self, num_eval: int) -> None:
+        """Evaluated widths replaced: ``num_eval`` rows of uncalibrated statistics."""
+        self._allocate(num_eval, device=_first_tensor(self).device)
+
+    def reset_running_stats(self) -> None:
+        """Uncalibrated statistics for the width now active (an evaluated one), or every one."""
+        if self.running_mean is None or self.running_var is None:
+            return
+        assert self.num_batches_tracked is not None
+        j = self.width_index - self.num_train
+        rows = slice(None) if j < 0 else slice(j, j + 1)
+        self.running_mean[rows] = 0.0
+        self.running_var[rows] = 1.0
+        self.num_batches_tracked[rows] = 0
+
+    def load_plain(self, state: Mapping[str, Tensor], prefix: str) -> None:
+        """Take a plain BatchNorm's state (keys ``prefix + weight`` ...): the affine parameters,
+        and its statistics' first channels for every evaluated width."""
+        c = self.num_features
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                own = getattr(self, name)
+                if own is not None:
+                    own.copy_(state[prefix + name][:c])
+            for name in ("running_mean", "running_var"):
+                own = getattr(self, name)
+                if own is not None and prefix + name in state:
+                    own.copy_(state[prefix + name][:c].expand_as(own))
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.num_features_list[self.width_index]
+        j = self.width_index - self.num_train
+        w = corner(self.weight, k) if self.weight is not None else None
+        b = corner(self.bias, k) if self.bias is not None else None
+        if j < 0 or self.running_mean is None or self.running_var is None:
+            out = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        elif self.training:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked[j] += 1
+            factor = (1.0 / float(self.num_batches_tracked[j]) if self.momentum is None
+                      else self.momentum)
+            out = F.batch_norm(x, self.running_mean[j, :k], self.running_var[j, :k], w, b, True,
+                               factor, self.eps)
+        else:
+            out = F.batch_norm(x, self.running_mean[j, :k], self.running_var[j, :k], w, b, False,
+                               0.0, self.eps)
+        return out if self.post is None else self.post(out)
+
+    def params_at(self, index: int) -> int:
+        k = self.num_features_list[self.check_width(index)]
+        return k * ((self.weight is not None) + (self.bias is not None))
+
+    def plain(self, index: int) -> nn.Module:
+        """Evaluated width slot ``index`` as the original layer class holding its first ``k``
+        affine entries and its own running statistics (eval mode)."""
+        j = self.check_width(index) - self.num_train
+        if j < 0:
+            raise IndexError(f"width slot {index} is a training step's width: it has no running "
+                             "statistics to export")
+        k = self.num_features_list[index]
+        out = copy.deepcopy(self.template[0])
+        values: dict[str, Tensor | None] = {
+            "weight": self.weight, "bias": self.bias,
+            "running_mean": None if self.running_mean is None else self.running_mean[j],
+            "running_var": None if self.running_var is None else self.running_var[j]}
+        for name, value in values.items():
+            current = getattr(out, name, None)
+            if value is None or current is None:
+                continue
+            t = value.detach()[:k].clone()
+            if isinstance(current, nn.Parameter):
+                setattr(out, name, nn.Parameter(t, current.requires_grad))
+            else:
+                setattr(out, name, t)
+        if self.num_batches_tracked is not None and getattr(out, "num_batches_tracked",
+                                                            None) is not None:
+            out.num_batches_tracked = self.num_batches_tracked[j].detach().clone()
+        out.num_features = k
+        return out.to(_first_tensor(self).device).eval()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"num_train={self.num_train}, sizes={self.num_features_list}")
+
+
+def _first_tensor(module: nn.Module) -> Tensor:
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        return t
+    return torch.zeros(())
+
+
+def _narrowed(norm: _BatchNorm, channels: int) -> _BatchNorm:
+    """A copy of ``norm`` (any BatchNorm class) holding its first ``channels`` channels."""
+    out = copy.deepcopy(norm)
+    full = norm.num_features
+    for name, p in list(out.named_parameters(recurse=False)):
+        if p.dim() == 1 and p.shape[0] == full:
+            setattr(out, name, nn.Parameter(p.detach()[:channels].clone(), p.requires_grad))
+    for name, b in list(out.named_buffers(recurse=False)):
+        if b is not None and b.dim() == 1 and b.shape[0] == full:
+            setattr(out, name, b[:channels].clone())
+    out.num_features = channels
+    return out
 
 
 def slimmable_layers(module: nn.Module) -> Iterator[SlimmableMixin]:
@@ -266,7 +574,19 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
     """A multi-pass flexible backbone whose sub-models are widths (``x0.25`` ... ``x1.0``).
 
     Subclasses build their layers from :meth:`channels` and implement :meth:`forward_width`, the
-    forward pass at the width set by :meth:`set_width`.
+    forward pass at the width set by :meth:`set_width`, and call :meth:`finish_widths` at the end
+    of their ``__init__``.
+
+    **Fixed widths** (``widths = [0.25, 0.5, 0.75, 1.0]``): every slimmable layer has one channel
+    count per width and each width its private BatchNorm (:class:`SwitchableBatchNorm2d`).
+
+    **A range** (``widths = { min = 0.25, max = 1.0, sampled = 2, eval = [...] }``: universally
+    slimmable, US-Nets): the layers' channel lists are over *width slots*, the training step's
+    widths ``[min, sampled..., max]`` (:attr:`train_labels`, drawn by :meth:`begin_step`) then the
+    evaluated widths (:attr:`submodel_labels`); channel counts follow :class:`ChannelRule` for
+    whatever width a slot holds. :meth:`finish_widths` turns every switchable BN into one
+    :class:`RangeBatchNorm2d`, whose evaluated widths' statistics only calibration fills
+    (:meth:`needs_calibration`).
     """
 
     single_pass = False
@@ -275,27 +595,147 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
 
     def __init__(
         self,
-        widths: Sequence[float] = DEFAULT_WIDTHS,
+        widths: Sequence[float] | Mapping[str, Any] | WidthRange = DEFAULT_WIDTHS,
         *,
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
     ):
         super().__init__()
-        self.widths = check_widths(widths)
+        parsed = parse_widths(widths)
+        self.width_range: WidthRange | None = parsed if isinstance(parsed, WidthRange) else None
+        if self.width_range is None:
+            assert isinstance(parsed, tuple)
+            self.widths = parsed
+            self.train_widths: tuple[float, ...] = ()
+        else:
+            r = self.width_range
+            self.widths = r.eval
+            self.train_labels = r.train_labels
+            # before any begin_step: the sampled widths evenly spaced inside the range
+            self.train_widths = (r.min, *(r.min + (r.max - r.min) * (k + 1) / (r.sampled + 1)
+                                          for k in range(r.sampled)), r.max)
         self.submodel_labels = tuple(width_label(w) for w in self.widths)
         self.in_chans = in_chans
         self.input_size = (int(input_size[0]), int(input_size[1]))
 
+    # ------------------------------------------------------------------ width slots
+    @property
+    def slot_widths(self) -> tuple[float, ...]:
+        """The width each slot of the layers' channel lists holds: the widths (fixed mode); the
+        step's widths then the evaluated ones (range mode)."""
+        return self.train_widths + self.widths
+
     def channels(self, base: int) -> list[int]:
-        """Channel counts of a layer with ``base`` channels at full width, one per width."""
-        return [scale_channels(base, w) for w in self.widths]
+        """Channel counts of a layer with ``base`` channels at full width, one per width slot
+        (range mode: :class:`Channels`, which remember their rule)."""
+        counts = [scale_channels(base, w) for w in self.slot_widths]
+        if self.width_range is None:
+            return counts
+        return Channels(counts, ChannelRule(int(base)))  # type: ignore[return-value]
+
+    def finish_widths(self) -> None:
+        """Called by subclasses once their layers exist. Range mode: refuse a ``min`` that leaves
+        a layer no channel (naming it), and make every switchable BN one :class:`RangeBatchNorm2d`.
+        Fixed widths: nothing."""
+        r = self.width_range
+        if r is None:
+            return
+        for name, m in self.named_modules():
+            if not isinstance(m, SlimmableMixin):
+                continue
+            for rule in getattr(m, "channel_rules", {}).values():
+                if rule.empty_at(r.min):
+                    narrowest = math.ceil(1e6 * rule.multiple / rule.base) / 1e6
+                    raise OptionError(
+                        f"widths.min {r.min:g} leaves layer {name} no channel (int({rule.base} x "
+                        f"{r.min:g}) = {int(rule.base * r.min + 1e-9)}); the narrowest width this "
+                        f"model allows is {narrowest:g}", key="widths")
+        for name, m in list(self.named_modules()):
+            if isinstance(m, SwitchableBatchNorm2d):
+                largest = m.bn[m.num_features_list.index(max(m.num_features_list))]
+                sizes = Channels(m.num_features_list, m.channel_rules["num_features_list"])
+                _replace(self, name, RangeBatchNorm2d(largest, sizes, len(self.train_widths)))
+        self._apply_slots()
+
+    def _apply_slots(self) -> None:
+        widths = self.slot_widths
+        for layer in slimmable_layers(self):
+            layer.set_slot_widths(widths)
+
+    def begin_step(self, seed: int) -> None:
+        """Range mode: draw the step's ``sampled`` widths uniformly from (min, max) with a CPU
+        generator seeded with ``seed``, sorted; the step trains ``[min, sampled..., max]``."""
+        r = self.width_range
+        if r is None:
+            return
+        g = torch.Generator().manual_seed(int(seed))
+        u = torch.rand(r.sampled, generator=g, dtype=torch.float64).tolist()
+        drawn = sorted(r.min + (r.max - r.min) * x for x in u)
+        self.train_widths = (r.min, *drawn, r.max)
+        self._apply_slots()
+
+    def needs_calibration(self) -> bool:
+        return self.width_range is not None
+
+    def set_eval_widths(self, widths: Sequence[float]) -> None:
+        """Range mode: evaluate ``widths`` (within [min, max], strictly increasing) from now on;
+        their statistics are uncalibrated until :func:`kdreg.calibrate.calibrate` runs."""
+        r = self.width_range
+        if r is None:
+            raise OptionError(f"{type(self).__name__} trains the fixed widths "
+                              f"{', '.join(self.submodel_labels)}; only a width range (widths = "
+                              "{ min, max, ... }) evaluates other widths", key="widths")
+        evaluated = check_eval_widths(widths, r.min, r.max)
+        self.width_range = WidthRange(r.min, r.max, r.sampled, evaluated)
+        self.widths = evaluated
+        self.submodel_labels = tuple(width_label(w) for w in evaluated)
+        for m in self.modules():
+            if isinstance(m, RangeBatchNorm2d):
+                m.set_eval_slots(len(evaluated))
+        self._apply_slots()
+
+    def eval_slot(self, index: int) -> int:
+        """The width slot of evaluated width ``index``, whatever the mode."""
+        n = len(self.widths)
+        if not -n <= index < n:
+            raise IndexError(f"sub-model index {index} out of range: {type(self).__name__} has "
+                             f"{n} sub-models (0..{n - 1})")
+        return len(self.train_widths) + index % n
+
+    def check_index(self, index: int) -> int:
+        """Range mode in training: an index into the step's widths; otherwise the evaluated."""
+        if self.width_range is None or not self.training:
+            return super().check_index(index)
+        n = len(self.train_widths)
+        if not -n <= index < n:
+            raise IndexError(f"training sub-model index {index} out of range: "
+                             f"{type(self).__name__} trains {n} widths per step (0..{n - 1})")
+        return index % n
+
+    def _slot(self, index: int) -> int:
+        i = self.check_index(index)
+        if self.width_range is None or self.training:
+            return i
+        return self.eval_slot(i)
 
     def set_width(self, index: int) -> None:
-        """Run every slimmable layer at width ``index`` (negative indices count from the end)."""
-        set_width_index(self, self.check_index(index))
+        """Run every slimmable layer at width ``index`` (negative indices count from the end):
+        in range mode the step's ``index``-th width in training, the evaluated one in eval mode."""
+        set_width_index(self, self._slot(index))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        n = (len(self.train_widths) if self.width_range is not None and self.training
+             else self.num_submodels)
+        return [self.forward_submodel(x, i) for i in range(n)]
 
     def forward_submodel(self, x: Tensor, index: int) -> Tensor:
         self.set_width(index)
+        return self.forward_width(x)
+
+    def forward_evaluated(self, x: Tensor, index: int) -> Tensor:
+        """Logits of evaluated width ``index`` whatever the mode (calibration runs it in
+        training mode: batch statistics, its own running statistics updated)."""
+        set_width_index(self, self.eval_slot(index))
         return self.forward_width(x)
 
     def forward_width(self, x: Tensor) -> Tensor:
@@ -321,7 +761,10 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         return self._run(h, start, end)
 
     def feature_submodels(self) -> tuple[int, ...]:
-        return tuple(range(self.num_submodels)) if self.split_points() else ()
+        """Every width (range mode in training: every width of the step)."""
+        n = (len(self.train_widths) if self.width_range is not None and self.training
+             else self.num_submodels)
+        return tuple(range(n)) if self.split_points() else ()
 
     def forward_features(self, x: Tensor, index: int, points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
         """Features of width ``index`` at ``points`` and its logits, from one forward pass."""
@@ -335,7 +778,7 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         return feats, self._run(h, start, None)
 
     def count_params(self) -> list[int]:
-        return [count_params_at(self, i) for i in range(self.num_submodels)]
+        return [count_params_at(self, self.eval_slot(i)) for i in range(self.num_submodels)]
 
     def export_submodel(self, index: int) -> nn.Module:
         """Width ``index`` as a plain network of ordinary conv, BN and linear layers holding only
@@ -343,3 +786,9 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         from kdreg_plugins.backbones.export import plain_width
 
         return plain_width(self, index)
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    owner._modules[attr] = module

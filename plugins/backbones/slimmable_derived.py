@@ -65,7 +65,7 @@ import copy
 import itertools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,8 @@ from kdreg.errors import ExportError, OptionError
 from kdreg.options import StageRef
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
+    ChannelRule,
+    Channels,
     SlimmableBackbone,
     SlimmableConv2d,
     SlimmableLinear,
@@ -106,11 +108,13 @@ def build_slimmable(
     in_chans: int,
     input_size: tuple[int, int],
     trunk: StageRef | dict | FlexibleBackbone,
-    widths: Sequence[float] = DEFAULT_WIDTHS,
+    widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
 ) -> DerivedSlimmable:
     """Make ``trunk`` (a backbone table, an earlier stage's name or a backbone) slimmable at
     ``widths`` (in (0, 1], increasing): its convolutions, normalisation and linear layers sliced
-    to the first channels, a private BatchNorm per width."""
+    to the first channels, a private BatchNorm per width. ``widths = { min, max, sampled, eval }``
+    makes it universally slimmable (US-Nets): any width in the range, one BatchNorm per layer
+    with calibrated statistics per evaluated width."""
     from kdreg_plugins.backbones.exits import _trunk
 
     net, name = _trunk(trunk, num_classes=num_classes, in_chans=in_chans, input_size=input_size)
@@ -134,6 +138,7 @@ class DerivedConv2d(SlimmableConv2d):
         self.depthwise = conv.groups > 1 and self.group_width == 1
         #: timm's Conv2dSame: TensorFlow's 'same' padding, computed from the input's size
         self.same = _is_conv2d_same(conv)
+        self._record_rules(in_list=in_list, out_list=out_list)
         self._init_widths(len(self.in_list))
         with torch.no_grad():
             self.weight.copy_(conv.weight)
@@ -237,6 +242,7 @@ class SwitchableNorm(SwitchableBatchNorm2d):
         nn.Module.__init__(self)
         self.num_features_list = tuple(int(c) for c in sizes)
         self.bn = nn.ModuleList(narrowed_batch_norm(norm, c) for c in self.num_features_list)
+        self._record_rules(num_features_list=sizes)
         self._init_widths(len(self.num_features_list))
 
     def load_plain(self, state: dict[str, Tensor], prefix: str) -> None:
@@ -266,6 +272,7 @@ class SlicedLayerNorm(nn.LayerNorm, SlimmableMixin):
             self.load_state_dict(norm.state_dict())
         self.sizes = tuple(int(c) for c in sizes)
         self.channels_first = channels_first
+        self._record_rules(sizes=sizes)
         self._init_widths(len(self.sizes))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -312,6 +319,7 @@ class SlicedGroupNorm(nn.GroupNorm, SlimmableMixin):
                          device=_device_of(norm))
         self.load_state_dict(norm.state_dict())
         self.sizes = tuple(int(c) for c in sizes)
+        self._record_rules(sizes=sizes)
         self._init_widths(len(self.sizes))
 
     def _groups(self, k: int) -> int:
@@ -353,6 +361,7 @@ class SlicedTensor(nn.Module, SlimmableMixin):
             self.register_buffer("weight", value.detach().clone())
         self.dim = dim
         self.sizes = tuple(int(c) for c in sizes)
+        self._record_rules(sizes=sizes)
         self._init_widths(len(self.sizes))
 
     def forward(self) -> Tensor:
@@ -1121,7 +1130,8 @@ class DerivedSlimmable(SlimmableBackbone):
     """A traced network with width-aware layers (see the module docstring); sub-models are the
     widths, smallest first."""
 
-    def __init__(self, trunk: FlexibleBackbone, widths: Sequence[float] = DEFAULT_WIDTHS, *,
+    def __init__(self, trunk: FlexibleBackbone,
+                 widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS, *,
                  name: str | None = None, in_chans: int = 3,
                  input_size: tuple[int, int] = (32, 32)):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
@@ -1162,6 +1172,7 @@ class DerivedSlimmable(SlimmableBackbone):
         self.net = gm
         self.split_nodes, self.rejected_points = _cut_points(gm, trunk.split_points())
         self._segments: dict[tuple[str | None, str | None], fx.GraphModule] = {}
+        self.finish_widths()
         trunk.register_load_state_dict_post_hook(self._trunk_loaded)
 
     # ------------------------------------------------------------------ sizes
@@ -1171,16 +1182,19 @@ class DerivedSlimmable(SlimmableBackbone):
         sliced = [info for info in out.values() if info.fixed is None]
         if sliced:  # the smallest group decides how narrow the model can be
             small = min(sliced, key=lambda info: info.size)
-            for width in self.widths:
+            narrowest = (self.width_range.min,) if self.width_range is not None else self.widths
+            for width in narrowest:
                 if int(small.size * width + 1e-9) == 0:
                     raise OptionError(
                         f"width {width:g} leaves layer {small.owner} of trunk {self.trunk_name} "
                         f"no channel (int({small.size} x {width:g}) = 0); the narrowest width "
                         f"this trunk allows is {math.ceil(1e6 / small.size) / 1e6:g}",
                         key="widths")
+        slots = self.slot_widths
         for info in out.values():
-            info.sizes = (info.size,) * len(self.widths) if info.fixed is not None else tuple(
-                self._channels(info, w) for w in self.widths)
+            info.sizes = Channels([ChannelRule(info.size, info.multiple, info.fixed is not None)
+                                   .at(w) for w in slots],
+                                  ChannelRule(info.size, info.multiple, info.fixed is not None))
         return out
 
     @staticmethod
@@ -1243,7 +1257,7 @@ class DerivedSlimmable(SlimmableBackbone):
         """Width ``index`` as the traced graph calling plain layers that hold only its channels
         (each slimmable layer's ``plain(index)``: sliced convolutions, linear and LayerNorm /
         GroupNorm layers, the width's own BatchNorm)."""
-        i = self.check_index(index)
+        i = self.eval_slot(index)
         gm = copy.deepcopy(self.net)
         for path, m in list(gm.named_modules()):
             if isinstance(m, SlimmableMixin):
@@ -1275,7 +1289,7 @@ class DerivedSlimmable(SlimmableBackbone):
                 if src is None:
                     raise KeyError(f"the plain state dict has no {p + key!r}")
                 t.copy_(src)
-        set_width_index(self, len(self.widths) - 1)
+        set_width_index(self, len(self.slot_widths) - 1)
 
     def _trunk_loaded(self, module: nn.Module, _incompatible: Any) -> None:
         self.load_plain_state_dict(module.state_dict())

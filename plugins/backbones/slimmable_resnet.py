@@ -13,7 +13,8 @@ the full width: :meth:`forward_segment` switches the model to its largest width.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,7 +66,7 @@ class SlimmableCifarResNet(SlimmableBackbone):
         self,
         depth: int,
         num_classes: int,
-        widths: Sequence[float] = DEFAULT_WIDTHS,
+        widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
         *,
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
@@ -74,7 +75,7 @@ class SlimmableCifarResNet(SlimmableBackbone):
         if depth < 8 or (depth - 2) % 6:
             raise OptionError(f"ResNet depth must be 6n + 2 with n >= 1, got {depth}", key="depth")
         self.depth = depth
-        n_widths, n = len(self.widths), (depth - 2) // 6
+        n_widths, n = len(self.slot_widths), (depth - 2) // 6
         c0 = self.channels(STAGE_CHANNELS[0])
         self.stem = nn.Sequential(
             SlimmableConv2d([in_chans] * n_widths, c0, 3, 1, 1, bias=False),
@@ -90,6 +91,7 @@ class SlimmableCifarResNet(SlimmableBackbone):
             cin = cout
         self.fc = SlimmableLinear(cin, [check_num_classes(num_classes)] * n_widths)
         init_weights(self)
+        self.finish_widths()
 
     def classify(self, h: Tensor) -> Tensor:
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
@@ -102,7 +104,7 @@ def _factory(depth: int):  # type: ignore[no-untyped-def]
         num_classes: int,
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
-        widths: Sequence[float] = DEFAULT_WIDTHS,
+        widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
     ) -> SlimmableCifarResNet:
         return SlimmableCifarResNet(depth, num_classes, widths, in_chans=in_chans,
                                     input_size=input_size)

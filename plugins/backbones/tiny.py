@@ -13,7 +13,8 @@ Split points ``layer1``..``layer{exits}`` are the stage outputs (the back part e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -41,14 +42,14 @@ class TinySlimmable(SlimmableBackbone):
     def __init__(
         self,
         num_classes: int,
-        widths: Sequence[float] = DEFAULT_WIDTHS,
+        widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
         channels: int = 16,
         *,
         in_chans: int = 3,
         input_size: tuple[int, int] = (32, 32),
     ):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
-        n = len(self.widths)
+        n = len(self.slot_widths)
         cin = [in_chans] * n
         self.stage_names = ("layer1", "layer2", "layer3")
         for k, name in enumerate(self.stage_names):
@@ -61,6 +62,7 @@ class TinySlimmable(SlimmableBackbone):
             cin = cout
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(cin, [num_classes] * n)
+        self.finish_widths()
 
     def classify(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(x).flatten(1))
@@ -159,7 +161,7 @@ def build_tiny_slimmable(
     num_classes: int,
     in_chans: int = 3,
     input_size: tuple[int, int] = (32, 32),
-    widths: Sequence[float] = DEFAULT_WIDTHS,
+    widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
     channels: int = 16,
 ) -> TinySlimmable:
     """Tiny slimmable conv net (3 conv stages, switchable BN) for tests and CPU demos."""
