@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kdreg.engine.assemble import check_recipe
@@ -114,3 +116,32 @@ def test_tables_and_lists_of_the_wrong_kind() -> None:
     problems = problems_of('data = 3\nstages = 5\n[train]\noptimizer = "sgd"\n')
     assert problems == ["r.toml: expected a table @ recipe.data", "r.toml: expected a table @ recipe.train.optimizer",
                         "r.toml: expected a list, got int 5 @ recipe.stages"]
+
+
+def test_a_run_parses_its_recipe_once(smoke_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """`kdreg run` (and `--resume`) read and structure the recipe once; the plan is built once."""
+    import kdreg.recipe as recipe_module
+    from kdreg.cli import main
+    from kdreg.engine import assemble as assemble_module
+    from kdreg.engine import run as run_module
+
+    calls = {"structure": 0, "assemble": 0}
+    structure, assemble = recipe_module.structure_recipe, assemble_module.assemble
+
+    def counting_structure(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["structure"] += 1
+        return structure(*args, **kwargs)
+
+    def counting_assemble(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["assemble"] += 1
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "structure_recipe", counting_structure)
+    monkeypatch.setattr(run_module, "assemble", counting_assemble)
+    path = smoke_recipe(epochs=1)
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert calls == {"structure": 1, "assemble": 1}
+    for key in calls:
+        calls[key] = 0
+    assert main(["run", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert calls == {"structure": 1, "assemble": 1}

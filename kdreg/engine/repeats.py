@@ -40,19 +40,21 @@ def seed_directory(directory: Path, seed: int) -> Path:
 def start(recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
           progress: bool = True) -> Run | Repeat:
     """A :class:`Repeat` when the recipe (after ``overrides``) has ``seeds``, else a :class:`Run`."""
-    overrides = list(overrides)
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides)      # parsed once, here
     if recipe.seeds:
-        return Repeat.start(recipe_path, out, overrides, progress=progress)
-    return Run.start(recipe_path, out, overrides, progress=progress)
+        return Repeat.start(recipe_path, out, progress=progress, recipe=recipe)
+    return Run.start(recipe_path, out, progress=progress, recipe=recipe)
 
 
 def resume(directory: str | Path, progress: bool = True) -> Run | Repeat:
     """A :class:`Repeat` when ``directory`` holds one (its recipe has ``seeds``), else a :class:`Run`."""
     directory = Path(directory)
-    if (directory / RECIPE_FILE).is_file() and load_recipe(directory / RECIPE_FILE).seeds:
-        return Repeat.resume(directory, progress=progress)
-    return Run.resume(directory, progress=progress)
+    if not (directory / RECIPE_FILE).is_file():
+        raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
+    recipe = load_recipe(directory / RECIPE_FILE)     # read once, here
+    if recipe.seeds:
+        return Repeat.resume(directory, progress=progress, recipe=recipe)
+    return Run.resume(directory, progress=progress, recipe=recipe)
 
 
 class Repeat:
@@ -69,21 +71,24 @@ class Repeat:
 
     @classmethod
     def start(cls, recipe_path: str | Path, out: str | Path | None = None, overrides: Iterable[str] = (),
-              progress: bool = True) -> Repeat:
-        overrides = list(overrides)
-        recipe = load_recipe(recipe_path, overrides)
+              progress: bool = True, recipe: Recipe | None = None) -> Repeat:
+        """A new repeat of the recipe at ``recipe_path`` (with ``overrides``), or of ``recipe``
+        when the caller has parsed it already."""
+        recipe = recipe if recipe is not None else load_recipe(recipe_path, overrides)
         # checked, and its directory chosen, as for one run (the same name in every torchrun
         # process, not already holding a run); that run itself is not executed
-        directory = Run.start(recipe_path, out, [*overrides, "seeds=[]"], progress=progress).directory
+        directory = Run.start(recipe_path, out, progress=progress,
+                              recipe=attrs.evolve(recipe, seeds=())).directory
         return cls(recipe, directory, source=str(recipe_path), progress=progress)
 
     @classmethod
-    def resume(cls, directory: str | Path, progress: bool = True) -> Repeat:
+    def resume(cls, directory: str | Path, progress: bool = True, recipe: Recipe | None = None) -> Repeat:
         directory = Path(directory)
         if not (directory / RECIPE_FILE).is_file():
             raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
         source = str(directory / RECIPE_FILE)
-        return cls(load_recipe(source), directory, source=source, progress=progress)
+        return cls(recipe if recipe is not None else load_recipe(source), directory, source=source,
+                   progress=progress)
 
     def seed_recipe(self, seed: int) -> Recipe:
         """The recipe of ``seed``'s run: this one with ``seed = seed`` and no ``seeds``."""
