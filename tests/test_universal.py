@@ -144,6 +144,27 @@ def test_a_drawn_width_trains_the_shared_weights_of_its_channels_only() -> None:
     assert model.needs_calibration() and not tiny(FIXED).needs_calibration()
 
 
+def test_a_range_model_saves_loads_and_copies_with_its_statistics() -> None:
+    import copy
+
+    model = tiny()
+    calibrate(model, [(images(6), None)], 6)
+    model.eval()
+    twin = tiny()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    clone = copy.deepcopy(model)
+    x = images(3, seed=4)
+    with torch.no_grad():
+        for i in range(model.num_submodels):
+            assert torch.equal(twin.forward_submodel(x, i), model.forward_submodel(x, i))
+            assert torch.equal(clone.forward_submodel(x, i), model.forward_submodel(x, i))
+    # a fixed-width model: begin_step changes nothing, the step trains the evaluated widths
+    fixed = tiny(FIXED)
+    fixed.begin_step(3)
+    assert fixed.train_labels is None and fixed.num_train_submodels == 4
+
+
 # ----------------------------------------------------------------------------- width 1.0 = fixed
 def _copy_fixed_into_range(fixed: SlimmableBackbone, ranged: SlimmableBackbone) -> None:
     """The fixed model's weights into the range model: shared layers as they are, each switchable

@@ -177,7 +177,7 @@ class Channels(tuple):
         out.rule = rule
         return out
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[Any, ...]:
         return (tuple(self), self.rule)  # copies and pickles keep the rule
 
 
@@ -512,10 +512,10 @@ class RangeBatchNorm2d(nn.Module, SlimmableMixin):
 
 
 def _first_tensor(module: nn.Module) -> Tensor:
-    for t in module.parameters():
-        return t
-    for t in module.buffers():
-        return t
+    for p in module.parameters():
+        return p
+    for b in module.buffers():
+        return b
     return torch.zeros(())
 
 
@@ -653,6 +653,7 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         for name, m in list(self.named_modules()):
             if isinstance(m, SwitchableBatchNorm2d):
                 largest = m.bn[m.num_features_list.index(max(m.num_features_list))]
+                assert isinstance(largest, _BatchNorm)
                 sizes = Channels(m.num_features_list, m.channel_rules["num_features_list"])
                 _replace(self, name, RangeBatchNorm2d(largest, sizes, len(self.train_widths)))
         self._apply_slots()
