@@ -212,7 +212,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{name}  ({dist} {version})")
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         for kind, registered in sorted(names.get(name, {}).items()):
-            print(f"    {kind}s: {', '.join(registered)}")
+            print(f"    {KINDS[kind].removeprefix('kdreg_register_')}: {', '.join(registered)}")
         events = [h for h in hooks if not h.startswith("kdreg_register_")]
         if events:
             print(f"    events: {', '.join(events)}")
@@ -223,12 +223,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from kdreg.registry import get_registry
+    from kdreg.registry import KINDS, get_registry
 
-    plural = {"backbone": "backbones", "graph": "graphs", "dataset": "datasets", "bridge": "bridges",
-              "divergence": "divergences", "feature_loss": "feature_losses"}
-    kinds = [k for k, p in plural.items() if args.kind in (None, p)]
-    for kind in kinds:
+    plural = {kind: hook.removeprefix("kdreg_register_") for kind, hook in KINDS.items()}
+    for kind in ["backbone", "graph", "dataset", "bridge", "divergence", "feature_loss"]:
+        if args.kind not in (None, plural[kind]):
+            continue
         entries = get_registry(kind).entries()
         print(f"{plural[kind]}:")
         if not entries:
@@ -249,8 +249,12 @@ def _backbone_details(name: str) -> str:
     except UserError as exc:
         return f"{'':8}(needs options: {exc.problems[0]})"
     params, macs = model.count_params(), model.count_macs()
-    return "\n".join(f"{'':8}{label}: {p:,} params, {m / 1e6:.1f} M MACs"
-                     for label, p, m in zip(model.submodel_labels, params, macs))
+    lines = [f"{'':8}{label}: {p:,} params, {m / 1e6:.1f} M MACs"
+             for label, p, m in zip(model.submodel_labels, params, macs)]
+    points = model.split_points()
+    if points:   # what feature losses, bridges and exits name
+        lines.append(f"{'':8}split points: {', '.join(points)}")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

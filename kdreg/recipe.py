@@ -50,12 +50,12 @@ class FeatureLossSpec:
     """One entry of a stage's ``feature_losses``: ``{ name = "at", points = [...], weight = 1000.0,
     <options> }``; every other key is an option of the method's factory."""
 
-    name: str
-    points: tuple[str, ...] = ()
-    student_points: tuple[str, ...] = ()
-    teacher_points: tuple[str, ...] = ()
-    weight: float | None = None
-    options: dict[str, Any] = attrs.field(factory=dict)
+    name: str = setting(attrs.NOTHING, "The method: `at`, `fitnet`, `sp`, `pkt`, `rkd`, `crd` or a plugin's (`kdreg list feature_losses`).")
+    points: tuple[str, ...] = setting((), "Split points read on both sides, in network order (`kdreg list backbones --details` shows a backbone's).")
+    student_points: tuple[str, ...] = setting((), "The student's points, where the two sides differ (with `teacher_points`, paired in order).")
+    teacher_points: tuple[str, ...] = setting((), "The teacher's points, paired in order with `student_points`.")
+    weight: float | None = setting(None, "The term's weight, > 0; unset: the method's default (its paper's).", low=0.0, low_open=True)
+    options: dict[str, Any] = setting({}, "Not a key itself: every other key of the entry is an option of the method, e.g. `p = 2.0` (at), `negatives = 16384` (crd).")
 
     @property
     def pairs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

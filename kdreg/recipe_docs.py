@@ -14,6 +14,7 @@ import attrs
 from kdreg.recipe import (
     AugmentConfig,
     DataConfig,
+    FeatureLossSpec,
     OptimizerConfig,
     PluginSpec,
     Recipe,
@@ -30,6 +31,7 @@ SECTIONS = [
     ("`[train.optimizer]`", "train.optimizer.", OptimizerConfig),
     ("`[train.schedule]`", "train.schedule.", ScheduleConfig),
     ("`[[stages]]`", "stages.NAME.", StageConfig),
+    ("`feature_losses` entries", "stages.NAME.feature_losses[k].", FeatureLossSpec),
 ]
 
 INTRO = """# Recipe reference

@@ -51,6 +51,15 @@ class Logger(ABC):
     def __init__(self, run: Any):
         self.directory: Path = run.directory
         self.labels = {plan.name: list(plan.model.submodel_labels) for plan in run.plans}
+        #: the sub-models a training step trains, where they are not the evaluated ones (a width
+        #: range trains its smallest, drawn and largest widths): ``train_accuracy``'s labels
+        self.train_labels = {plan.name: list(plan.model.train_labels or plan.model.submodel_labels)
+                             for plan in run.plans}
+
+    def labels_of(self, stage: str, key: str, count: int) -> list[str]:
+        """The labels of the list ``key`` of a record of ``stage`` (``count`` values)."""
+        known = (self.train_labels if key == "train_accuracy" else self.labels).get(stage)
+        return known or [str(i) for i in range(count)]
 
     @abstractmethod
     def epoch(self, stage: str, record: dict[str, Any], first: bool) -> None:
@@ -85,8 +94,7 @@ class CsvLogger(Logger):
         out = []
         for key, value in record.items():
             if isinstance(value, list):
-                labels = self.labels.get(stage) or [str(i) for i in range(len(value))]
-                out += [f"{key}[{label}]" for label in labels]
+                out += [f"{key}[{label}]" for label in self.labels_of(stage, key, len(value))]
             else:
                 out.append(key)
         return out
@@ -95,8 +103,7 @@ class CsvLogger(Logger):
         row: dict[str, Any] = {}
         for key, value in record.items():
             if isinstance(value, list):
-                labels = self.labels.get(stage) or [str(i) for i in range(len(value))]
-                row.update({f"{key}[{label}]": v for label, v in zip(labels, value)})
+                row.update({f"{key}[{label}]": v for label, v in zip(self.labels_of(stage, key, len(value)), value)})
             else:
                 row[key] = "" if value is None else value
         return row
@@ -134,12 +141,13 @@ class TensorBoardLogger(Logger):
         if writer is None:
             log_dir = self.directory / TENSORBOARD_DIR / file_part(stage)
             writer = self.writers[stage] = SummaryWriter(str(log_dir), purge_step=step)
-        labels = self.labels.get(stage) or [str(i) for i in range(len(record["train_accuracy"]))]
         writer.add_scalar("train/loss", record["train_loss"], step)
         writer.add_scalar("train/lr", record["lr"], step)
-        for label, acc in zip(labels, record["train_accuracy"]):
+        train = record["train_accuracy"]
+        for label, acc in zip(self.labels_of(stage, "train_accuracy", len(train)), train):
             writer.add_scalar(f"train/accuracy/{label}", acc, step)
-        for label, acc in zip(labels, record["val_accuracy"] or []):
+        val = record["val_accuracy"] or []
+        for label, acc in zip(self.labels_of(stage, "val_accuracy", len(val)), val):
             writer.add_scalar(f"val/accuracy/{label}", acc, step)
         if record.get("mean_val_accuracy") is not None:
             writer.add_scalar("val/mean_accuracy", record["mean_val_accuracy"], step)

@@ -20,7 +20,9 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kdreg-example-plugin"
 ENTRY_POINT, DIST, VERSION = "kdreg_example", "kdreg-example-plugin", "0.1.0"
 BACKBONE, GRAPH, DIVERGENCE = "example_two_exit_mlp", "example-from-final", "example-js"
+FEATURE_LOSS = "example-cosine"
 RECIPE = EXAMPLE / "recipe.toml"  # synthetic 3x16x16 images, 4 classes, hidden = 32, 1 epoch
+FEATURES = EXAMPLE / "recipe-features.toml"  # the same data, two built-in ResNets, 1 epoch
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,8 @@ def test_kdreg_plugins_lists_it_with_its_distribution(installed: dict[str, str],
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     at = lines.index(f"{ENTRY_POINT}  ({DIST} {VERSION})")
-    assert lines[at + 1:at + 4] == [f"    backbones: {BACKBONE}", f"    divergences: {DIVERGENCE}",
-                                    f"    graphs: {GRAPH}"]
+    assert lines[at + 1:at + 5] == [f"    backbones: {BACKBONE}", f"    divergences: {DIVERGENCE}",
+                                    f"    feature_losses: {FEATURE_LOSS}", f"    graphs: {GRAPH}"]
     assert "graphs  (kdreg " in proc.stdout  # the built-in plugins are there too
 
 
@@ -92,6 +94,35 @@ def test_its_backbone_graph_and_divergence_validate_and_train(installed: dict[st
     assert stage["params"] == [stem + early, stem + body + final]
     assert stage["macs"] == [768 * 32 + 32 * 4, 768 * 32 + 32 * 32 + 32 * 4]
     assert len(stage["test_accuracy"]) == 2 and all(0 <= a <= 100 for a in stage["test_accuracy"])
+
+
+def test_its_feature_loss_trains_its_connector_with_the_student(installed: dict[str, str],
+                                                                             tmp_path: Path) -> None:
+    """The plugin's feature loss and divergence, from the installed distribution, between two
+    built-in ResNets: the connector it owns trains with the student and is saved with it."""
+    import torch
+
+    proc = kdreg_cli(installed, "list", "feature_losses", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"    {FEATURE_LOSS}  1 - cosine similarity of globally pooled features" in proc.stdout
+    out = tmp_path / "run"
+    proc = kdreg_cli(installed, "run", str(FEATURES), "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    student = results["stages"][1]
+    assert student["feature_losses"] == [FEATURE_LOSS] and results["plugins"][DIST] == VERSION
+    last = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=True)
+    (state,) = last["feature_losses"]
+    assert state["connector.weight"].shape == (64, 64)       # resnet8's and resnet14's layer3
+    assert not any(k.startswith("connector") for k in last["model"])   # not the model's
+    # without the feature loss (same data, same initial weights) the student trains otherwise
+    proc = kdreg_cli(installed, "run", str(FEATURES), "--out", str(tmp_path / "plain"), "--no-progress",
+                     "--set", "stages.student.feature_losses=[]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with_f, without = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+                       for d in (out, tmp_path / "plain"))
+    assert with_f[0]["train_loss"] == without[0]["train_loss"]      # the teacher's epoch
+    assert with_f[1]["train_loss"] != without[1]["train_loss"]
 
 
 def test_disabling_it_hides_it_and_fails_a_recipe_that_uses_it(installed: dict[str, str],

@@ -200,7 +200,7 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     graph: TeacherGraph | None = None
     try:
         graph = create("graph", stage.graph.name, stage.graph.options,
-                       provided={"num_submodels": model.num_submodels}, path=f"{path}.graph",
+                       provided={"num_submodels": model.num_train_submodels}, path=f"{path}.graph",
                        refs=teacher_ref(f"{path}.graph"))
     except UserError as exc:
         problems += exc.problems

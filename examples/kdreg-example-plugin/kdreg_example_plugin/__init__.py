@@ -1,4 +1,4 @@
-"""An example kdreg plugin: one backbone, one teacher graph and one divergence.
+"""An example kdreg plugin: one backbone, one teacher graph, one divergence and one feature loss.
 
 kdreg finds this module through the entry point ``kdreg_example`` (group ``kdreg``) of the
 distribution ``kdreg-example-plugin`` and calls its ``@kdreg.hookimpl`` functions.
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import kdreg
 from kdreg.errors import OptionError
+from kdreg.feature_loss import FeatureBatch, FeatureLoss, FeatureSetup
 from kdreg.hookspecs import Register
 
 
@@ -77,6 +78,32 @@ def jensen_shannon() -> JensenShannon:
     return JensenShannon()
 
 
+class PooledCosine(FeatureLoss):
+    """``mean_b (1 - cos(W s_b, t_b))``: the student's globally pooled features, mapped to the
+    teacher's width by a linear connector of its own, pointed the teacher's way (one point).
+
+    It implements the feature-loss hook spec: ``setup`` builds the connector from the feature
+    shapes (so it trains with the student and is saved with it), ``forward`` returns the scalar.
+    """
+
+    default_weight = 1.0
+
+    def setup(self, info: FeatureSetup) -> None:
+        if len(info.student) != 1:
+            raise OptionError(f"example-cosine reads one point, got {len(info.student)}")
+        self.connector = nn.Linear(info.student[0][0], info.teacher[0][0], bias=False)
+
+    def forward(self, student: list[Tensor], teacher: list[Tensor], batch: FeatureBatch) -> Tensor:
+        s = self.connector(student[0].flatten(2).mean(-1))
+        t = teacher[0].flatten(2).mean(-1)
+        return (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=1)).mean()
+
+
+def pooled_cosine() -> PooledCosine:
+    """1 - cosine similarity of globally pooled features, through a linear connector."""
+    return PooledCosine()
+
+
 @kdreg.hookimpl
 def kdreg_register_backbones(register: Register) -> None:
     register("example_two_exit_mlp", two_exit_mlp)
@@ -90,3 +117,8 @@ def kdreg_register_graphs(register: Register) -> None:
 @kdreg.hookimpl
 def kdreg_register_divergences(register: Register) -> None:
     register("example-js", jensen_shannon)
+
+
+@kdreg.hookimpl
+def kdreg_register_feature_losses(register: Register) -> None:
+    register("example-cosine", pooled_cosine)
