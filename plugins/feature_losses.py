@@ -113,15 +113,29 @@ class FitNet(FeatureLoss):
     trained jointly with the task loss (the paper's separate hint-training stage is not
     reproduced). RepDistiller's point is its ``hint_layer = 2``: ``layer2`` of a CIFAR ResNet or
     WRN, ``layer3`` of a VGG.
+
+    With ``connector = false`` there is no regressor: the hint compares the student's features
+    with the teacher's directly (``r_j`` the identity), which needs equal shapes at every point;
+    other shapes are refused when the stage is built.
     """
 
     default_weight = 100.0
 
-    def __init__(self) -> None:
+    def __init__(self, connector: bool = True) -> None:
         super().__init__()
+        self.connector = bool(connector)
         self.regressors = nn.ModuleList()
 
     def setup(self, info: FeatureSetup) -> None:
+        if not self.connector:
+            for s, t in zip(info.student, info.teacher):
+                if tuple(s) != tuple(t):
+                    raise OptionError(f"fitnet without a connector compares features of equal shapes; "
+                                      f"the student's are {list(s)}, the teacher's {list(t)}: set "
+                                      f"connector = true (a regressor joins them) or choose other points",
+                                      key="connector")
+            self.regressors = nn.ModuleList(nn.Identity() for _ in info.student)
+            return
         self.regressors = nn.ModuleList(regressor(s, t) for s, t in zip(info.student, info.teacher))
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],

@@ -126,6 +126,21 @@ feature_losses = [{ name = "at", points = ["layer2", "layer3"], weight = 10.0 }]
             torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_fitnet_without_a_connector_is_the_hint_itself(one_thread) -> None:
+    plans = plans_of(KD.format(extra='feature_losses = [{ name = "fitnet", points = ["layer3"], '
+                                     'connector = false, weight = 5.0 }]').replace("lam = 0.9", "lam = 0.0"))
+    teacher, plan = plans[0].model, plans[1]
+    student = plan.model.train()
+    assert not list(plan.features[0].loss.parameters())         # nothing of its own to train
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = stage_backward(student, x, y, plan.loss, plan.frozen)
+    with torch.no_grad():
+        (t,), _ = teacher.forward_stages(x, ["layer3"])
+        (s,), logits = student.forward_stages(x, ["layer3"])
+    expected = F.cross_entropy(logits, y) + 5.0 * ((s - t) ** 2).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_batch_loader_hands_each_images_index(one_thread) -> None:
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
     labels = torch.arange(10) * 3
@@ -254,6 +269,11 @@ def test_crd_stopped_and_resumed_ends_with_the_whole_runs_memory_and_weights(tmp
      "@ recipe.stages.student.feature_losses[0].points"),
     ('feature_losses = [{ name = "fitnet", student_points = ["layer3"], teacher_points = ["layer1"] }]',
      "@ recipe.stages.student.feature_losses[0]"),
+    ('feature_losses = [{ name = "fitnet", student_points = ["layer2"], teacher_points = ["layer3"], '
+     'connector = false }]',
+     "fitnet without a connector compares features of equal shapes; the student's are [32, 8, 8], the "
+     "teacher's [64, 4, 4]: set connector = true (a regressor joins them) or choose other points "
+     "@ recipe.stages.student.feature_losses[0].connector"),
     ('feature_losses = [{ name = "at" }]',
      "give the split points it reads: points = [...], or student_points and teacher_points "
      "@ recipe.stages.student.feature_losses[0].points"),
