@@ -469,14 +469,49 @@ class CRD(FeatureLoss):
         out_t = torch.exp(torch.bmm(self.memory_s[sample].detach(), e_t[:, :, None])[..., 0] / self.t)
         with torch.no_grad():   # Z: set once, from the first batch (no host synchronisation)
             n = self.num_samples
-            self.z_s.copy_(torch.where(self.z_s < 0, out_s.mean() * n, self.z_s))
-            self.z_t.copy_(torch.where(self.z_t < 0, out_t.mean() * n, self.z_t))
+            first = self.z_s < 0
+            means = _mean_over_processes(torch.stack([out_s.mean(), out_t.mean()])) if _processes() > 1 else None
+            mean_s, mean_t = (means[0], means[1]) if means is not None else (out_s.mean(), out_t.mean())
+            self.z_s.copy_(torch.where(first, mean_s * n, self.z_s))
+            self.z_t.copy_(torch.where(first, mean_t * n, self.z_t))
         loss = nce_loss(out_s / self.z_s, n) + nce_loss(out_t / self.z_t, n)
-        with torch.no_grad():
-            for memory, e in ((self.memory_s, e_s), (self.memory_t, e_t)):
-                mixed = memory[idx] * self.momentum + e.detach() * (1.0 - self.momentum)
-                memory.index_copy_(0, idx, F.normalize(mixed, dim=1))
+        with torch.no_grad():   # every process updates the rows of every process's batch
+            idx_all = _everyones(idx)
+            rows = _everyones(torch.cat([e_s.detach(), e_t.detach()], 1))
+            for memory, e in ((self.memory_s, rows[:, :self.dim]), (self.memory_t, rows[:, self.dim:])):
+                mixed = memory[idx_all] * self.momentum + e * (1.0 - self.momentum)
+                memory.index_copy_(0, idx_all, F.normalize(mixed, dim=1))
         return loss
+
+
+def _processes() -> int:
+    """The processes training together (torch.distributed's world; 1 without it)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_processes(t: Tensor) -> Tensor:
+    out = t.clone()
+    torch.distributed.all_reduce(out)
+    return out / _processes()
+
+
+def _everyones(t: Tensor) -> Tensor:
+    """The rows ``t`` of every process, in rank order (``t`` itself in one process): under
+    torchrun, CRD's memory banks stay the same in every process, each updated with every
+    process's batch."""
+    world = _processes()
+    if world == 1:
+        return t
+    dist = torch.distributed
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(t)], dtype=torch.long, device=t.device))
+    counts = [int(s) for s in sizes]         # equal but for skipped unreadable images
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
 
 @hookimpl

@@ -29,6 +29,9 @@ from kdreg.engine.step import stage_backward
 from kdreg.hookspecs import hookimpl
 from kdreg.stages import freeze
 
+#: the trained modules of the last step (model, bridge, feature losses), for their buffers
+STEPPED: list[torch.nn.Module] = []
+
 
 def step_gradients(recipe_path: str, *, train_mode: bool = False,
                    batch: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -62,15 +65,18 @@ def step(recipe_path: str, *, train_mode: bool = False, batch: tuple[torch.Tenso
         trainer.runner.ddp.register_comm_hook(None, counting)
     for module in plan.modules():
         module.train(train_mode)
+    indices = None
     if batch is None:
         trainer.train_loader.set_epoch(0)
-        x, y = next(iter(trainer.train_loader))
+        x, y, *rest = next(iter(trainer.train_loader))
+        indices = rest[0] if rest else None      # a feature loss that reads them (CRD)
     else:
         x, y = (t.to(run.device) for t in batch)
     trainer.optimizer.zero_grad(set_to_none=True)
-    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers)
+    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers, indices)
     grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in enumerate(plan.modules())
              for n, p in m.named_parameters() if p.grad is not None}
+    STEPPED.append(torch.nn.ModuleList(plan.modules()))
     return grads, dict(reduced), (x.detach().cpu(), y.detach().cpu())
 
 
@@ -86,6 +92,9 @@ def main(mode: str, recipe: str, out: str) -> None:
         grads, reduced, shard = step(recipe, train_mode=mode == "grads-train")
         if mode == "grads-train":
             torch.save(shard, f"{out}.rank{distributed.rank()}")
+        # the buffers the step changed in each process (CRD's memory banks)
+        buffers = {name: b.detach().cpu().clone() for name, b in STEPPED[-1].named_buffers()}
+        torch.save(buffers, f"{out}.buffers{distributed.rank()}")
         if distributed.is_main():
             torch.save({"grads": grads, "reduced": reduced, "world": distributed.world_size()}, out)
     elif mode == "interrupt":

@@ -72,17 +72,30 @@ bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_
 """
 
 
-@pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits", "stc"])
+FITNET = """
+[[stages]]
+name = "teacher"
+backbone = "resnet14"
+[[stages]]
+name = "fitnet"
+backbone = "resnet8"
+graph = { name = "kd", teacher = "teacher" }
+feature_losses = [{ name = "fitnet", student_points = ["layer2"], teacher_points = ["layer3"] },
+                  { name = "at", points = ["layer1", "layer2"] }]
+"""
+
+
+@pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits", "stc", "fitnet"])
 def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tmp_path: Path,
                                                                 backbone: str) -> None:  # type: ignore[no-untyped-def]
     """Each process takes half of the global batch; after the step's all-reduce every gradient
-    (every width's BatchNorm parameters included; an STC bridge's adapter too) is the
-    one-process gradient of the whole batch, and each gradient bucket was all-reduced once per
-    step, not once per width."""
-    if backbone == "stc":   # a student through a frozen teacher's back part, + KD from it
+    (every width's BatchNorm parameters included; an STC bridge's adapter and a FitNet
+    regressor too) is the one-process gradient of the whole batch, and each gradient bucket was
+    all-reduced once per step, not once per width."""
+    if backbone in ("stc", "fitnet"):   # through a frozen teacher's back part / its features
         recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
         text = recipe.read_text()
-        recipe.write_text(text[:text.index("[[stages]]")] + STC)
+        recipe.write_text(text[:text.index("[[stages]]")] + (STC if backbone == "stc" else FITNET))
     else:
         recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
     proc = _torchrun_step(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
@@ -96,9 +109,38 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
         assert len(bn) >= 8  # per-width BatchNorm parameters are among the compared gradients
     if backbone == "stc":
         assert any(n.startswith("1.adapter.") for n in one)   # the bridge's own parameters
-    for name, g in one.items():
-        torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    if backbone == "fitnet":
+        assert any(n.startswith("1.regressors.0.0.") for n in one)   # the regressor's own
+    for name, g in one.items():   # float32 sums of two halves: a rounding error of the tensor's scale
+        scale = max(1e-7, 2e-6 * g.abs().max().item())
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=scale, msg=name)
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
+
+
+CRD = FITNET.replace('[{ name = "fitnet", student_points = ["layer2"], teacher_points = ["layer3"] },\n'
+                     '                  { name = "at", points = ["layer1", "layer2"] }]',
+                     '[{ name = "crd", points = ["layer3"], negatives = 16 }]')
+
+
+def test_crds_memory_banks_take_every_process_batch(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Under torchrun each process's CRD memory banks are updated with the whole global batch:
+    the same in both processes, and the same rows as one process stepping on that batch."""
+    from ddp_driver import STEPPED, step
+
+    recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
+    text = recipe.read_text()
+    recipe.write_text(text[:text.index("[[stages]]")] + CRD)
+    out = tmp_path / "grads.pt"
+    proc = _torchrun_step(str(DRIVER), "grads", str(recipe), str(out))
+    assert proc.returncode == 0, _why(proc)
+    ranks = [torch.load(f"{out}.buffers{r}", weights_only=False) for r in range(2)]
+    step(str(recipe))        # one process, the whole first batch (the same global batch)
+    one = {name: b.detach() for name, b in STEPPED[-1].named_buffers()}
+    memory = [name for name in one if "memory" in name]
+    assert len(memory) == 2
+    for name in memory:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("backbone", ["tiny_slimmable", "stc"])
