@@ -465,8 +465,8 @@ class CRD(FeatureLoss):
         e_t = self.embed_t(vector(teacher[0], self.pool).detach())
         sample = self.contrast_indices(idx)
         # student anchor against the teacher's memory, teacher anchor against the student's
-        out_s = torch.exp(torch.bmm(self.memory_t[sample].detach(), e_s[:, :, None])[..., 0] / self.t)
-        out_t = torch.exp(torch.bmm(self.memory_s[sample].detach(), e_t[:, :, None])[..., 0] / self.t)
+        out_s = torch.exp(_scores(self.memory_t, sample, e_s) / self.t)
+        out_t = torch.exp(_scores(self.memory_s, sample, e_t) / self.t)
         with torch.no_grad():   # Z: set once, from the first batch (no host synchronisation)
             n = self.num_samples
             first = self.z_s < 0
@@ -482,6 +482,19 @@ class CRD(FeatureLoss):
                 mixed = memory[idx_all] * self.momentum + e * (1.0 - self.momentum)
                 memory.index_copy_(0, idx_all, F.normalize(mixed, dim=1))
         return loss
+
+
+def _scores(memory: Tensor, sample: Tensor, anchor: Tensor) -> Tensor:
+    """``[B, 1 + K]``: ``<memory[sample[b, j]], anchor[b]>``, the memory detached. Where the memory
+    has few rows for the draws (``N <= 8 (1 + K)``, e.g. CIFAR's 50,000 against 16,385), every
+    row's score is one matrix product and the drawn ones are picked from it; else the drawn rows
+    are gathered (``B (1 + K) dim`` numbers) and multiplied. The same scores either way."""
+    memory = memory.detach()
+    if memory.shape[0] <= 8 * sample.shape[1]:
+        # a copy: the backward pass reads the memory as it is now, and the update changes it
+        every = anchor @ memory.clone().t()               # [B, N]
+        return every.gather(1, sample)
+    return torch.bmm(memory[sample], anchor[:, :, None])[..., 0]
 
 
 def _processes() -> int:

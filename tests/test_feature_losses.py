@@ -619,3 +619,21 @@ def test_at_refuses_features_that_are_not_maps_and_the_others_join_any_shapes() 
         value = loss([torch.randn(3, 16, 8), torch.randn(3, 3, 2, 2)],
                      [torch.randn(3, 7), torch.randn(3, 9, 1, 1)], FeatureBatch(torch.zeros(3)))
         assert value.dim() == 0 and math.isfinite(float(value))
+
+
+@pytest.mark.parametrize("rows", [40, 100])   # 40 <= 8 * 6: one matrix product; 100: gathered rows
+def test_crd_scores_are_the_drawn_rows_dot_the_anchor_by_either_path(rows: int) -> None:
+    from kdreg_plugins.feature_losses import _scores
+
+    gen = torch.Generator().manual_seed(rows)
+    memory = torch.randn(rows, 8, generator=gen)
+    sample = torch.randint(0, rows, (4, 6), generator=gen)
+    anchor = torch.randn(4, 8, generator=gen, requires_grad=True)
+    got = _scores(memory, sample, anchor)
+    (got * torch.arange(24.0).view(4, 6)).sum().backward()
+    grad = anchor.grad.clone()
+    anchor.grad = None
+    expected = torch.stack([torch.stack([memory[sample[b, j]] @ anchor[b] for j in range(6)]) for b in range(4)])
+    (expected * torch.arange(24.0).view(4, 6)).sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, anchor.grad)
