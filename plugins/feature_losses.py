@@ -151,8 +151,12 @@ class FitNet(FeatureLoss):
 # ------------------------------------------------------------------------------ AT
 def attention_map(f: Tensor, p: float) -> Tensor:
     """``normalise(mean_c |f_c|^p)`` flattened per sample (Zagoruyko & Komodakis 2017, eq. 2 with
-    the channel mean of the authors' code), L2-normalised: ``[B, H*W]``."""
-    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+    the channel mean of the authors' code), L2-normalised: ``[B, H*W]``.
+
+    The normalisation takes the channel count's factor out, so the map is computed as
+    ``||f||_p^p`` over the channels, one reduction (for ``p >= 1``; ``|f|^p`` summed below)."""
+    q = torch.linalg.vector_norm(f, p, dim=1).pow(p) if p >= 1 else f.abs().pow(p).sum(1)
+    return F.normalize(q.flatten(1), dim=1)
 
 
 class AttentionTransfer(FeatureLoss):
