@@ -16,9 +16,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from probes import HostReads, Interleaved, SavedBytes, conv_macs, kernel_class, kernel_seconds  # noqa: E402
 
-FIGURES = ("overhead_ratio", "width_cost_ratio", "distill_cost_ratio", "activation_memory_ratio",
-           "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step", "peer_ratio",
-           "stream_loader_ratio", "stream_memory_ratio")
+FIGURES = ("overhead_ratio", "width_cost_ratio", "slimmable_overhead_ratio", "distill_cost_ratio",
+           "activation_memory_ratio", "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step",
+           "peer_ratio", "stream_loader_ratio", "stream_memory_ratio")
+#: the width figures reported with no target (the limit, the derived ResNet-18's three)
+WIDTH_REPORTED = ("width_cost_limit", "width_cost_ratio_resnet18", "width_cost_limit_resnet18",
+                  "slimmable_overhead_ratio_resnet18")
+PLAIN_LAYERS = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear)
 
 
 def test_host_reads_counts_reads_of_values_with_their_call_site() -> None:
@@ -128,6 +132,18 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert result["machine"]["torch"] == torch.__version__
     assert result["targets"]["overhead_ratio"] == "<= 1.05"
     assert result["machine"]["host_memory_kept"] is True
+    for key in WIDTH_REPORTED:                          # the width figures against plain networks
+        assert isinstance(result[key], float) and result[key] > 0, (key, result["notes"].get(key))
+        assert key in proc.stdout
+    assert result["targets"]["width_cost_ratio"] == "<= 1.02 x width_cost_limit"
+    assert result["targets"]["slimmable_overhead_ratio"] == "<= 1.02"
+    judged = result["details"]["width_cost_ratio"]
+    assert judged["bound"] == pytest.approx(1.02 * result["width_cost_limit"])
+    assert result["passed"]["width_cost_ratio"] == (result["width_cost_ratio"] <= judged["bound"])
+    assert "width_cost_ratio (raw)" in proc.stdout
+    limit = result["details"]["width_cost_limit"]
+    assert set(limit["plain_step_s"]) == {"x0.25_step_s", "x0.5_step_s", "x0.75_step_s", "x1.0_step_s"}
+    assert result["details"]["width_cost_ratio_resnet18"]["input_size"] == [64, 64]
     rows = result["details"]["width_cost_ratio"]["breakdown"]   # where the width cost goes
     assert rows["pointwise conv"]["mac_ratio"] == pytest.approx(1.875)      # 1/16 + 1/4 + 9/16 + 1
     assert rows["depthwise conv"]["mac_ratio"] == pytest.approx(2.5)
@@ -173,3 +189,55 @@ def test_channels_last_flag_reaches_the_trainers_config() -> None:
     assert config().channels_last is True      # the recipe default
     assert config("--channels-last", "false").channels_last is False
     assert config("--channels-last", "true").channels_last is True
+
+
+@pytest.mark.parametrize("widths", [(0.25, 0.5, 0.75, 1.0), (0.3, 0.55, 1.0)])
+def test_plain_mobilenets_hold_exactly_each_widths_parameters(widths) -> None:
+    """The plain networks of width_cost_limit: ordinary layers, one network per width, each with
+    the parameters (count and shapes) that width of kdreg's slimmable MobileNet-V1 uses; odd
+    widths check the channel rule (int(c * w), at least 1)."""
+    import run
+
+    import kdreg
+
+    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=run.NUM_CLASSES, widths=list(widths))
+    nets = run.plain_mobilenets(model, torch.device("cpu"))   # asserts the counts itself
+    assert [sum(p.numel() for p in net.parameters()) for net in nets] == model.count_params()
+    for i, net in enumerate(nets):
+        assert [p.shape for p in net.parameters()] == \
+            [p.shape for p in model.export_submodel(i).parameters()]
+        assert all(type(m) in PLAIN_LAYERS for m in net.modules() if list(m.parameters(recurse=False)))
+        assert all(type(m).__module__.startswith("torch.nn") for m in net.modules() if m is not net)
+    assert nets[-1](torch.randn(2, 3, 32, 32)).shape == (2, run.NUM_CLASSES)
+    with pytest.raises(AssertionError, match="parameters"):
+        run.check_params(nets[::-1], model)
+
+
+def test_resnet18_widths_export_as_plain_networks_of_their_parameters() -> None:
+    pytest.importorskip("timm")
+    import run
+
+    import kdreg
+
+    model = kdreg.build_backbone("slimmable", num_classes=run.NUM_CLASSES,
+                                 input_size=(run.RESNET18_SIZE, run.RESNET18_SIZE), **run.RESNET18)
+    nets = [model.export_submodel(i) for i in range(model.num_submodels)]
+    run.check_params(nets, model)
+    for net in nets:
+        assert all(type(m) in PLAIN_LAYERS for m in net.modules() if list(m.parameters(recurse=False)))
+
+
+def test_width_cost_ratio_is_judged_against_its_limit() -> None:
+    import run
+
+    settings = run.Settings(device=torch.device("cpu"))
+
+    def judged(ratio: float, limit: float | None) -> tuple[bool | None, str]:
+        figures = {"width_cost_ratio": run.Figure(ratio), "width_cost_limit": run.Figure(limit)}
+        result = run.report(figures, settings)
+        return result["passed"]["width_cost_ratio"], run.table(result)
+
+    assert judged(2.3, 2.28)[0] is True       # 2.3 <= 1.02 x 2.28 = 2.3256
+    ok, shown = judged(2.3, 2.2)               # 2.3 > 1.02 x 2.2 = 2.244
+    assert ok is False and "width_cost_ratio (raw)" in shown and "= 2.244" in shown
+    assert judged(2.3, None)[0] is None        # no limit measured: not judged
