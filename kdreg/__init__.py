@@ -4,6 +4,7 @@ from kdreg.api import (
     build_backbone,
     build_bridge,
     build_divergence,
+    build_feature_loss,
     distillation_loss,
     get_teacher_graph,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "build_backbone",
     "build_bridge",
     "build_divergence",
+    "build_feature_loss",
     "distillation_loss",
     "get_teacher_graph",
     "hookimpl",

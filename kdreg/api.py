@@ -8,6 +8,7 @@ from kdreg.backbone import FlexibleBackbone
 from kdreg.bridge import Bridge
 from kdreg.create import create
 from kdreg.divergence import Divergence
+from kdreg.feature_loss import FeatureLoss
 from kdreg.graph import TeacherGraph
 from kdreg.losses import distillation_loss
 
@@ -53,6 +54,14 @@ def build_divergence(name: str, **options: Any) -> Divergence:
     beta=6.0)``); pass it to :func:`distillation_loss` as ``divergence``."""
     divergence: Divergence = create("divergence", name, options, provided={}, path="divergence")
     return divergence
+
+
+def build_feature_loss(name: str, **options: Any) -> FeatureLoss:
+    """Build the registered feature loss ``name`` with ``options`` (``build_feature_loss("at",
+    p=2.0)``); call its ``setup`` with the feature shapes (:class:`kdreg.feature_loss.FeatureSetup`)
+    before its first ``forward(student_features, teacher_features, batch)``."""
+    loss: FeatureLoss = create("feature_loss", name, options, provided={}, path="feature_loss")
+    return loss
 
 
 def capacity_ratio(teacher: FlexibleBackbone, student: FlexibleBackbone) -> dict[str, float]:

@@ -304,3 +304,12 @@ def test_no_edge_with_features_and_indices_under_mixup_are_refused(tmp_path: Pat
     err = capsys.readouterr().err
     assert "crd reads each sample's index in the training set, and mixup / CutMix" in err, err
     assert "@ recipe.stages.student.feature_losses[0].name" in err
+
+
+def test_build_feature_loss_names_a_bad_option_and_its_key() -> None:
+    from kdreg.errors import UserError
+
+    assert isinstance(kdreg.build_feature_loss("at", p=3.0), kdreg.feature_loss.FeatureLoss)
+    with pytest.raises(UserError) as err:
+        kdreg.build_feature_loss("at", p=-1.0)
+    assert err.value.problems[0].endswith("@ feature_loss.p")
