@@ -65,6 +65,7 @@ def feature_steps(device: torch.device, *, batch: int, size: int, images: int, n
     steps: dict[str, Callable[[], Any]] = {}
     for name, features in VARIANTS.items():
         teacher_plan, plan = assemble(parse_recipe(RECIPE.format(features=features)), shape, seed=0)
+        assert len(plan.features) == (1 if features else 0), name      # one edge: the teacher's
         freeze(teacher_plan.model.to(device))
         plan.to(device)
         if channels_last:

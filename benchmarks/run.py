@@ -47,6 +47,10 @@ Figures (4-width slimmable MobileNet-V1 on 32x32 inputs, CIFAR-10 classes, batch
   student, graph ``kd``, lam 0.9, tau 4) / torchdistill's: its ``KDLoss`` module (alpha 0.1,
   T 4, given the logits as its io dicts) in the equivalent step on copies of the same models
   (same weights) and the same batch.
+* ``feature_loss_cost_ratio``: a KD + AT step (attention transfer at ``layer1``-``layer3``,
+  weight 1000) / a KD step, ResNet-56 -> ResNet-20, batch 128, each a stage assembled from its
+  recipe (``benchmarks/feature_cost.py``); ``crd_cost_ratio`` (reported): a KD + CRD step (pooled
+  ``layer3``, 16,384 negatives, memory banks of 50,000 samples) / the KD step.
 
 The streamed data path (``benchmarks/streaming.py``):
 
@@ -88,6 +92,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import streaming  # noqa: E402  (a sibling module of this script)
+from feature_cost import feature_cost  # noqa: E402  (a sibling module of this script)
 from probes import (  # noqa: E402  (a sibling module of this script)
     KERNEL_CLASSES,
     HostReads,
@@ -125,12 +130,13 @@ TARGETS: dict[str, tuple[str, float]] = {
     "peer_ratio": ("<=", 0.85),
     "stream_loader_ratio": (">=", 1.2),
     "stream_memory_ratio": ("<=", 1.10),
+    "feature_loss_cost_ratio": ("<=", 1.05),
 }
 #: figure -> the figure its bound is a multiple of (the bound: TARGETS' number x that figure)
 RELATIVE = {"width_cost_ratio": "width_cost_limit"}
 #: figures reported beside the others, with no target
 REPORTED = ("width_cost_limit", "loader_fraction_streamed", "width_cost_ratio_resnet18",
-            "width_cost_limit_resnet18", "slimmable_overhead_ratio_resnet18")
+            "width_cost_limit_resnet18", "slimmable_overhead_ratio_resnet18", "crd_cost_ratio")
 NUM_CLASSES = 10
 LAM, TAU = 0.9, 4.0            # the KD step (the peer's alpha = 1 - LAM)
 IPKD_LAM, IPKD_TAU = 0.5, 1.0  # the slimmable steps
@@ -620,6 +626,15 @@ def peer(s: Settings, workdir: Path) -> Figure:
 
 
 # ------------------------------------------------------------------------------ report
+def feature_losses(s: Settings) -> tuple[Figure, Figure]:
+    """``feature_loss_cost_ratio`` (a KD + AT step / a KD step) and ``crd_cost_ratio`` (a KD +
+    CRD step / a KD step): ResNet-56 -> ResNet-20 (``benchmarks/feature_cost.py``)."""
+    at, crd, details = feature_cost(s.device, batch=s.batch, size=s.size, images=s.images,
+                                    num_classes=NUM_CLASSES, rounds=s.steps, warmup=s.warmup,
+                                    channels_last=s.channels_last is not False)
+    return Figure(at, details=details), Figure(crd, details=details)
+
+
 def measure(s: Settings) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
     if s.device.type == "cpu":
@@ -640,6 +655,7 @@ def measure(s: Settings) -> dict[str, Figure]:
             (("stream_loader_ratio",), lambda: stream_loader(s, work)),
             (("stream_memory_ratio",), lambda: stream_memory(s, work)),
             (("loader_fraction_streamed",), lambda: loader_fraction(s, work, streamed=True)),
+            (("feature_loss_cost_ratio", "crd_cost_ratio"), lambda: feature_losses(s)),
         ]
         for keys, job in jobs:
             print(f"measuring {', '.join(keys)} ...", file=sys.stderr, flush=True)

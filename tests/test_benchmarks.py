@@ -18,7 +18,7 @@ from probes import HostReads, Interleaved, SavedBytes, conv_macs, kernel_class, 
 
 FIGURES = ("overhead_ratio", "width_cost_ratio", "slimmable_overhead_ratio", "distill_cost_ratio",
            "activation_memory_ratio", "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step",
-           "peer_ratio", "stream_loader_ratio", "stream_memory_ratio")
+           "peer_ratio", "stream_loader_ratio", "stream_memory_ratio", "feature_loss_cost_ratio")
 #: the width figures reported with no target (the limit, the derived ResNet-18's three)
 WIDTH_REPORTED = ("width_cost_limit", "width_cost_ratio_resnet18", "width_cost_limit_resnet18",
                   "slimmable_overhead_ratio_resnet18")
@@ -135,6 +135,11 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     for key in WIDTH_REPORTED:                          # the width figures against plain networks
         assert isinstance(result[key], float) and result[key] > 0, (key, result["notes"].get(key))
         assert key in proc.stdout
+    assert result["targets"]["feature_loss_cost_ratio"] == "<= 1.05"
+    assert isinstance(result["crd_cost_ratio"], float) and "crd_cost_ratio" in proc.stdout
+    steps = result["details"]["feature_loss_cost_ratio"]
+    assert result["feature_loss_cost_ratio"] == pytest.approx(steps["kd_at_step_s"] / steps["kd_step_s"])
+    assert result["crd_cost_ratio"] == pytest.approx(steps["kd_crd_step_s"] / steps["kd_step_s"])
     assert result["targets"]["width_cost_ratio"] == "<= 1.02 x width_cost_limit"
     assert result["targets"]["slimmable_overhead_ratio"] == "<= 1.02"
     judged = result["details"]["width_cost_ratio"]
