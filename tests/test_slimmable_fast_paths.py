@@ -126,3 +126,31 @@ def test_mobilenet_channels_last_forward_matches_nchw() -> None:
     model.forward_submodel(x, 0)
     hook.remove()
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("order", ["largest first", "smallest first", "hooked"])
+def test_narrow_gradients_add_into_the_weights_gradient_in_any_order(order: str) -> None:
+    """A narrow width's gradient goes into ``weight.grad`` in place when the wider widths made it
+    (and nothing hooks the weight), else through autograd's accumulation: the same sums either
+    way, in the weight's channels-last layout too."""
+    torch.manual_seed(0)
+    layer = SlimmableConv2d(*CHANNELS, 3, padding=1).to(memory_format=torch.channels_last)
+    seen = []
+    if order == "hooked":
+        layer.weight.register_hook(lambda g: seen.append(g.shape) or g)
+    widths = range(layer.num_widths)
+    w_sum = torch.zeros_like(layer.weight)
+    for i in (widths if order == "smallest first" else reversed(widths)):
+        layer.width_index = i
+        x = _input(layer, i).detach().contiguous(memory_format=torch.channels_last)
+        out = layer(x)
+        ref, (w, _) = _plain(layer, x, i)
+        if i < layer.num_widths - 1:
+            assert corner(layer.weight, layer.out_list[i], layer.in_list[i]).is_contiguous(
+                memory_format=torch.channels_last)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        w_sum += w.grad
+    torch.testing.assert_close(layer.weight.grad, w_sum)
+    assert len(seen) == (layer.num_widths if order == "hooked" else 0)   # the hook saw every width

@@ -235,20 +235,46 @@ def _corner_index(rows: int, cols: int | None) -> tuple[slice, ...]:
 
 
 class _Corner(torch.autograd.Function):
-    """``weight[:rows, :cols]`` as a contiguous tensor; its backward writes the gradient into one
-    zero tensor of the full shape (slicing two dimensions would allocate two, one per dimension,
-    and leave the convolution to copy the strided slice in forward and again in backward)."""
+    """``weight[:rows, :cols]`` as a dense tensor in the weight's memory format (channels-last
+    stays channels-last).
+
+    Its backward adds the gradient into the corner of ``weight.grad`` in place when that exists
+    already (the wider widths of the step ran their backward first) and nothing else observes the
+    weight's gradient (no hooks, no DistributedDataParallel reducer, not compiling); otherwise it
+    writes it into one zero tensor of the full shape for autograd to accumulate (slicing two
+    dimensions would allocate two, one per dimension)."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, rows: int, cols: int | None) -> Tensor:
         ctx.shape, ctx.index = weight.shape, _corner_index(rows, cols)
-        return weight[ctx.index].contiguous()
+        ctx.weight = weight if _may_add_in_place(weight) else None
+        ctx.format = _memory_format(weight)
+        return weight[ctx.index].clone(memory_format=torch.preserve_format)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        full = grad.new_zeros(ctx.shape)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        weight = ctx.weight
+        if weight is not None and weight.grad is not None and weight.grad.dtype == grad.dtype:
+            weight.grad[ctx.index].add_(grad)
+            return None, None, None
+        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format).zero_()
         full[ctx.index] = grad
         return full, None, None
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _may_add_in_place(weight: Tensor) -> bool:
+    """Whether :class:`_Corner`'s backward may add into ``weight.grad`` itself: no gradient hook,
+    no process group (DistributedDataParallel's reducer hooks the accumulation), not compiling."""
+    dist = torch.distributed
+    return (not weight._backward_hooks and getattr(weight, "_post_accumulate_grad_hooks", None) is None
+            and not (dist.is_available() and dist.is_initialized())
+            and not torch.compiler.is_compiling())
 
 
 def corner(weight: Tensor, rows: int, cols: int | None = None) -> Tensor:
@@ -541,9 +567,24 @@ def slimmable_layers(module: nn.Module) -> Iterator[SlimmableMixin]:
 
 
 def set_width_index(module: nn.Module, index: int) -> None:
-    """Make every slimmable layer of ``module`` run at width ``index``."""
-    for layer in slimmable_layers(module):
-        layer.width_index = layer.check_width(index)
+    """Make every slimmable layer of ``module`` run at width ``index``.
+
+    The layers are found once, at the first switch, and kept on ``module`` (a step switches
+    every width; walking the module tree each time cost about 2 ms a width): a model whose
+    slimmable layers are replaced after its first switch calls :func:`forget_layers`."""
+    layers = module.__dict__.get("_slimmable_layers")
+    if layers is None:
+        layers = module.__dict__["_slimmable_layers"] = tuple(slimmable_layers(module))
+    for layer in layers:
+        if not 0 <= index < layer.num_widths:
+            layer.check_width(index)        # raises, naming the range
+        layer.width_index = index
+
+
+def forget_layers(module: nn.Module) -> None:
+    """Let :func:`set_width_index` find ``module``'s slimmable layers again (after they were
+    replaced)."""
+    module.__dict__.pop("_slimmable_layers", None)
 
 
 def count_params_at(module: nn.Module, index: int) -> int:
