@@ -279,11 +279,13 @@ def _may_add_in_place(weight: Tensor) -> bool:
 
 def corner(weight: Tensor, rows: int, cols: int | None = None) -> Tensor:
     """``weight[:rows, :cols]`` (``cols=None``: ``weight[:rows]``): ``weight`` itself when that is
-    all of it; when training, a contiguous copy whose gradient flows into the corner of
-    ``weight``'s through one full-size zero tensor (:class:`_Corner`)."""
+    all of it; the first rows alone as a view (dense already: a bias, a depthwise kernel, whose
+    gradient autograd's own slice puts into the full shape); a corner of two dimensions, when
+    training, as a dense copy whose gradient goes into the corner of ``weight``'s
+    (:class:`_Corner`)."""
     if rows == weight.shape[0] and (cols is None or cols == weight.shape[1]):
         return weight
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if cols is not None and torch.is_grad_enabled() and weight.requires_grad:
         return _Corner.apply(weight, rows, cols)
     return weight[_corner_index(rows, cols)]
 
