@@ -154,3 +154,22 @@ def test_narrow_gradients_add_into_the_weights_gradient_in_any_order(order: str)
         w_sum += w.grad
     torch.testing.assert_close(layer.weight.grad, w_sum)
     assert len(seen) == (layer.num_widths if order == "hooked" else 0)   # the hook saw every width
+
+
+def test_a_switch_finds_the_layers_once_and_anew_after_forget_layers() -> None:
+    from torch import nn
+
+    from kdreg_plugins.backbones.slimmable import forget_layers, set_width_index
+
+    net = nn.Sequential(SlimmableLinear([2, 4], [3, 6]), nn.ReLU(), SlimmableLinear([3, 6], [5, 5]))
+    set_width_index(net, 0)
+    assert [net[0].width_index, net[2].width_index] == [0, 0]
+    net[2] = SlimmableLinear([3, 6], [5, 5])          # replaced after the first switch
+    set_width_index(net, 1)
+    set_width_index(net, 0)
+    assert net[2].width_index == 1                    # not among the layers found then
+    forget_layers(net)
+    set_width_index(net, 0)
+    assert [net[0].width_index, net[2].width_index] == [0, 0]
+    with pytest.raises(IndexError, match="width index 2 out of range 0..1"):
+        set_width_index(net, 2)

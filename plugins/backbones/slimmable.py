@@ -679,7 +679,8 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
     def finish_widths(self) -> None:
         """Called by subclasses once their layers exist. Range mode: refuse a ``min`` that leaves
         a layer no channel (naming it), and make every switchable BN one :class:`RangeBatchNorm2d`.
-        Fixed widths: nothing."""
+        Fixed widths: nothing. Either way the layers a switch sets are found anew."""
+        forget_layers(self)     # a constructor may have switched widths before it was done
         r = self.width_range
         if r is None:
             return
@@ -699,6 +700,7 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
                 assert isinstance(largest, _BatchNorm)
                 sizes = Channels(m.num_features_list, m.channel_rules["num_features_list"])
                 _replace(self, name, RangeBatchNorm2d(largest, sizes, len(self.train_widths)))
+        forget_layers(self)
         self._apply_slots()
 
     def _apply_slots(self) -> None:
