@@ -439,7 +439,7 @@ class RangeBatchNorm2d(nn.Module, SlimmableMixin):
                                                                         nn.Module)]
         self.post = nn.Sequential(*tail) if tail else None
         self._record_rules(num_features_list=sizes)
-        self.template = [_narrowed(norm, 1)]  # a list: not a submodule of this one
+        self.template = [narrowed_batch_norm(norm, 1)]  # a list: not a submodule of this one
         self._init_widths(len(self.num_features_list))
 
     def _allocate(self, n_eval: int, device: torch.device) -> None:
@@ -547,8 +547,9 @@ def _first_tensor(module: nn.Module) -> Tensor:
     return torch.zeros(())
 
 
-def _narrowed(norm: _BatchNorm, channels: int) -> _BatchNorm:
-    """A copy of ``norm`` (any BatchNorm class) holding its first ``channels`` channels."""
+def narrowed_batch_norm(norm: _BatchNorm, channels: int) -> _BatchNorm:
+    """A copy of ``norm`` (any BatchNorm class, timm's ``BatchNormAct2d`` with its activation)
+    holding its first ``channels`` channels' affine parameters and running statistics."""
     out = copy.deepcopy(norm)
     full = norm.num_features
     for name, p in list(out.named_parameters(recurse=False)):

@@ -88,6 +88,7 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableMixin,
     SwitchableBatchNorm2d,
     corner,
+    narrowed_batch_norm,
     set_width_index,
 )
 
@@ -217,21 +218,6 @@ class DerivedLinear(SlimmableLinear):
             if self.bias is not None and out.bias is not None:
                 out.bias.copy_(self.bias[:cout])
         return out
-
-
-def narrowed_batch_norm(norm: _BatchNorm, channels: int) -> _BatchNorm:
-    """A copy of ``norm`` (any BatchNorm class, timm's ``BatchNormAct2d`` with its activation)
-    holding its first ``channels`` channels' affine parameters and running statistics."""
-    out = copy.deepcopy(norm)
-    full = norm.num_features
-    for name, p in list(out.named_parameters(recurse=False)):
-        if p.dim() == 1 and p.shape[0] == full:
-            setattr(out, name, nn.Parameter(p.detach()[:channels].clone(), p.requires_grad))
-    for name, b in list(out.named_buffers(recurse=False)):
-        if b is not None and b.dim() == 1 and b.shape[0] == full:
-            setattr(out, name, b[:channels].clone())
-    out.num_features = channels
-    return out
 
 
 class SwitchableNorm(SwitchableBatchNorm2d):
