@@ -93,12 +93,15 @@ def calibrate(model: nn.Module, batches: Iterable[Sequence[Any]], images: int) -
 
 
 def calibrate_on_training_images(model: nn.Module, splits: Any, *, images: int, batch_size: int,
-                                 device: torch.device, seed: int) -> None:
-    """:func:`calibrate` ``model`` on ``images`` images of ``splits``' training part, drawn and
-    augmented as the trainer draws its calibration batches (``seed``: the stage's batch seed)."""
+                                 device: torch.device, seed: int, rank: int = 0,
+                                 world_size: int = 1) -> None:
+    """:func:`calibrate` ``model`` on ``images`` images of ``splits``' training part (this
+    process's shard under torchrun), drawn and augmented from ``stream_seed(seed, "calibration")``
+    (``seed``: the stage's batch seed): the trainer's calibration and ``kdreg eval`` / ``kdreg
+    export``'s draw the same batches."""
     from kdreg.data.loading import batches
     from kdreg.streams import stream_seed
 
     loader = batches(splits, "train", batch_size=batch_size, device=device, train=True,
-                     seed=stream_seed(seed, "calibration"))
+                     seed=stream_seed(seed, "calibration"), rank=rank, world_size=world_size)
     calibrate(model, loader, images)

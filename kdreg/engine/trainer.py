@@ -205,13 +205,12 @@ class StageTrainer:
         range: :meth:`kdreg.FlexibleBackbone.needs_calibration`)."""
         if not self.model.needs_calibration():
             return
-        from kdreg.calibrate import calibrate
+        from kdreg.calibrate import calibrate_on_training_images
 
         world = distributed.world_size()
-        loader = batches(self.splits, "train", batch_size=self.batch_size // world, device=self.device,
-                         train=True, seed=stream_seed(self.seed, "calibration"), rank=distributed.rank(),
-                         world_size=world)
-        calibrate(self.model, loader, max(1, self.train_cfg.calibrate_images // world))
+        calibrate_on_training_images(self.model, self.splits, images=max(1, self.train_cfg.calibrate_images // world),
+                                     batch_size=self.batch_size // world, device=self.device, seed=self.seed,
+                                     rank=distributed.rank(), world_size=world)
         distributed.average_buffers(self.model)
 
     def load_best(self) -> None:
