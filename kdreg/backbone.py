@@ -145,13 +145,7 @@ class FlexibleBackbone(nn.Module):
     def forward_stages(self, x: Tensor, points: Sequence[str] | None = None) -> tuple[list[Tensor], Tensor]:
         """Features at each of ``points`` (default: every split point) and the full model's logits,
         from one forward pass."""
-        wanted = self.ordered_points(points)
-        feats, h, start = [], x, None
-        for p in wanted:
-            h = self.forward_segment(h, start, p)
-            feats.append(h)
-            start = p
-        return feats, self.forward_segment(h, start, None)
+        return walk_segments(self.forward_segment, x, self.ordered_points(points))
 
     def feature_submodels(self) -> tuple[int, ...]:
         """Sub-models whose features at the split points :meth:`forward_features` gives (feature
@@ -282,6 +276,19 @@ def backbone_problems(model: FlexibleBackbone) -> list[str]:
             problems.append(f"it names split points {tuple(points)} but does not implement "
                             "forward_segment(h, start, end)")
     return problems
+
+
+def walk_segments(segment: Callable[[Tensor, str | None, str | None], Tensor], x: Tensor,
+                  points: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+    """The features at ``points`` (in network order) and the logits, from one pass of
+    ``segment(h, start, end)`` from the image (``start`` None) through each point to the logits
+    (``end`` None)."""
+    feats, h, start = [], x, None
+    for p in points:
+        h = segment(h, start, p)
+        feats.append(h)
+        start = p
+    return feats, segment(h, start, None)
 
 
 def segment_range(points: Sequence[str], start: str | None, end: str | None) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdreg.backbone import FlexibleBackbone, segment_range
+from kdreg.backbone import FlexibleBackbone, segment_range, walk_segments
 from kdreg.engine.optim import NoDecayKind, no_decay_kind  # one rule, the engine's
 from kdreg.engine.pointwise import pointwise_conv2d
 from kdreg.errors import OptionError
@@ -817,12 +817,7 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
         """Features of width ``index`` at ``points`` and its logits, from one forward pass."""
         wanted = self.ordered_points(points)
         self.set_width(index)
-        feats, h, start = [], x, None
-        for p in wanted:
-            h = self._run(h, start, p)
-            feats.append(h)
-            start = p
-        return feats, self._run(h, start, None)
+        return walk_segments(self._run, x, wanted)
 
     def count_params(self) -> list[int]:
         return [count_params_at(self, self.eval_slot(i)) for i in range(self.num_submodels)]

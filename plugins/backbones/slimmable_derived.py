@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdreg.backbone import FlexibleBackbone, segment_range
+from kdreg.backbone import FlexibleBackbone, segment_range, walk_segments
 from kdreg.errors import ExportError, OptionError
 from kdreg.options import StageRef
 from kdreg_plugins.backbones.slimmable import (
@@ -1227,12 +1227,7 @@ class DerivedSlimmable(SlimmableBackbone):
         """Features of width ``index`` at ``points`` and its logits, from one forward pass."""
         wanted = self.ordered_points(points)
         index = self.check_index(index)
-        feats, h, start = [], x, None
-        for p in wanted:
-            h = self.forward_segment(h, start, p, index)
-            feats.append(h)
-            start = p
-        return feats, self.forward_segment(h, start, None, index)
+        return walk_segments(lambda h, start, end: self.forward_segment(h, start, end, index), x, wanted)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._segments = {}  # segments hold references to tensors that may be replaced
