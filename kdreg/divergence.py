@@ -74,13 +74,20 @@ def divergence_problems(div: Divergence) -> list[str]:
         value = div(student, teacher, tau=2.0, labels=labels, epoch=1)
     except Exception as exc:  # noqa: BLE001 - reported as the plugin's broken contract
         return [f"calling it on logits [4, 5] raised {type(exc).__name__}: {exc}"]
+    return loss_value_problems(value, "a scalar (the batch mean)", "the student's logits")
+
+
+def loss_value_problems(value: object, scalar: str, depends_on: str) -> list[str]:
+    """What a plugin's loss returned that is not a finite floating-point scalar tensor with a
+    gradient: a divergence's (:func:`divergence_problems`) or a feature loss's. ``scalar`` names
+    the scalar expected; ``depends_on``, what the value must have a gradient from."""
     if not isinstance(value, Tensor):
         return [f"it returned {type(value).__name__}, not a tensor"]
     if value.dim() != 0:
-        return [f"it returned a tensor of shape {list(value.shape)}, not a scalar (the batch mean)"]
+        return [f"it returned a tensor of shape {list(value.shape)}, not {scalar}"]
     problems = []
     if not value.is_floating_point() or not math.isfinite(float(value.detach())):
         problems.append(f"it returned {value.item()!r}, not a finite float")
     if not value.requires_grad:
-        problems.append("its value does not depend on the student's logits (no gradient)")
+        problems.append(f"its value does not depend on {depends_on} (no gradient)")
     return problems

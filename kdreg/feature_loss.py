@@ -21,12 +21,13 @@ ones by ``kdreg_plugins.feature_losses``) and built, like every other kind, by
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import attrs
 import torch
 from torch import Tensor, nn
+
+from kdreg.divergence import loss_value_problems
 
 
 @attrs.frozen
@@ -109,13 +110,4 @@ def feature_loss_problems(loss: FeatureLoss) -> list[str]:
         value = probe([student], [teacher], batch)
     except Exception as exc:  # noqa: BLE001 - reported as the plugin's broken contract
         return [f"calling it on features [4, 8, 4, 4] raised {type(exc).__name__}: {exc}"]
-    if not isinstance(value, Tensor):
-        return [f"it returned {type(value).__name__}, not a tensor"]
-    if value.dim() != 0:
-        return [f"it returned a tensor of shape {list(value.shape)}, not a scalar"]
-    problems = []
-    if not value.is_floating_point() or not math.isfinite(float(value.detach())):
-        problems.append(f"it returned {value.item()!r}, not a finite float")
-    if not value.requires_grad:
-        problems.append("its value does not depend on the student's features (no gradient)")
-    return problems
+    return loss_value_problems(value, "a scalar", "the student's features")
