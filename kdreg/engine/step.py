@@ -275,7 +275,7 @@ def stage_backward(
         external_features = {node: feats[key] for node, key in teachers.nodes.items() if key in feats}
         if teachers.bridge_output is not None:
             bridge_logits = logits[teachers.bridge_output]
-    if model.single_pass and not loss.features and loss.bridge is None:
+    if _one_pass(model, loss):
         return single_pass_backward(model, x, y, loss, external)
     return multi_pass_backward(model, x, y, loss, external, external_features=external_features,
                                bridge_logits=bridge_logits, indices=indices)
@@ -284,6 +284,12 @@ def stage_backward(
 def backward(model: FlexibleBackbone | Runner, x: Tensor, y: Tensor, loss: LossSettings,
              external: Mapping[str, Tensor] | None = None) -> StepOutput:
     """The student's forward and backward given the frozen teachers' logits ``external``."""
-    if model.single_pass and not loss.features and loss.bridge is None:
+    if _one_pass(model, loss):
         return single_pass_backward(model, x, y, loss, external)
     return multi_pass_backward(model, x, y, loss, external)
+
+
+def _one_pass(model: FlexibleBackbone | Runner, loss: LossSettings) -> bool:
+    """Whether the step is one forward of every sub-model and one backward: a single-pass model
+    whose loss reads no features (no feature losses, no bridge)."""
+    return model.single_pass and not loss.features and loss.bridge is None
