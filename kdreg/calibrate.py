@@ -99,9 +99,16 @@ def calibrate_on_training_images(model: nn.Module, splits: Any, *, images: int, 
     process's shard under torchrun), drawn and augmented from ``stream_seed(seed, "calibration")``
     (``seed``: the stage's batch seed): the trainer's calibration and ``kdreg eval`` / ``kdreg
     export``'s draw the same batches."""
+    calibrate(model, calibration_batches(splits, batch_size=batch_size, device=device, seed=seed,
+                                         rank=rank, world_size=world_size), images)
+
+
+def calibration_batches(splits: Any, *, batch_size: int, device: torch.device, seed: int,
+                        rank: int = 0, world_size: int = 1) -> Any:
+    """The training batches calibration reads (see :func:`calibrate_on_training_images`); a
+    loader that is kept and iterated again gives the same batches each time (its epoch 0)."""
     from kdreg.data.loading import batches
     from kdreg.streams import stream_seed
 
-    loader = batches(splits, "train", batch_size=batch_size, device=device, train=True,
-                     seed=stream_seed(seed, "calibration"), rank=rank, world_size=world_size)
-    calibrate(model, loader, images)
+    return batches(splits, "train", batch_size=batch_size, device=device, train=True,
+                   seed=stream_seed(seed, "calibration"), rank=rank, world_size=world_size)

@@ -81,6 +81,7 @@ class StageTrainer:
         self.runner = build_runner(self.model, self.loss.bridge, self.device, features=self.loss.features,
                                    sync_bn=cfg.sync_bn, compile=cfg.compile, compile_backend=cfg.compile_backend)
         self.state = StageState()
+        self._calibration: BatchLoader | StreamLoader | None = None   # made at the first calibration
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -205,12 +206,15 @@ class StageTrainer:
         range: :meth:`kdreg.FlexibleBackbone.needs_calibration`)."""
         if not self.model.needs_calibration():
             return
-        from kdreg.calibrate import calibrate_on_training_images
+        from kdreg.calibrate import calibrate, calibration_batches
 
         world = distributed.world_size()
-        calibrate_on_training_images(self.model, self.splits, images=max(1, self.train_cfg.calibrate_images // world),
-                                     batch_size=self.batch_size // world, device=self.device, seed=self.seed,
-                                     rank=distributed.rank(), world_size=world)
+        if self._calibration is None:   # made once: its images move to the device once
+            self._calibration = calibration_batches(self.splits, batch_size=self.batch_size // world,
+                                                    device=self.device, seed=self.seed,
+                                                    rank=distributed.rank(), world_size=world)
+        self._calibration.set_epoch(0)   # the same batches at every calibration
+        calibrate(self.model, self._calibration, max(1, self.train_cfg.calibrate_images // world))
         distributed.average_buffers(self.model)
 
     def load_best(self) -> None:
