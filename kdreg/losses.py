@@ -42,7 +42,17 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """CE(a, y), batch mean (ipkd-ta eq. 1), in fp32; ``labels`` are class indices ``[B]`` or
     soft targets ``[B, C]`` (mixup / CutMix)."""
     with fp32(logits):
-        return F.cross_entropy(logits.float(), labels)
+        return batch_cross_entropy(logits.float()[None], labels)[0]
+
+
+def batch_cross_entropy(a: Tensor, labels: Tensor) -> Tensor:
+    """``[n]``: CE of each of ``n`` sub-models' logits ``a`` ``[n, B, C]``, batch means. The graph
+    loss and a single sub-model's loss both compute CE here, in the same operations, so that one
+    sub-model trained either way gives the same bits on every CPU (``reduction="mean"`` sums in
+    another order than the mean of the per-sample terms, and rounds differently on AVX2 and AVX-512)."""
+    n, batch = a.shape[:2]
+    targets = labels.repeat(n) if labels.dim() == 1 else labels.float().repeat(n, 1)  # mixed: [B, C]
+    return F.cross_entropy(a.flatten(0, 1), targets, reduction="none").view(n, batch).mean(1)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, *, tau: float, divergence: str = "kl") -> Tensor:
@@ -169,12 +179,10 @@ def distillation_loss(
 def _graph_loss(logits: Sequence[Tensor], labels: Tensor, graph: TeacherGraph, *, lam: float,
                 tau: float, divergence: Divergence, external: Mapping[str, Tensor] | None,
                 epoch: int | None) -> Tensor:
-    n = len(logits)
     a = torch.stack([t.float() for t in logits])                      # [n, B, C]
     batch = a.shape[1]
     has_teacher, w = _graph_tensors(graph, a.device)
-    targets = labels.repeat(n) if labels.dim() == 1 else labels.float().repeat(n, 1)  # mixed: [B, C]
-    ce = F.cross_entropy(a.flatten(0, 1), targets, reduction="none").view(n, batch).mean(1)
+    ce = batch_cross_entropy(a, labels)
     total = torch.where(has_teacher, 1.0 - lam, 1.0).mul(ce).sum()
     if w is not None and isinstance(divergence, SoftmaxKD):         # every internal edge at once
         z = standardise(a) if divergence.standardise else a
