@@ -86,6 +86,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     install, test = install_and_test.split(" && ")
     ci = (ROOT / ".ci" / "run").read_text()
     assert install in ci and test in ci
+    # into a fresh virtual environment: the newest releases the ranges allow, as a new user gets them
+    assert ci.index("python3 -m venv") < ci.index("activate") < ci.index(install)
 
 
 def test_user_facing_files_point_nowhere_outside_the_repository() -> None:
