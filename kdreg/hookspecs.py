@@ -20,6 +20,11 @@ and its distribution.
 A decorated function whose name matches no spec here (a misspelled hook) is an error, as is an
 undecorated function named like a hook. The run events receive a :class:`RunInfo`.
 
+Besides these contracts a plugin may use :mod:`kdreg.process` (rank, world size, ``is_main``,
+``broadcast`` and the other collectives under torchrun), :mod:`kdreg.pointwise` (the strided 1x1
+convolution that avoids a broken CPU kernel) and :mod:`kdreg.weight_decay` (which parameters
+weight decay exempts); never ``kdreg.engine``, whose internals are not part of the contract.
+
 Built-in plugins live in ``kdreg_plugins`` and are registered exactly this way. The plugin
 author's guide is ``docs/plugins.md``.
 """

@@ -29,8 +29,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from kdreg.engine.distributed import is_main
 from kdreg.hookspecs import hookimpl
+from kdreg.process import is_main
 
 JSONL_FILE = "metrics.jsonl"
 CSV_FILE = "metrics-{stage}.csv"

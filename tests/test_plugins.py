@@ -351,3 +351,35 @@ def test_counts_read_from_the_graph_agree_with_running_each_exit_alone() -> None
     model = kdreg.build_backbone("tiny_exits", num_classes=4)  # a conv net whose exits run alone
     for size in (None, (16, 16)):
         assert macs_depended_on(model, model.forward, size) == FlexibleBackbone.count_macs(model, size)
+
+
+def engine_imports(path: Path) -> list[str]:
+    """``file:line module`` of every import of ``kdreg.engine`` (or a module under it) in ``path``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        names = [n for n in names if n == "kdreg.engine" or n.startswith("kdreg.engine.")]
+        found += [f"{path.name}:{node.lineno} {n}" for n in names[:1]]
+    return found
+
+
+def test_no_builtin_plugin_imports_the_engine(tmp_path: Path) -> None:
+    """Built-ins use the contract modules a third party has (kdreg.process, kdreg.pointwise,
+    kdreg.weight_decay, ...), never the engine's internals."""
+    root = Path(__file__).resolve().parents[1] / "plugins"
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 10
+    assert [hit for f in files for hit in engine_imports(f)] == []
+    # the check sees imports of every form
+    probe = tmp_path / "probe.py"
+    probe.write_text("import kdreg.engine.run\nfrom kdreg.engine import distributed\n"
+                     "def f():\n    from kdreg.engine.optim import build_optimizer\n"
+                     "from kdreg import process\n")
+    assert [h.split()[1] for h in engine_imports(probe)] == ["kdreg.engine.run", "kdreg.engine",
+                                                             "kdreg.engine.optim"]

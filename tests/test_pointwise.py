@@ -19,7 +19,7 @@ from torch import nn
 import kdreg
 from kdreg.data import load_data
 from kdreg.engine.assemble import DataShape, assemble
-from kdreg.engine.pointwise import avoids_strided_kernel, guard_convs, is_guarded, pointwise_conv2d
+from kdreg.pointwise import avoids_strided_kernel, guard_convs, is_guarded, pointwise_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_driver import step_gradients  # noqa: E402

@@ -1,47 +1,26 @@
-"""Data-parallel context under ``torchrun``: which process this is, and what only one may do.
+"""Data-parallel set-up under ``torchrun``: joining the process group, averaging buffers, leaving.
 
-torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them a run is one process
-(rank 0 of 1). Rank 0 alone writes files, prints and fires run events (:func:`is_main`).
+The process facts (rank, world size, :func:`is_main`) and the collectives plugins use live in
+:mod:`kdreg.process`; they are imported here so the engine reads both from one name.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TypeVar
-
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdreg.errors import UserError
-
-T = TypeVar("T")
-
-
-def rank() -> int:
-    """This process's global rank (0 without torchrun)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def local_rank() -> int:
-    """This process's rank on its node (0 without torchrun): its GPU index on CUDA."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-
-def world_size() -> int:
-    """How many processes train together (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def is_main() -> bool:
-    """Whether this process writes files, prints and fires run events (rank 0)."""
-    return rank() == 0
-
-
-def active() -> bool:
-    """Whether a process group of more than one process is initialised."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from kdreg.process import (  # noqa: F401 - the engine's one name for process facts
+    active,
+    all_gather,
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    is_main,
+    local_rank,
+    rank,
+    world_size,
+)
 
 
 def setup(device: torch.device) -> torch.device:
@@ -62,15 +41,6 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over the processes, in place (nothing to do in one process)."""
-    if active():
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def average_buffers(module: nn.Module) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) over the processes, so
     every rank evaluates and saves the same model."""
@@ -87,36 +57,6 @@ def average_buffers(module: nn.Module) -> None:
         for b in buffers:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
-
-
-def barrier() -> None:
-    """Wait for every process (e.g. until rank 0 has written a checkpoint the others read)."""
-    if active():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def broadcast(value: T) -> T:
-    """Rank 0's ``value`` (a picklable object) on every process."""
-    if not active():
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(value: T) -> list[T]:
-    """Every process's ``value`` (a picklable object), in rank order."""
-    if not active():
-        return [value]
-    import torch.distributed as dist
-
-    out: list[T] = [value] * world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def shutdown() -> None:

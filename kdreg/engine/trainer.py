@@ -22,10 +22,10 @@ from kdreg.engine import checkpoint, distributed
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
-from kdreg.engine.pointwise import guard_convs
 from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import KdregError
+from kdreg.pointwise import guard_convs
 from kdreg.recipe import TrainConfig
 from kdreg.streams import stream_seed
 

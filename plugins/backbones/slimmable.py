@@ -6,7 +6,7 @@ active channels). :class:`SwitchableBatchNorm2d` keeps one private ``BatchNorm2d
 other weight is shared. :func:`set_width_index` switches every slimmable layer of a model at once.
 
 :func:`no_decay_kinds` lists, for any model, why each parameter takes no weight decay (the engine's
-:func:`kdreg.engine.optim.no_decay_kind`).
+:func:`kdreg.weight_decay.no_decay_kind`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdreg.backbone import FlexibleBackbone, segment_range, walk_segments
-from kdreg.engine.optim import NoDecayKind, no_decay_kind  # one rule, the engine's
-from kdreg.engine.pointwise import pointwise_conv2d
 from kdreg.errors import OptionError
+from kdreg.pointwise import pointwise_conv2d
+from kdreg.weight_decay import NoDecayKind, no_decay_kind  # one rule, the optimizer's
 
 DEFAULT_WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 

@@ -56,9 +56,9 @@ from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone
 from kdreg.downloads import downloads_allowed, weights_from_checkpoints
-from kdreg.engine.distributed import is_main
 from kdreg.errors import ExportError, OptionError
 from kdreg.module_splits import ModuleSplits, to_standard
+from kdreg.process import is_main
 
 #: Options that kdreg sets itself and a recipe may not pass through ``model_options``.
 RESERVED = ("pretrained", "num_classes", "in_chans", "features_only")

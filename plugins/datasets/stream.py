@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from timm.data.readers.reader import Reader
 
+from kdreg import process
 from kdreg.data.loading import IN_MEMORY_LIMIT
 from kdreg.data.sources import ImageData, ImageStream
-from kdreg.engine import distributed
 from kdreg.errors import DataError, OptionError
 
 from .folder import (
@@ -127,7 +127,7 @@ def _looked_at(folder: Path, train: list[Entry], mode: str, max_pixels: int,
     the first process alone and given to the others (under torchrun every process builds the
     source; only rank 0 opens images outside its shard, and a problem stops every process)."""
     found: Any = None
-    if distributed.is_main():
+    if process.is_main():
         try:
             size = one_size(folder, train, max_pixels) if probe else None
             found = (size, *sample_stats(folder, train, mode))
@@ -135,7 +135,7 @@ def _looked_at(folder: Path, train: list[Entry], mode: str, max_pixels: int,
             found = exc.problems
         except Exception as exc:  # noqa: BLE001 - raised on every process, not on rank 0 alone
             found = [f"cannot read the images of {folder}: {type(exc).__name__}: {exc}"]
-    found = distributed.broadcast(found)
+    found = process.broadcast(found)
     if isinstance(found, list):
         raise DataError(found)
     return found  # type: ignore[no-any-return]

@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 from timm.data.readers.reader import Reader
 
+from kdreg import process
 from kdreg.data.sources import ImageStream, cache_dir
-from kdreg.engine import distributed
 from kdreg.errors import DataError, OptionError
 
 from .folder import MAX_IMAGE_PIXELS, MODES, open_checked
@@ -105,7 +105,7 @@ def wds(*, root: Path, mode: str = "RGB",
     # index files the others then read) and samples the statistics; a problem stops every process.
     source: ImageStream | None = None
     found: Any = None
-    if distributed.is_main():
+    if process.is_main():
         try:
             source = _source(folder, mode, limit)
             found = pixel_stats([partial(_open_sample, source.train, i)
@@ -114,7 +114,7 @@ def wds(*, root: Path, mode: str = "RGB",
             found = exc.problems
         except Exception as exc:  # noqa: BLE001 - raised on every process, not on rank 0 alone
             found = [f"cannot read the WebDataset shards of {folder}: {type(exc).__name__}: {exc}"]
-    found = distributed.broadcast(found)
+    found = process.broadcast(found)
     if isinstance(found, list):
         raise DataError(found)
     if source is None:
