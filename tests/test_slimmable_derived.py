@@ -1,4 +1,4 @@
-"""``slimmable`` over any trunk: a traced network made slimmable (plugins/backbones/slimmable_derived.py)."""
+"""``slimmable`` over any trunk: a traced network made slimmable (plugins/backbones/slimmable_derived/)."""
 
 from __future__ import annotations
 

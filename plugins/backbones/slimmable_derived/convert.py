@@ -1,0 +1,102 @@
+"""Swapping the traced graph's layers for sliced ones, in place, as the channel analysis found
+them; sliced parameters read through :class:`SlicedTensor`, fixed channel counts of reshapes made
+``-1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis
+from kdreg_plugins.backbones.slimmable_derived.layers import (
+    DerivedConv2d,
+    DerivedLinear,
+    SlicedGroupNorm,
+    SlicedLayerNorm,
+    SlicedTensor,
+    SwitchableNorm,
+)
+
+
+def set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    if attr in owner._parameters:
+        del owner._parameters[attr]
+    if attr in owner._buffers:
+        del owner._buffers[attr]
+    owner._modules[attr] = module
+
+
+def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
+    """Replace the layers of ``gm`` with width-aware ones, in place, and rewrite the graph's
+    sliced parameters and fixed channel counts."""
+    groups = analysis.groups
+
+    def sizes(g: int | None) -> tuple[int, ...] | None:
+        return None if g is None else groups.get(g).sizes
+
+    for target, (gin, gout) in analysis.layers.items():
+        m = gm.get_submodule(target)
+        sin, sout = sizes(gin), sizes(gout)
+        if all(s is None or groups.get(g).fixed is not None  # type: ignore[arg-type]
+               for s, g in ((sin, gin), (sout, gout))):
+            continue  # nothing of it is sliced: kept as it is
+        new: nn.Module
+        if isinstance(m, nn.Conv2d):
+            assert sin is not None and sout is not None
+            new = DerivedConv2d(m, sin, sout)
+        elif isinstance(m, nn.Linear):
+            assert sin is not None and sout is not None
+            new = DerivedLinear(m, sin, sout)
+        elif isinstance(m, _BatchNorm):
+            assert sout is not None
+            new = SwitchableNorm(m, sout)
+        elif isinstance(m, nn.LayerNorm):
+            assert sout is not None
+            from timm.layers import LayerNorm2d
+
+            new = SlicedLayerNorm(m, sout, channels_first=isinstance(m, LayerNorm2d))
+        elif isinstance(m, nn.GroupNorm):
+            assert sout is not None
+            new = SlicedGroupNorm(m, sout)
+        else:  # pragma: no cover - the analysis records only the kinds above
+            raise TypeError(type(m).__name__)
+        set_module(gm, target, new)
+    graph = gm.graph
+    for attr, (dim, g) in analysis.sliced.items():
+        info = groups.get(g)
+        if info.fixed is not None:
+            continue
+        target = str(attr.target)
+        value = get_attr(gm, target)
+        if not isinstance(value, SlicedTensor):
+            set_module(gm, target, SlicedTensor(value, dim, info.sizes))
+        with graph.inserting_after(attr):
+            call = graph.call_module(target)
+        attr.replace_all_uses_with(call)
+        graph.erase_node(attr)
+    for node, pos in analysis.reshapes.items():
+        x = node.args[0]
+        assert isinstance(x, fx.Node)
+        if groups.get(analysis.chan[x][1]).fixed is not None:
+            continue
+        args: Any = node.args
+        shape = list(args[1:]) if node.target != torch.reshape else list(args[1])
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = list(shape[0])
+        shape[pos] = -1
+        node.args = (x, tuple(shape))
+    graph.lint()
+    gm.recompile()
+
+
+def get_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
