@@ -1,10 +1,13 @@
 """Measuring instruments of ``benchmarks/run.py``: side-by-side step timing, bytes saved for
-backward, host reads of tensor data, and a loader that runs other steps between a trainer's steps.
+backward, host reads of tensor data, a loader that runs other steps between a trainer's steps,
+and the peak resident memory of a command, compared across sizes over repeated runs.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import time
 import traceback
 import weakref
@@ -314,3 +317,59 @@ def conv_macs(model: torch.nn.Module, run: Callable[[], Any]) -> dict[str, int]:
         for h in handles:
             h.remove()
     return macs
+
+
+# ------------------------------------------------------------------------------ memory
+def tree_pss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and all its descendants (Linux ``/proc``): the sum of
+    their proportional set sizes (a page shared by k processes counts 1/k in each), so memory the
+    loader workers share with the training process after ``fork`` is counted once."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def peak_pss(command: list[str], env: dict[str, str] | None = None, every: float = 0.02) -> tuple[int, float]:
+    """Peak of :func:`tree_pss` while ``command`` runs, and its seconds; its exit must be 0."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(every)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {err.strip()[-500:]}")
+    return peak, time.perf_counter() - t0
+
+
+def median_ratio(measure: Callable[[int], float], sizes: tuple[int, int],
+                 repeats: int) -> tuple[float, dict[int, list[float]]]:
+    """``median(measure(large)) / median(measure(small))`` for ``sizes = (small, large)``, and
+    every reading of each size in the order taken. Each size is measured ``repeats`` times, the
+    sizes taking turns (small first in even rounds, large first in odd ones) so the machine's load
+    hits both alike, and one low or high reading does not decide the ratio."""
+    readings: dict[int, list[float]] = {n: [] for n in sizes}
+    for r in range(repeats):
+        for n in sizes if r % 2 == 0 else sizes[::-1]:
+            readings[n].append(measure(n))
+    small, large = sizes
+    return median(readings[large]) / median(readings[small]), readings

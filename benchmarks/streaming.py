@@ -9,16 +9,16 @@
 * ``stream_memory_ratio``: peak resident memory (the process and its loader workers: their
   proportional set sizes summed, so that pages the forked workers share with the process count
   once; sampled every 20 ms) of ``kdreg run`` training one streamed epoch over N = 8,000 images /
-  the same over N = 2,000 images.
+  the same over N = 2,000 images. Each size is run three times (``--quick``: once), the sizes
+  alternating, and the figure is the ratio of the medians, so one low or high peak does not
+  decide it; every reading goes to the figure's details.
 * ``loader_fraction_streamed``: ``loader_fraction`` with the streamed path: the packaged sample's
   32x32 JPEGs read by worker processes (reported beside the in-memory figure, no target).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import sys
 import tarfile
 import time
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from probes import median, median_ratio, peak_pss
 
 SIDES = (300, 500)             # an image's sides are drawn from this range (ImageNet-like)
 CROP = 128                     # the training crop of stream_loader_ratio
@@ -114,48 +115,6 @@ def alternate_epochs(loaders: dict[str, Callable[[int], Iterable[Any]]], rounds:
     return out
 
 
-# ------------------------------------------------------------------------------ memory
-def tree_pss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants (Linux ``/proc``): the sum of
-    their proportional set sizes (a page shared by k processes counts 1/k in each), so memory the
-    loader workers share with the training process after ``fork`` is counted once."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
-
-
-def peak_pss(command: list[str], env: dict[str, str] | None = None, every: float = 0.02) -> tuple[int, float]:
-    """Peak of :func:`tree_pss` while ``command`` runs, and its seconds; its exit must be 0."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
-        time.sleep(every)
-    err = proc.stderr.read() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {err.strip()[-500:]}")
-    return peak, time.perf_counter() - t0
-
-
 def kdreg_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "kdreg.cli", *args]
 
@@ -210,16 +169,29 @@ backbone = {{ name = "resnet8" }}
 
 
 def memory_ratio(workdir: Path, *, small: int, large: int, workers: int, batch: int,
-                 size: int = 64) -> dict[str, Any]:
+                 size: int = 64, repeats: int = 3) -> dict[str, Any]:
     """``stream_memory_ratio``'s measurement: peak resident memory of ``kdreg run`` training one
-    streamed epoch over ``large`` / over ``small`` images (the same recipe otherwise)."""
-    out: dict[str, Any] = {"workers": workers, "batch": batch, "image_size": size}
+    streamed epoch over ``large`` / over ``small`` images (the same recipe otherwise). Each size
+    runs ``repeats`` times, the sizes alternating, and the ratio is of the medians
+    (:func:`probes.median_ratio`); every peak (``readings``) and run time goes to the details."""
+    recipes: dict[int, Path] = {}
     for n in (small, large):
         root = build_folder(workdir / f"jpeg-{n}", n)
-        recipe = workdir / f"memory-{n}.toml"
-        recipe.write_text(RUN_RECIPE.format(root=root, batch=batch, size=size, workers=workers))
-        peak, seconds = peak_pss(kdreg_command("run", str(recipe), "--out", str(workdir / f"run-{n}"),
-                                               "--no-progress"))
-        out[str(n)] = {"peak_pss_bytes": peak, "seconds": round(seconds, 1)}
-    out["ratio"] = out[str(large)]["peak_pss_bytes"] / out[str(small)]["peak_pss_bytes"]
+        recipes[n] = workdir / f"memory-{n}.toml"
+        recipes[n].write_text(RUN_RECIPE.format(root=root, batch=batch, size=size, workers=workers))
+    seconds: dict[int, list[float]] = {small: [], large: []}
+
+    def peak(n: int) -> float:
+        run_dir = workdir / f"run-{n}-{len(seconds[n])}"      # a fresh run directory each time
+        pss, took = peak_pss(kdreg_command("run", str(recipes[n]), "--out", str(run_dir),
+                                           "--no-progress"))
+        seconds[n].append(round(took, 1))
+        return pss
+
+    ratio, readings = median_ratio(peak, (small, large), repeats)
+    out: dict[str, Any] = {"workers": workers, "batch": batch, "image_size": size, "repeats": repeats}
+    for n in (small, large):
+        out[str(n)] = {"peak_pss_bytes": median(readings[n]), "readings": readings[n],
+                       "seconds": seconds[n]}
+    out["ratio"] = ratio
     return out

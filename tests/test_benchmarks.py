@@ -14,7 +14,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from probes import HostReads, Interleaved, SavedBytes, conv_macs, kernel_class, kernel_seconds  # noqa: E402
+from probes import (  # noqa: E402
+    HostReads,
+    Interleaved,
+    SavedBytes,
+    conv_macs,
+    kernel_class,
+    kernel_seconds,
+    median_ratio,
+)
 
 FIGURES = ("overhead_ratio", "width_cost_ratio", "slimmable_overhead_ratio", "distill_cost_ratio",
            "activation_memory_ratio", "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step",
@@ -62,6 +70,29 @@ def test_interleaved_runs_the_other_step_between_two_steps_of_the_loop() -> None
         order.append("loop")
     assert order == ["other", "loop"] * 4
     assert len(loader.trainer_times) == len(loader.other_times["other"]) == 3
+
+
+def test_median_ratio_alternates_the_sizes_and_one_odd_reading_does_not_decide_it() -> None:
+    order: list[int] = []
+    peaks = {2: iter([100, 10, 100]), 8: iter([110, 500, 110])}   # one low, one high reading
+
+    def measure(n: int) -> float:
+        order.append(n)
+        return next(peaks[n])
+
+    ratio, readings = median_ratio(measure, (2, 8), repeats=3)
+    assert order == [2, 8, 8, 2, 2, 8]
+    assert readings == {2: [100, 10, 100], 8: [110, 500, 110]}
+    assert ratio == pytest.approx(1.1)
+
+
+def test_every_figure_belongs_to_one_family_and_every_target_to_a_figure() -> None:
+    import run
+
+    figures = [k for family in run.FAMILIES for k in family.figures]
+    assert len(figures) == len(set(figures))
+    assert set(run.TARGETS) | set(run.REPORTED) == set(figures)
+    assert set(run.RELATIVE.values()) <= set(run.REPORTED)
 
 
 @pytest.mark.timeout(300)
@@ -129,6 +160,8 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert result["targets"]["stream_loader_ratio"] == ">= 1.2"
     assert result["details"]["stream_loader_ratio"]["images"] == 64
     assert set(result["details"]["stream_memory_ratio"]) >= {"32", "64"}
+    memory = result["details"]["stream_memory_ratio"]
+    assert memory["repeats"] == 1 and all(len(memory[n]["readings"]) == 1 for n in ("32", "64"))
     assert result["machine"]["torch"] == torch.__version__
     assert result["targets"]["overhead_ratio"] == "<= 1.05"
     assert result["machine"]["host_memory_kept"] is True
@@ -171,25 +204,27 @@ def test_bad_flags_are_errors_with_a_line_each_and_nothing_written(tmp_path) -> 
 
 def test_host_syncs_figure_finds_the_trainers_loss_read_on_its_logging_step(tmp_path,
                                                                             monkeypatch) -> None:
-    import run
+    import steps
+    from common import Settings
 
-    settings = run.Settings(device=torch.device("cpu"), batch=4, steps=1, warmup=0, size=16)
-    normal = run.host_syncs(settings, tmp_path)
+    settings = Settings(device=torch.device("cpu"), batch=4, steps=1, warmup=0, size=16)
+    normal = steps.host_syncs(settings, tmp_path)
     assert normal.value == 0 and normal.details["sites"] == {}
-    within = run.WithinStep
-    monkeypatch.setattr(run, "WithinStep", lambda loader, steps, step, context:
+    within = steps.WithinStep
+    monkeypatch.setattr(steps, "WithinStep", lambda loader, steps, step, context:
                         within(loader, steps, steps - 1, context))   # the last step logs
-    logging = run.host_syncs(settings, tmp_path)
+    logging = steps.host_syncs(settings, tmp_path)
     assert logging.value >= 1
     assert any(" at kdreg/engine/trainer.py:" in site for site in logging.details["sites"])
 
 
 def test_channels_last_flag_reaches_the_trainers_config() -> None:
     import run
+    from common import train_config
 
     def config(*flags: str):
         args = run.parser().parse_args(["--json", "out.json", "--quick", "--device", "cpu", *flags])
-        return run.train_config(run.settings_from(args))
+        return train_config(run.settings_from(args))
 
     assert config().channels_last is True      # the recipe default
     assert config("--channels-last", "false").channels_last is False
@@ -201,44 +236,45 @@ def test_plain_mobilenets_hold_exactly_each_widths_parameters(widths) -> None:
     """The plain networks of width_cost_limit: ordinary layers, one network per width, each with
     the parameters (count and shapes) that width of kdreg's slimmable MobileNet-V1 uses; odd
     widths check the channel rule (int(c * w), at least 1)."""
-    import run
+    import width
 
     import kdreg
 
-    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=run.NUM_CLASSES, widths=list(widths))
-    nets = run.plain_mobilenets(model, torch.device("cpu"))   # asserts the counts itself
+    model = kdreg.build_backbone("slimmable_mobilenet_v1", num_classes=width.NUM_CLASSES, widths=list(widths))
+    nets = width.plain_mobilenets(model, torch.device("cpu"))   # asserts the counts itself
     assert [sum(p.numel() for p in net.parameters()) for net in nets] == model.count_params()
     for i, net in enumerate(nets):
         assert [p.shape for p in net.parameters()] == \
             [p.shape for p in model.export_submodel(i).parameters()]
         assert all(type(m) in PLAIN_LAYERS for m in net.modules() if list(m.parameters(recurse=False)))
         assert all(type(m).__module__.startswith("torch.nn") for m in net.modules() if m is not net)
-    assert nets[-1](torch.randn(2, 3, 32, 32)).shape == (2, run.NUM_CLASSES)
+    assert nets[-1](torch.randn(2, 3, 32, 32)).shape == (2, width.NUM_CLASSES)
     with pytest.raises(AssertionError, match="parameters"):
-        run.check_params(nets[::-1], model)
+        width.check_params(nets[::-1], model)
 
 
 def test_resnet18_widths_export_as_plain_networks_of_their_parameters() -> None:
     pytest.importorskip("timm")
-    import run
+    import width
 
     import kdreg
 
-    model = kdreg.build_backbone("slimmable", num_classes=run.NUM_CLASSES,
-                                 input_size=(run.RESNET18_SIZE, run.RESNET18_SIZE), **run.RESNET18)
+    model = kdreg.build_backbone("slimmable", num_classes=width.NUM_CLASSES,
+                                 input_size=(width.RESNET18_SIZE, width.RESNET18_SIZE), **width.RESNET18)
     nets = [model.export_submodel(i) for i in range(model.num_submodels)]
-    run.check_params(nets, model)
+    width.check_params(nets, model)
     for net in nets:
         assert all(type(m) in PLAIN_LAYERS for m in net.modules() if list(m.parameters(recurse=False)))
 
 
 def test_width_cost_ratio_is_judged_against_its_limit() -> None:
     import run
+    from common import Figure, Settings
 
-    settings = run.Settings(device=torch.device("cpu"))
+    settings = Settings(device=torch.device("cpu"))
 
     def judged(ratio: float, limit: float | None) -> tuple[bool | None, str]:
-        figures = {"width_cost_ratio": run.Figure(ratio), "width_cost_limit": run.Figure(limit)}
+        figures = {"width_cost_ratio": Figure(ratio), "width_cost_limit": Figure(limit)}
         result = run.report(figures, settings)
         return result["passed"]["width_cost_ratio"], run.table(result)
 

@@ -1,4 +1,4 @@
-"""What feature losses cost in a KD step (a sibling module of ``benchmarks/run.py``).
+"""The feature-loss figures of ``benchmarks/run.py``: what feature losses cost in a KD step.
 
 Three steps of a ``resnet20`` student taught by a frozen ``resnet56`` (graph ``kd``, lam 0.9,
 tau 4), each a stage assembled from its recipe as ``kdreg run`` assembles it, on the same batch,
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import NUM_CLASSES, Family, Figure, Job, Settings
 from probes import alternate, median
 
 from kdreg.engine.assemble import DataShape, assemble
@@ -98,3 +99,18 @@ def feature_cost(device: torch.device, *, batch: int = 128, size: int = 32, imag
     details["setting"] = (f"resnet56 -> resnet20, batch {batch}, {size}x{size}, kd lam 0.9 tau 4; at "
                           f"layer1-3 weight 1000; crd pooled layer3, 16384 negatives, {images} samples")
     return med["kd_at"] / med["kd"], med["kd_crd"] / med["kd"], details
+
+
+def feature_losses(s: Settings) -> tuple[Figure, Figure]:
+    """``feature_loss_cost_ratio`` (a KD + AT step / a KD step) and ``crd_cost_ratio`` (a KD +
+    CRD step / a KD step): ResNet-56 -> ResNet-20 (:func:`feature_cost`)."""
+    at, crd, details = feature_cost(s.device, batch=s.batch, size=s.size, images=s.images,
+                                    num_classes=NUM_CLASSES, rounds=s.steps, warmup=s.warmup,
+                                    channels_last=s.channels_last is not False)
+    return Figure(at, details=details), Figure(crd, details=details)
+
+
+FAMILY = Family(
+    jobs=(Job(("feature_loss_cost_ratio", "crd_cost_ratio"), lambda s, work: feature_losses(s)),),
+    targets={"feature_loss_cost_ratio": ("<=", 1.05)},
+)
