@@ -512,6 +512,8 @@ class _Attention(nn.Module):
 
 
 class _Token(nn.Module):
+    """A token whose channels are reversed (one read as it is, as a ViT's, is sliced)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
@@ -519,7 +521,7 @@ class _Token(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv(x)
-        return torch.cat([self.token.expand(h.shape[0], -1, -1, -1), h], dim=2)
+        return torch.cat([self.token.flip(1).expand(h.shape[0], -1, -1, -1), h], dim=2)
 
 
 class _Untraceable(nn.Module):

@@ -1,10 +1,12 @@
-"""``slimmable``: any traceable convolutional network made slimmable for inplace distillation.
+"""``slimmable``: any traceable convolutional network or vision transformer made slimmable for
+inplace distillation.
 
 ``backbone = { name = "slimmable", trunk = { name = "timm", model = "resnet50" }, widths = [0.25,
 0.5, 0.75, 1.0] }`` (any built-in plain backbone as ``trunk`` too, or ``trunk = "teacher"``, an
 earlier stage of the recipe). The trunk's network is traced with ``torch.fx`` (timm's untraceable
 modules and functions kept whole, as timm's own feature extraction does; convolutions,
-normalisation and linear layers, ``DropPath`` kept as modules) and its layers are replaced, in the
+normalisation, linear and attention layers, ``DropPath`` kept as modules; inputs of the forward
+after the image, a ViT's ``attn_mask``, at their defaults) and its layers are replaced, in the
 traced ``GraphModule``, by width-aware ones: the forward of every width is the traced graph's own
 generated code calling them.
 
@@ -14,9 +16,18 @@ a depthwise or grouped convolution keeps its group width, ``groups = active chan
 width``; timm's ``Conv2dSame`` keeps its padding computed from the input); every BatchNorm is private to its width (own affine parameters and running statistics,
 timm's ``BatchNormAct2d`` with its activation); LayerNorm (channels last, or timm's
 ``LayerNorm2d``) and GroupNorm share their vectors, sliced (a GroupNorm keeps its group size, or its
-single group); parameters used directly by the graph with a channel dimension (ConvNeXt's layer
-scale) are sliced with the tensor they meet. The stem's input and the classifier's output are never
-sliced; the classifier's input is.
+single group); parameters used directly by the graph with a channel dimension (ConvNeXt's and
+a ViT's layer scale, a ViT's position embedding, and its class, distillation and register tokens,
+expanded over the batch and concatenated to the patches) are sliced with the tensor they meet. The
+stem's input and the classifier's output are never sliced; the classifier's input is.
+
+**Attention.** timm's multi-head self-attention (``timm.layers.Attention``, every ViT, DeiT and
+DeiT-III block) is kept whole and sliced in whole heads (:mod:`.attention`): its input and its
+projection's output follow their channel groups; its heads' channels are a group of their own,
+which runs the same first heads of each of q, k and v of the fused ``qkv`` projection, the head
+size kept, so that a narrow width is the timm ViT of its embedding and heads holding the first
+channels of the weights. A list of widths must keep whole heads (a width that cuts one is an error
+naming the widths that do); a width range rounds each width down to whole heads.
 
 **Channel constraints.** Every tensor's channel dimension belongs to a *channel group*, the
 channels that must be sliced together, found by propagating through the graph: a convolution or
@@ -35,8 +46,10 @@ channel is an error naming its layer and the narrowest width the trunk allows.
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
 the layer and the reason: concatenation or splitting along channels (DenseNet, GhostNet),
 slicing or indexing channels, reshapes that mix channels with other dimensions (channel shuffle),
-matrix products of activations (attention heads), functional convolutions or linear maps with
-their own weights, layers with weights of a kind it does not know, and padding of channels.
+matrix products of activations (attention other than timm's ``Attention``, such as EVA's and
+Swin's), an attention layer with a forward of its own or q/k norms other than a LayerNorm or
+RmsNorm over one head, functional convolutions or linear maps with their own weights, layers with
+weights of a kind it does not know, and padding of channels.
 
 **Counts, split points, export.** Parameters per width are the slimmable layers' own counts
 (:func:`~kdreg_plugins.backbones.slimmable.count_params_at`), MACs the engine's counter on each
@@ -44,8 +57,8 @@ width's forward; at width 1.0 both equal the trunk's. The split points are the t
 ``feature_info`` stages, a built-in backbone's stages) where the traced graph can be cut (nothing
 later reads an earlier activation), the others listed in ``rejected_points``; :meth:`DerivedSlimmable.forward_segment` runs the
 full width, or width ``index``. :meth:`DerivedSlimmable.export_submodel` is one width as the traced
-graph calling plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (that width's own) / ``nn.Linear`` layers
-that hold only its channels.
+graph calling plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (that width's own) / ``nn.Linear`` /
+``timm.layers.Attention`` (that width's heads) layers that hold only its channels.
 
 **Weights.** The slimmable model starts from the trunk's weights: width 1.0 computes what the
 trunk computes, a narrow width uses their first channels (and the slice of each BatchNorm).
@@ -56,6 +69,7 @@ trained weights into ``trunk = "teacher"``) reaches the slimmable model the same
 **Modules.** :mod:`.tracing` traces the trunk; :mod:`.nodes` reads traced nodes (shapes,
 operands, reshapes); :mod:`.channels` finds the channel groups and what is refused;
 :mod:`.layers` holds the sliced layers and :mod:`.convert` swaps them into the graph;
+:mod:`.attention` slices timm's attention in whole heads;
 :mod:`.segments` cuts the graph at split points; :mod:`.model` is :class:`DerivedSlimmable`.
 
 **Training mode.** Functions the network calls with ``training=self.training`` (timm's dropout
@@ -82,7 +96,8 @@ def register(register: Any) -> None:
     register(
         "slimmable",
         build_slimmable,
-        description="any traceable CNN (timm or built-in) made slimmable: widths, a BN per width",
+        description="any traceable CNN or ViT (timm or built-in) made slimmable: widths, a BN per "
+                    "width",
     )
 
 

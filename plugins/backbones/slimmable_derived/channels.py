@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdreg.errors import OptionError
+from kdreg_plugins.backbones.slimmable_derived.attention import attention_refusal, attention_types
 from kdreg_plugins.backbones.slimmable_derived.layers import is_conv2d_same
 from kdreg_plugins.backbones.slimmable_derived.nodes import (
     CONCAT,
@@ -44,6 +45,8 @@ class ChannelGroup:
     owner: str  # the layer that creates it (for messages)
     fixed: str | None = None  # why it is never sliced
     multiple: int = 1  # sliced to whole groups of this many channels
+    #: attention heads of this many channels: a fixed width that cuts one is refused
+    head_dim: int = 1
     members: list[str] = field(default_factory=list)
     sizes: tuple[int, ...] = ()
 
@@ -86,6 +89,7 @@ class _Groups:
         self.parent[b] = a
         ia.fixed = ia.fixed or ib.fixed
         ia.multiple = math.lcm(ia.multiple, ib.multiple)
+        ia.head_dim = math.lcm(ia.head_dim, ib.head_dim)
         ia.members += ib.members
         return a
 
@@ -105,6 +109,10 @@ class ChannelAnalysis:
         self.layers: dict[str, tuple[int | None, int | None]] = {}
         #: get_attr nodes to slice: node -> (dim, group)
         self.sliced: dict[fx.Node, tuple[int, int]] = {}
+        #: the same by parameter name, which every get_attr node of a parameter shares
+        self.sliced_targets: dict[str, tuple[int, int]] = {}
+        #: attention layer target -> the group of its heads' channels
+        self.heads: dict[str, int] = {}
         #: reshape nodes whose fixed channel count becomes -1: node -> argument position
         self.reshapes: dict[fx.Node, int] = {}
         #: (refusal, the groups it touches, whether it stands whatever they are)
@@ -197,6 +205,8 @@ class ChannelAnalysis:
             self._linear(node, m, target)
         elif isinstance(m, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             self._norm(node, m, target)
+        elif isinstance(m, attention_types()):
+            self._attention(node, m, target)
         elif any(True for _ in itertools.chain(m.parameters(), m.buffers())):
             x, c = self._input(node)
             self.chan_like(node, c)
@@ -270,6 +280,33 @@ class ChannelAnalysis:
         gout = self._new(m.out_features, target)
         self._layer(target, gin, gout, node)
         self.chan[node] = (len(shape) - 1, gout)
+
+    def _attention(self, node: fx.Node, m: nn.Module, target: str) -> None:
+        """Multi-head self-attention over ``(batch, tokens, channels)``: its input channels, the
+        channels of its heads (a group of its own, sliced in whole heads) and its projection's."""
+        x, c = self._input(node)
+        reason = attention_refusal(m)
+        if reason is not None:
+            self._refuse(node, reason)
+        shape = shape_of(x)
+        assert shape is not None
+        if len(shape) != 3:
+            self._refuse(node, f"attends over a tensor of shape {list(shape)}, not (batch, "
+                               "tokens, channels)")
+        if c is None:
+            c = (2, self._new(shape[2], target, "computed from no sliced channels"))
+        if c[0] != 2:
+            self._refuse(node, "attends over a dimension other than the channels")
+        gin = c[1]
+        if target in self.heads:  # called twice: one set of heads
+            heads = self.heads[target]
+        else:
+            heads = self._new(m.attn_dim, target)
+            info = self.groups.get(heads)
+            info.head_dim = info.multiple = m.head_dim
+            self.heads[target] = heads
+        self._layer(target, gin, self._new(m.proj.out_features, target), node)
+        self.chan[node] = (2, self.layers[target][1])  # type: ignore[arg-type]
 
     def _norm(self, node: fx.Node, m: nn.Module, target: str) -> None:
         from timm.layers import GroupNorm as TimmGroupNorm
@@ -373,9 +410,13 @@ class ChannelAnalysis:
         size = (shape_of(first) or ())[cd]
         for a in tensor_args(node):
             if a not in self.chan and len(shape_of(a) or ()) == rank and size > 1:
-                self._refuse(node, f"concatenates the channels' tensors with a tensor of {size} "
-                                   "fixed channels (a learned token, as vision transformers "
-                                   "prepend)")
+                source = attr_source(a, cd)  # a learned token, as vision transformers prepend
+                if source is None:
+                    self._refuse(node, f"concatenates the channels' tensors with a tensor of "
+                                       f"{size} fixed channels, not a parameter's channels in "
+                                       "their order")
+                assert source is not None
+                g = self._slice_attr(source, g, node)
         self.chan[node] = (cd, g)
 
     def _split(self, node: fx.Node) -> None:
@@ -562,9 +603,20 @@ class ChannelAnalysis:
                     self._refuse(node, f"{op_name(node)} combines channels with a tensor of "
                                        f"{size} entries that is not a parameter")
                 assert source is not None
-                attr, dim = source
-                if attr in self.sliced and self.sliced[attr][0] == dim:
-                    group = self._union(group, self.sliced[attr][1], node)
-                self.sliced[attr] = (dim, group)
-                self.groups.get(group).members.append(str(attr.target))
+                group = self._slice_attr(source, group, node)
         self.chan[node] = (od, group)
+
+    def _slice_attr(self, source: tuple[fx.Node, int], group: int, node: fx.Node) -> int:
+        """Slice parameter ``source`` (a get_attr node, its dimension) with channel group
+        ``group``; returns the group, joined to the one the parameter is sliced with already."""
+        attr, dim = source
+        target = str(attr.target)
+        known = self.sliced_targets.get(target)
+        if known is not None:
+            if known[0] != dim:
+                self._refuse(node, f"reads parameter {target} with channels along dimension "
+                                   f"{dim}, another operation along dimension {known[0]}")
+            group = self._union(group, known[1], node)
+        self.sliced_targets[target] = self.sliced[attr] = (dim, group)
+        self.groups.get(group).members.append(target)
+        return group

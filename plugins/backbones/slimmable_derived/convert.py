@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from kdreg_plugins.backbones.slimmable_derived.attention import SlicedAttention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis
 from kdreg_plugins.backbones.slimmable_derived.layers import (
     DerivedConv2d,
@@ -43,11 +44,14 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
     for target, (gin, gout) in analysis.layers.items():
         m = gm.get_submodule(target)
         sin, sout = sizes(gin), sizes(gout)
-        if all(s is None or groups.get(g).fixed is not None  # type: ignore[arg-type]
-               for s, g in ((sin, gin), (sout, gout))):
+        gheads = analysis.heads.get(target)
+        if all(g is None or groups.get(g).fixed is not None for g in (gin, gout, gheads)):
             continue  # nothing of it is sliced: kept as it is
         new: nn.Module
-        if isinstance(m, nn.Conv2d):
+        if gheads is not None:
+            assert sin is not None and sout is not None
+            new = SlicedAttention(m, sin, groups.get(gheads).sizes, sout)
+        elif isinstance(m, nn.Conv2d):
             assert sin is not None and sout is not None
             new = DerivedConv2d(m, sin, sout)
         elif isinstance(m, nn.Linear):

@@ -95,12 +95,32 @@ class DerivedSlimmable(SlimmableBackbone):
                         f"no channel (int({small.size} x {width:g}) = 0); the narrowest width "
                         f"this trunk allows is {math.ceil(1e6 / small.size) / 1e6:g}",
                         key="widths")
+        if self.width_range is None:
+            for info in sliced:
+                self._check_whole_heads(info)
         slots = self.slot_widths
         for info in out.values():
             info.sizes = Channels([ChannelRule(info.size, info.multiple, info.fixed is not None)
                                    .at(w) for w in slots],
                                   ChannelRule(info.size, info.multiple, info.fixed is not None))
         return out
+
+    def _check_whole_heads(self, info: ChannelGroup) -> None:
+        """Refuse a width that keeps part of an attention head of ``info``'s channels, naming
+        the widths that keep whole heads (rounded up to four decimals, so they do)."""
+        if info.head_dim == 1:
+            return
+        heads = info.size // info.head_dim
+        for width in self.widths:
+            kept = int(info.size * width + 1e-9)
+            if kept % info.head_dim:
+                valid = ", ".join(f"{math.ceil(k / heads * 1e4 - 1e-6) / 1e4:g}"
+                                  for k in range(1, heads + 1))
+                raise OptionError(
+                    f"width {width:g} cuts an attention head of layer {info.owner} of trunk "
+                    f"{self.trunk_name} (int({info.size} x {width:g}) = {kept} channels, heads "
+                    f"of {info.head_dim}); the widths that keep whole heads are {valid}",
+                    key="widths")
 
     @staticmethod
     def _channels(info: ChannelGroup, width: float) -> int:

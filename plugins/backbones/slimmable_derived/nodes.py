@@ -51,6 +51,13 @@ REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, t
            "max", "min", "norm", torch.max, torch.min, torch.norm}
 
 
+#: operations on one tensor that act on each element alone (casts, copies, elementwise functions)
+PER_ELEMENT = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous",
+               "clone", "detach", "exp", "sigmoid", "tanh", "abs", "neg", "sqrt", "pow",
+               torch.exp, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.sqrt, torch.pow,
+               operator.neg, operator.pow, F.softplus, F.relu, F.gelu}
+
+
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
 
@@ -71,8 +78,9 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def attr_source(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
-    """The get_attr node that ``node`` is a reshape (or cast) of, and its dimension matching
-    ``node``'s dimension ``dim``; None when ``node`` comes from anything else."""
+    """The get_attr node that ``node`` is a reshape, cast or expansion of (a ViT's class token
+    expanded over the batch), and its dimension matching ``node``'s dimension ``dim``; None when
+    ``node`` comes from anything else or an expansion writes that dimension's size."""
     while node.op != "get_attr":
         if node.op not in ("call_method", "call_function") or len(tensor_args(node)) != 1:
             return None
@@ -81,9 +89,12 @@ def attr_source(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
             return None
         ins, outs = shape_of(parent), shape_of(node)
         assert ins is not None and outs is not None
+        back: int | None
         if node.target in RESHAPE:
             back = reshaped_dim(outs, ins, dim)
-        elif ins == outs:
+        elif node.target == "expand":
+            back = _expanded_dim(node, ins, outs, dim)
+        elif ins == outs and node.target in PER_ELEMENT:
             back = dim
         else:
             return None
@@ -91,9 +102,20 @@ def attr_source(node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
             return None
         node, dim = parent, back
     shape = shape_of(node)
-    if shape is None or sum(1 for s in shape if s > 1) != 1:
+    if shape is None or shape[dim] <= 1:
         return None
     return node, dim
+
+
+def _expanded_dim(node: fx.Node, ins: Sequence[int], outs: Sequence[int], d: int) -> int | None:
+    """Dimension ``d`` of ``Tensor.expand``'s output ``outs`` in its input ``ins``, when the
+    expansion keeps it (its size given as -1), else None."""
+    args: Any = node.args[1:]
+    sizes = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+    back = d - (len(outs) - len(ins))
+    if back < 0 or len(sizes) != len(outs) or sizes[d] != -1 or ins[back] != outs[d]:
+        return None
+    return back
 
 
 def reshaped_dim(ins: Sequence[int], outs: Sequence[int], d: int) -> int | None:

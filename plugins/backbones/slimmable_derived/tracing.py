@@ -4,6 +4,7 @@ layers that are sliced kept as modules, and the training flag read when the grap
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -16,13 +17,16 @@ def _leaf_types() -> tuple[tuple[type, ...], Callable[[type], bool]]:
     from timm.layers import DropPath
     from timm.layers._fx import is_notrace_module
 
-    kept = (nn.Conv2d, nn.Linear, _BatchNorm, nn.LayerNorm, nn.GroupNorm, DropPath)
+    from kdreg_plugins.backbones.slimmable_derived.attention import attention_types
+
+    kept = (nn.Conv2d, nn.Linear, _BatchNorm, nn.LayerNorm, nn.GroupNorm, DropPath,
+            *attention_types())
     return kept, is_notrace_module
 
 
 class _Tracer(fx.Tracer):
     """``torch.fx``'s tracer with timm's untraceable modules and functions kept whole, and
-    every convolution, linear and normalisation layer kept as a module."""
+    every convolution, linear, normalisation and attention layer kept as a module."""
 
     def __init__(self) -> None:
         from timm.layers._fx import get_notrace_functions
@@ -51,9 +55,28 @@ def trace(root: nn.Module, name: str) -> fx.GraphModule:
             raise OptionError(f"trunk {name} cannot be made slimmable: its traced forward "
                               "returns several outputs, not one tensor of logits", key="trunk")
         out.args = (value[0],)
+    _inputs_at_defaults(graph, name)
     _follow_training(root, graph)
     gm = fx.GraphModule(root, graph, class_name="SlimmableGraph")
     return gm
+
+
+def _inputs_at_defaults(graph: fx.Graph, name: str) -> None:
+    """Inputs of the forward after the image (a ViT's ``attn_mask``) become their defaults, the
+    values they take when the network is called with the image alone."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if not node.args:
+            raise OptionError(f"trunk {name} cannot be made slimmable: its forward takes input "
+                              f"{node.target!r} besides the image, without a default", key="trunk")
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = _replaced(user.args, node, default)
+            user.kwargs = _replaced(user.kwargs, node, default)
+        graph.erase_node(node)
+
+
+def _replaced(value: Any, node: fx.Node, by: Any) -> Any:
+    return fx.node.map_arg(value, lambda a: by if a is node else a)
 
 
 class TrainingFlag(nn.Module):
