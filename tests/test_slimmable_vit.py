@@ -1,5 +1,6 @@
-"""``slimmable`` over timm vision transformers: widths slice the embedding, every token, whole heads
-of each of q, k and v, the MLP, every LayerNorm and layer scale (plugins/backbones/slimmable_derived/)."""
+"""``slimmable`` over timm vision transformers (ViT, DeiT, DeiT-III, EVA-02): widths slice the
+embedding, every token, whole heads of each of q, k and v, the MLP, every LayerNorm and layer scale
+(plugins/backbones/slimmable_derived/)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import timm
 import torch
 from timm.layers import Attention
+from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
 import kdreg
@@ -29,7 +31,7 @@ SMALL = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: name -> (timm model, its options besides SMALL): the ViT variants the slicer must follow
+#: name -> (timm model, its options besides SMALL): the transformers the slicer must follow
 VITS: dict[str, tuple[str, dict[str, Any]]] = {
     # a class token, a position embedding over it, a classifier on the class token
     "vit": ("vit_tiny_patch16_224", {}),
@@ -41,6 +43,12 @@ VITS: dict[str, tuple[str, dict[str, Any]]] = {
     "gap-qk-norm": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg",
                                              "qk_norm": True, "qkv_bias": False,
                                              "scale_attn_norm": True, "scale_mlp_norm": True}),
+    # EVA-02: fused q, k, v with q and v biases, rotary position embedding, SwiGLU MLP with its
+    # norm, layer scale as parameters of the block
+    "eva02": ("eva02_tiny_patch14_224", {"mlp_ratio": 4, "scale_mlp": True, "init_values": 0.5}),
+    # EVA-02 with q, k and v projected apart (as eva02_base)
+    "eva02-separate-qkv": ("eva02_tiny_patch14_224", {"mlp_ratio": 4, "scale_mlp": True,
+                                                      "qkv_fused": False}),
 }
 
 
@@ -125,7 +133,7 @@ def test_each_width_is_the_plain_timm_vit_of_its_shape_and_exports_as_it(name: s
             torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-5)
         assert model.count_params()[index] == n_params(plain) == n_params(exported), width
         assert not any(isinstance(m, SlimmableMixin) for m in exported.modules())
-        heads = [m.num_heads for m in exported.modules() if isinstance(m, Attention)]
+        heads = [m.num_heads for m in exported.modules() if isinstance(m, (Attention, EvaAttention))]
         assert heads == [int(SMALL["num_heads"] * width)] * SMALL["depth"]
 
 
@@ -237,6 +245,13 @@ def test_a_query_norm_that_mixes_heads_is_refused_naming_the_layer() -> None:
     assert _refusal(trunk) == (
         "trunk vit cannot be made slimmable: layer blocks.1.attn normalises its heads with q_norm "
         "(Softmax), which is not a LayerNorm or RmsNorm over one head")
+
+
+def test_a_gated_mlp_that_splits_its_channels_is_refused_naming_the_layer() -> None:
+    trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model="eva02_tiny_patch14_224",
+                       model_options=SMALL)  # EVA-02 tiny's GluMlp: one fc1, chunked in two
+    assert _refusal(trunk) == ("trunk vit cannot be made slimmable: layer blocks.0.mlp splits "
+                               "channels (Tensor.chunk): their slices cannot stay consistent")
 
 
 def test_other_transformer_blocks_are_refused_naming_the_layer() -> None:

@@ -22,12 +22,15 @@ expanded over the batch and concatenated to the patches) are sliced with the ten
 stem's input and the classifier's output are never sliced; the classifier's input is.
 
 **Attention.** timm's multi-head self-attention (``timm.layers.Attention``, every ViT, DeiT and
-DeiT-III block) is kept whole and sliced in whole heads (:mod:`.attention`): its input and its
+DeiT-III block; ``EvaAttention``, EVA and EVA-02 with their rotary position embeddings, fused or
+separate q, k and v) is kept whole and sliced in whole heads (:mod:`.attention`): its input and its
 projection's output follow their channel groups; its heads' channels are a group of their own,
 which runs the same first heads of each of q, k and v of the fused ``qkv`` projection, the head
 size kept, so that a narrow width is the timm ViT of its embedding and heads holding the first
 channels of the weights. A list of widths must keep whole heads (a width that cuts one is an error
-naming the widths that do); a width range rounds each width down to whole heads.
+naming the widths that do); a width range rounds each width down to whole heads. The MLP's hidden
+units follow the ``int(C * w)`` rule: with an MLP ratio that is not a whole number (EVA-02's 8/3)
+a width may keep one unit fewer than the timm model built at its embedding.
 
 **Channel constraints.** Every tensor's channel dimension belongs to a *channel group*, the
 channels that must be sliced together, found by propagating through the graph: a convolution or
@@ -46,9 +49,9 @@ channel is an error naming its layer and the narrowest width the trunk allows.
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
 the layer and the reason: concatenation or splitting along channels (DenseNet, GhostNet),
 slicing or indexing channels, reshapes that mix channels with other dimensions (channel shuffle),
-matrix products of activations (attention other than timm's ``Attention``, such as EVA's and
-Swin's), an attention layer with a forward of its own or q/k norms other than a LayerNorm or
-RmsNorm over one head, functional convolutions or linear maps with their own weights, layers with
+matrix products of activations (attention other than timm's ``Attention`` and ``EvaAttention``,
+such as Swin's windows), an attention layer with a forward of its own or q/k norms other than a LayerNorm
+or RmsNorm over one head, functional convolutions or linear maps with their own weights, layers with
 weights of a kind it does not know, and padding of channels.
 
 **Counts, split points, export.** Parameters per width are the slimmable layers' own counts

@@ -1,10 +1,11 @@
 """timm's multi-head self-attention sliced in whole heads.
 
-A vision transformer's attention (``timm.layers.Attention``) is kept whole when the trunk is traced
-and replaced by :class:`SlicedAttention`: at width ``i`` it reads the first ``in_list[i]`` channels
-of its input, runs the first ``dims[i] / head_dim`` heads (the same rows of each of q, k and v of the
-fused ``qkv`` projection, the head size kept), and writes the first ``out_list[i]`` channels of its
-projection. ``plain(index)`` is that width as a ``timm.layers.Attention`` of its shape.
+The attention of a vision transformer (``timm.layers.Attention``: ViT, DeiT, DeiT-III; timm's
+``EvaAttention``: EVA, EVA-02 with rotary position embeddings) is kept whole when the trunk is
+traced and replaced by :class:`SlicedAttention` (:class:`SlicedEvaAttention`): at width ``i`` it
+reads the first ``in_list[i]`` channels of its input, runs the first ``dims[i] / head_dim`` heads
+(the same rows of each of q, k and v, the head size kept) and writes the first ``out_list[i]``
+channels of its projection. ``plain(index)`` is that width as the original class of its shape.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from kdreg_plugins.backbones.slimmable import SlimmableMixin, corner
 
 
 def attention_types() -> tuple[type, ...]:
-    """The attention layers a trunk's trace keeps whole (for :class:`SlicedAttention`)."""
+    """The attention layers a trunk's trace keeps whole (for :func:`sliced_attention`)."""
     from timm.layers import Attention
+    from timm.models.eva import EvaAttention
 
-    return (Attention,)
+    return (Attention, EvaAttention)
 
 
 def _plain_layer_norm(m: nn.Module) -> bool:
@@ -34,9 +36,9 @@ def _plain_layer_norm(m: nn.Module) -> bool:
 
 def attention_refusal(m: nn.Module) -> str | None:
     """Why attention layer ``m`` cannot be sliced in whole heads, or None when it can."""
-    from timm.layers import Attention, RmsNorm
+    from timm.layers import RmsNorm
 
-    if type(m).forward is not Attention.forward:
+    if not any(type(m).forward is kind.forward for kind in attention_types()):
         return f"({type(m).__name__}) is an attention layer with a forward of its own"
     for name in ("q_norm", "k_norm"):
         norm = getattr(m, name)
@@ -50,6 +52,25 @@ def attention_refusal(m: nn.Module) -> str | None:
         return (f"normalises its heads' output with {type(m.norm).__name__}, which is not a "
                 "LayerNorm that can be sliced")
     return None
+
+
+def sliced_attention(attn: nn.Module, in_list: Sequence[int], dims: Sequence[int],
+                     out_list: Sequence[int]) -> SlicedAttention:
+    """The sliced counterpart of attention layer ``attn`` (one :func:`attention_refusal` passed)."""
+    from timm.models.eva import EvaAttention
+
+    kind = SlicedEvaAttention if isinstance(attn, EvaAttention) else SlicedAttention
+    return kind(attn, in_list, dims, out_list)
+
+
+def _sliced_linear(layer: nn.Linear, rows: int, cols: int) -> nn.Linear:
+    out = nn.Linear(cols, rows, bias=layer.bias is not None, device=layer.weight.device,
+                    dtype=layer.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(layer.weight[:rows, :cols])
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias[:rows])
+    return out
 
 
 class SlicedAttention(nn.Module, SlimmableMixin):
@@ -77,14 +98,24 @@ class SlicedAttention(nn.Module, SlimmableMixin):
     def _active(self, i: int) -> tuple[int, int, int]:
         return self.in_list[i], self.dims[i], self.out_list[i]
 
+    # ------------------------------------------------------------------ forward
     def _qkv(self, cin: int, dim: int) -> tuple[Tensor, Tensor | None]:
-        """The rows of the active heads of each of q, k and v, and their input columns."""
+        """The rows of the active heads of each of q, k and v of the fused projection, and their
+        input columns."""
+        assert self.qkv is not None
         w, b = self.qkv.weight, self.qkv.bias
         full = w.shape[0] // 3
         if dim == full and cin == w.shape[1]:
             return w, b
         w = w.view(3, full, w.shape[1])[:, :dim, :cin].reshape(3 * dim, cin)
         return w, None if b is None else b.view(3, full)[:, :dim].reshape(3 * dim)
+
+    def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v of the active heads, each ``(batch, heads, tokens, head_dim)``."""
+        w, b = self._qkv(cin, dim)
+        qkv = F.linear(x, w, b).reshape(x.shape[0], x.shape[1], 3, -1, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
     def _norm(self, x: Tensor, dim: int) -> Tensor:
         norm = self.norm
@@ -99,8 +130,8 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         bias = corner(layer.bias, cout) if layer.bias is not None else None
         return F.linear(x, corner(layer.weight, cout, cin), bias)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
+    def _run(self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None,
+             is_causal: bool) -> Tensor:
         from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
         i = self.width_index
@@ -110,10 +141,10 @@ class SlicedAttention(nn.Module, SlimmableMixin):
                              f"channels, got {x.shape[-1]}")
         B, N, _ = x.shape
         gate = self._linear(self.gate, x, dim, cin).sigmoid() if self.gate is not None else None
-        w, b = self._qkv(cin, dim)
-        qkv = F.linear(x, w, b).reshape(B, N, 3, dim // self.head_dim, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._heads(x, cin, dim)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -127,9 +158,21 @@ class SlicedAttention(nn.Module, SlimmableMixin):
             x = x * gate
         return self.proj_drop(self._linear(self.proj, x, cout, dim))
 
+    def _rotate(self, t: Tensor, rope: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__} takes no rotary position embedding")
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        return self._run(x, None, attn_mask, is_causal)
+
+    # ------------------------------------------------------------------ counts, export
+    def _qkv_params(self, cin: int, dim: int) -> int:
+        assert self.qkv is not None
+        return 3 * dim * cin + (3 * dim if self.qkv.bias is not None else 0)
+
     def params_at(self, index: int) -> int:
         cin, dim, cout = self._active(self.check_width(index))
-        count = 3 * dim * cin + (3 * dim if self.qkv.bias is not None else 0)
+        count = self._qkv_params(cin, dim)
         count += cout * dim + (cout if self.proj.bias is not None else 0)
         if self.gate is not None:
             count += dim * cin + (dim if self.gate.bias is not None else 0)
@@ -137,41 +180,117 @@ class SlicedAttention(nn.Module, SlimmableMixin):
             count += dim * sum(p is not None for p in (self.norm.weight, self.norm.bias))
         return count + sum(p.numel() for m in (self.q_norm, self.k_norm) for p in m.parameters())
 
-    def plain(self, index: int) -> nn.Module:
-        """Width ``index`` as a ``timm.layers.Attention`` of its heads holding their weights."""
+    def _plain_attention(self, cin: int, dim: int) -> nn.Module:
+        """The original class with the active heads, its own projections still to fill."""
         from timm.layers import Attention
 
-        cin, dim, cout = self._active(self.check_width(index))
-        w = self.qkv.weight
+        w, _ = self._qkv(cin, dim)
         out = Attention(cin, num_heads=dim // self.head_dim, attn_head_dim=self.head_dim,
-                        dim_out=cout, qkv_bias=self.qkv.bias is not None,
-                        proj_bias=self.proj.bias is not None, gated=self.gate is not None,
-                        attn_drop=self.attn_drop.p, proj_drop=self.proj_drop.p,
+                        qkv_bias=self.qkv is not None and self.qkv.bias is not None,
                         device=w.device, dtype=w.dtype)
-        out.fused_attn = self.fused_attn
-        out.q_norm, out.k_norm = copy.deepcopy(self.q_norm), copy.deepcopy(self.k_norm)
-        if not isinstance(self.norm, nn.Identity):
-            norm = copy.deepcopy(self.norm)
-            norm.normalized_shape = (dim,)
-            for name in ("weight", "bias"):
-                p = getattr(norm, name)
-                if p is not None:
-                    setattr(norm, name, nn.Parameter(p.detach()[:dim].clone(), p.requires_grad))
-            out.norm = norm
         with torch.no_grad():
             weight, bias = self._qkv(cin, dim)
             out.qkv.weight.copy_(weight)
             if bias is not None:
                 out.qkv.bias.copy_(bias)
-            for mine, theirs, rows, cols in ((self.proj, out.proj, cout, dim),
-                                             (self.gate, out.gate, dim, cin)):
-                if mine is None:
-                    continue
-                theirs.weight.copy_(mine.weight[:rows, :cols])
-                if mine.bias is not None:
-                    theirs.bias.copy_(mine.bias[:rows])
+        return out
+
+    def plain(self, index: int) -> nn.Module:
+        """Width ``index`` as the original attention class of its heads holding their weights."""
+        cin, dim, cout = self._active(self.check_width(index))
+        out = self._plain_attention(cin, dim)
+        out.fused_attn = self.fused_attn
+        out.q_norm, out.k_norm = copy.deepcopy(self.q_norm), copy.deepcopy(self.k_norm)
+        out.attn_drop, out.proj_drop = copy.deepcopy(self.attn_drop), copy.deepcopy(self.proj_drop)
+        out.proj = _sliced_linear(self.proj, cout, dim)
+        out.gate = None if self.gate is None else _sliced_linear(self.gate, dim, cin)
+        out.norm = copy.deepcopy(self.norm)
+        if not isinstance(self.norm, nn.Identity):
+            out.norm.normalized_shape = (dim,)
+            for name in ("weight", "bias"):
+                p = getattr(out.norm, name)
+                if p is not None:
+                    setattr(out.norm, name, nn.Parameter(p.detach()[:dim].clone(), p.requires_grad))
         return out
 
     def extra_repr(self) -> str:
         return (f"in_list={self.in_list}, dims={self.dims}, out_list={self.out_list}, "
                 f"head_dim={self.head_dim}")
+
+
+class SlicedEvaAttention(SlicedAttention):
+    """timm's ``EvaAttention`` sliced as :class:`SlicedAttention`: q, k and v from one fused
+    projection (its q and v biases, zero k bias, sliced alike) or three; the rotary position
+    embedding acts within one head and is never sliced."""
+
+    k_bias: Tensor | None
+
+    def __init__(self, attn: nn.Module, in_list: Sequence[int], dims: Sequence[int],
+                 out_list: Sequence[int]):
+        super().__init__(attn, in_list, dims, out_list)
+        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
+        self.register_buffer("k_bias", attn.k_bias, persistent=False)
+        self.qkv_bias_separate = bool(attn.qkv_bias_separate)
+        self.num_prefix_tokens = int(attn.num_prefix_tokens)
+        self.rotate_half = bool(attn.rotate_half)
+
+    def _bias(self, dim: int) -> Tensor | None:
+        if self.q_bias is None or self.v_bias is None or self.k_bias is None:
+            return None
+        return torch.cat((self.q_bias[:dim], self.k_bias[:dim], self.v_bias[:dim]))
+
+    def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        B, N, _ = x.shape
+        if self.qkv is None:
+            return tuple(  # type: ignore[return-value]
+                self._linear(p, x, dim, cin).reshape(B, N, -1, self.head_dim).transpose(1, 2)
+                for p in (self.q_proj, self.k_proj, self.v_proj))
+        w, _ = self._qkv(cin, dim)
+        bias = self._bias(dim)
+        if self.qkv_bias_separate and bias is not None:
+            qkv = F.linear(x, w) + bias
+        else:
+            qkv = F.linear(x, w, bias)
+        q, k, v = qkv.reshape(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _rotate(self, t: Tensor, rope: Tensor) -> Tensor:
+        from timm.layers import apply_rot_embed_cat
+
+        n = self.num_prefix_tokens
+        return torch.cat([t[:, :, :n, :], apply_rot_embed_cat(t[:, :, n:, :], rope,
+                                                              half=self.rotate_half)], dim=2)
+
+    def forward(self, x: Tensor, rope: Tensor | None = None,  # type: ignore[override]
+                attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self._run(x, rope, attn_mask, is_causal)
+
+    def _qkv_params(self, cin: int, dim: int) -> int:
+        if self.qkv is None:
+            return sum(dim * cin + (dim if p.bias is not None else 0)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+        return 3 * dim * cin + dim * ((self.q_bias is not None) + (self.v_bias is not None))
+
+    def _plain_attention(self, cin: int, dim: int) -> nn.Module:
+        from timm.models.eva import EvaAttention
+
+        fused = self.qkv is not None
+        out = EvaAttention(cin, num_heads=dim // self.head_dim, attn_head_dim=self.head_dim,
+                           qkv_bias=(self.q_bias is not None if fused
+                                     else self.q_proj.bias is not None),
+                           qkv_fused=fused, qkv_bias_separate=self.qkv_bias_separate,
+                           num_prefix_tokens=self.num_prefix_tokens, scale_norm=False,
+                           rotate_half=self.rotate_half, device=self.proj.weight.device,
+                           dtype=self.proj.weight.dtype)
+        with torch.no_grad():
+            if fused:
+                out.qkv.weight.copy_(self._qkv(cin, dim)[0])
+                for name in ("q_bias", "k_bias", "v_bias"):
+                    mine = getattr(self, name)
+                    if mine is not None:
+                        getattr(out, name).copy_(mine[:dim])
+            else:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    setattr(out, name, _sliced_linear(getattr(self, name), dim, cin))
+        return out

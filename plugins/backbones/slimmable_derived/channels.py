@@ -301,7 +301,7 @@ class ChannelAnalysis:
         if target in self.heads:  # called twice: one set of heads
             heads = self.heads[target]
         else:
-            heads = self._new(m.attn_dim, target)
+            heads = self._new(m.num_heads * m.head_dim, target)
             info = self.groups.get(heads)
             info.head_dim = info.multiple = m.head_dim
             self.heads[target] = heads

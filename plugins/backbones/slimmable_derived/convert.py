@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdreg_plugins.backbones.slimmable_derived.attention import SlicedAttention
+from kdreg_plugins.backbones.slimmable_derived.attention import sliced_attention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis
 from kdreg_plugins.backbones.slimmable_derived.layers import (
     DerivedConv2d,
@@ -50,7 +50,7 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
         new: nn.Module
         if gheads is not None:
             assert sin is not None and sout is not None
-            new = SlicedAttention(m, sin, groups.get(gheads).sizes, sout)
+            new = sliced_attention(m, sin, groups.get(gheads).sizes, sout)
         elif isinstance(m, nn.Conv2d):
             assert sin is not None and sout is not None
             new = DerivedConv2d(m, sin, sout)
