@@ -4,6 +4,7 @@ embedding, every token, whole heads of each of q, k and v, the MLP, every LayerN
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,20 +248,26 @@ def test_a_query_norm_that_mixes_heads_is_refused_naming_the_layer() -> None:
         "(Softmax), which is not a LayerNorm or RmsNorm over one head")
 
 
-def test_a_gated_mlp_that_splits_its_channels_is_refused_naming_the_layer() -> None:
-    trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model="eva02_tiny_patch14_224",
-                       model_options=SMALL)  # EVA-02 tiny's GluMlp: one fc1, chunked in two
-    assert _refusal(trunk) == ("trunk vit cannot be made slimmable: layer blocks.0.mlp splits "
-                               "channels (Tensor.chunk): their slices cannot stay consistent")
+#: transformer -> (timm model, its options, the layer named in the refusal, the reason given)
+REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    # EVA-02 tiny's GluMlp: one fc1 chunked in two halves
+    "eva02 (GluMlp)": ("eva02_tiny_patch14_224", SMALL, "blocks.0.mlp", "splits channels"),
+    # window attention over heads and channels reshaped together
+    "swin": ("swin_tiny_patch4_window7_224",
+             {"depths": (1, 1), "embed_dim": 32, "num_heads": (2, 4), "window_size": 4,
+              "patch_size": 2},
+             "layers.0.blocks.0.attn", "reshapes channels together with other dimensions"),
+}
 
 
-def test_other_transformer_blocks_are_refused_naming_the_layer() -> None:
-    trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model="swin_tiny_patch4_window7_224",
-                       model_options={"depths": (1, 1), "embed_dim": 32, "num_heads": (2, 4),
-                                      "window_size": 4, "patch_size": 2})
-    assert _refusal(trunk).startswith(
-        "trunk vit cannot be made slimmable: layer layers.0.blocks.0.attn reshapes channels "
-        "together with other dimensions")
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_other_transformer_blocks_are_refused_naming_the_layer(family: str) -> None:
+    model, options, layer, reason = REFUSED[family]
+    trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model=model,
+                       model_options=options)
+    message = _refusal(trunk)
+    assert message.startswith(f"trunk vit cannot be made slimmable: layer {layer} {reason}")
+    assert "\n" not in message
 
 
 # ------------------------------------------------------------------------------ training
@@ -282,3 +289,28 @@ def test_a_slimmable_vit_trains_one_ipkd_ta_m_step() -> None:
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
     assert unchanged == []  # every token, head, norm and classifier took part
+
+
+# ------------------------------------------------------------------------------ the README
+#: family -> the entry of VITS made slimmable, and what the tests above check of it
+MADE = {"vit": "vit", "deit-distilled": "deit-distilled", "vit-registers": "dinov2-registers",
+        "eva02 (SwiGLU MLP of ratio 4)": "eva02"}
+
+
+def transformer_rows() -> str:
+    """The transformers' rows of the README's family table, as this file's tests make them."""
+    made = "yes: every width is the timm model of its embedding and heads"
+    lines = [f"| {family} | `{VITS[key][0]}`, 2 blocks of 4 heads (`test_slimmable_vit.py`) | "
+             f"{made}{'; trained one IPKD-TA-M step' if key == 'deit-distilled' else ''} |"
+             for family, key in MADE.items()]
+    lines += [f"| {family} | `{model}` | refused: layer `{layer}` {reason} |"
+              for family, (model, _, layer, reason) in REFUSED.items()]
+    return "\n".join(lines)
+
+
+def test_the_readme_family_table_ends_with_this_tests_transformers() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = transformer_rows()
+    assert rows in readme, "README's family table lacks, after its CNNs:\n" + rows
+    before = readme[:readme.index(rows)].rstrip("\n").rsplit("\n", 1)[-1]
+    assert before.startswith("| ") and "|---|" not in before  # the CNN rows' table
