@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import timm
 import torch
-from timm.layers import Attention
+from timm.layers import Attention, GluMlp
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
 import kdreg
+from kdreg.backbone import FlexibleBackbone
 from kdreg.engine.step import LossSettings, backward
 from kdreg.errors import OptionError, RecipeError
 from kdreg.export import Normalised, standalone, to_program
@@ -47,6 +48,8 @@ VITS: dict[str, tuple[str, dict[str, Any]]] = {
     # EVA-02: fused q, k, v with q and v biases, rotary position embedding, SwiGLU MLP with its
     # norm, layer scale as parameters of the block
     "eva02": ("eva02_tiny_patch14_224", {"mlp_ratio": 4, "scale_mlp": True, "init_values": 0.5}),
+    # EVA-02 tiny's own MLP (GluMlp): one fc1 whose output is chunked into value and gate
+    "eva02-glu": ("eva02_tiny_patch14_224", {"mlp_ratio": 4}),
     # EVA-02 with q, k and v projected apart (as eva02_base)
     "eva02-separate-qkv": ("eva02_tiny_patch14_224", {"mlp_ratio": 4, "scale_mlp": True,
                                                       "qkv_fused": False}),
@@ -83,14 +86,17 @@ def batch(n: int = 2) -> Tensor:
 
 def sliced_state(full: dict[str, Tensor], plain: nn.Module) -> dict[str, Tensor]:
     """``full``'s weights cut to the shapes of ``plain``'s: the first entries of every dimension,
-    and of each of q, k and v of a fused ``qkv`` projection."""
+    and of each of q, k and v of a fused ``qkv`` projection and of the value and gate of a
+    ``GluMlp``'s ``fc1``."""
+    glu = {f"{path}.fc1." for path, m in plain.named_modules() if isinstance(m, GluMlp)}
     out = {}
     for key, t in plain.state_dict().items():
         src, shape = full[key], tuple(t.shape)
-        if ".attn.qkv." in key:  # q, k and v stacked: the first rows of each
-            src = src.reshape(3, src.shape[0] // 3, *src.shape[1:])
-            shape = (3, shape[0] // 3, *shape[1:])
-        out[key] = src[tuple(slice(0, n) for n in shape)].reshape(t.shape)
+        n = 3 if ".attn.qkv." in key else 2 if key.rsplit(".", 1)[0] + "." in glu else 1
+        if n > 1:  # stacked chunks: the first rows of each
+            src = src.reshape(n, src.shape[0] // n, *src.shape[1:])
+            shape = (n, shape[0] // n, *shape[1:])
+        out[key] = src[tuple(slice(0, k) for k in shape)].reshape(t.shape)
     return out
 
 
@@ -161,6 +167,15 @@ def test_a_width_exports_as_a_program_of_its_parameters_and_macs() -> None:
     x = torch.rand(3, 3, *SIZE)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), Normalised(net, mean, std)(x))
+
+
+def test_widths_short_of_the_full_width_keep_all_of_the_trunks_weights() -> None:
+    trunk = scrambled_trunk("vit_tiny_patch16_224")
+    model = DerivedSlimmable(trunk, (0.25, 0.5), name="vit", input_size=SIZE).eval()
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_submodel(x, 1), plain_vit("vit", 0.5)(x),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_heads_are_whole_in_each_of_q_k_and_v() -> None:
@@ -250,8 +265,6 @@ def test_a_query_norm_that_mixes_heads_is_refused_naming_the_layer() -> None:
 
 #: transformer -> (timm model, its options, the layer named in the refusal, the reason given)
 REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
-    # EVA-02 tiny's GluMlp: one fc1 chunked in two halves
-    "eva02 (GluMlp)": ("eva02_tiny_patch14_224", SMALL, "blocks.0.mlp", "splits channels"),
     # window attention over heads and channels reshaped together
     "swin": ("swin_tiny_patch4_window7_224",
              {"depths": (1, 1), "embed_dim": 32, "num_heads": (2, 4), "window_size": 4,
@@ -268,6 +281,35 @@ def test_other_transformer_blocks_are_refused_naming_the_layer(family: str) -> N
     message = _refusal(trunk)
     assert message.startswith(f"trunk vit cannot be made slimmable: layer {layer} {reason}")
     assert "\n" not in message
+
+
+class _ChunkedTrunk(FlexibleBackbone):
+    """A convolution's output chunked in two (only a linear layer's chunks are sliced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(8, C)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        a, b = self.conv(x).chunk(2, dim=1)
+        return [self.fc((a * b.sigmoid()).mean((2, 3)))]
+
+
+def test_a_split_of_channels_other_than_a_linear_layers_chunks_is_refused() -> None:
+    with pytest.raises(OptionError) as err:
+        DerivedSlimmable(_ChunkedTrunk(), WIDTHS, name="chunked", input_size=SIZE)
+    assert str(err.value) == ("trunk chunked cannot be made slimmable: layer chunk splits channels "
+                              "(Tensor.chunk): their slices cannot stay consistent")
+
+
+def test_a_gated_mlp_writes_the_first_channels_of_each_chunk() -> None:
+    _, model = vit("eva02-glu")
+    fc1 = model.net.get_submodule("blocks.0.mlp.fc1")
+    assert fc1.chunks == 2 and fc1.out_list == (64, 128, 192, 256)
+    assert model.layer_channels("blocks.0.mlp.fc1") == ((16, 32, 48, 64), (128, 256, 384, 512))
+    weight, _ = fc1._rows(64, 16)
+    assert torch.equal(weight, torch.cat([fc1.weight[:64, :16], fc1.weight[256:320, :16]]))
 
 
 # ------------------------------------------------------------------------------ training
@@ -294,7 +336,7 @@ def test_a_slimmable_vit_trains_one_ipkd_ta_m_step() -> None:
 # ------------------------------------------------------------------------------ the README
 #: family -> the entry of VITS made slimmable, and what the tests above check of it
 MADE = {"vit": "vit", "deit-distilled": "deit-distilled", "vit-registers": "dinov2-registers",
-        "eva02 (SwiGLU MLP of ratio 4)": "eva02"}
+        "eva02 (SwiGLU MLP of ratio 4)": "eva02", "eva02 (GluMlp of ratio 4)": "eva02-glu"}
 
 
 def transformer_rows() -> str:

@@ -37,7 +37,9 @@ channels that must be sliced together, found by propagating through the graph: a
 linear layer starts a new group at its output; normalisation, activations, pooling, depthwise and
 grouped convolutions keep their input's; tensors combined elementwise (a residual addition, a
 squeeze-excitation gate multiplying its input) share one group; permutes and reshapes that keep
-the channel dimension whole carry it along (a fixed channel count in a reshape becomes ``-1``).
+the channel dimension whole carry it along (a fixed channel count in a reshape becomes ``-1``); a
+linear layer's output cut into equal chunks (a gated MLP's value and gate, timm's ``GluMlp``) is a
+group of the chunk's size, the layer writing the first channels of each chunk.
 Groups joined to the image or to the logits stay whole; so do a group of one channel (a spatial
 gate broadcast over the channels) and tensors computed from no sliced channels (the image, a
 reduction over the channels). A group of ``C`` channels runs ``int(C * w)`` of them at width
@@ -47,7 +49,8 @@ grouped convolution or GroupNorm (at least one group); a width that leaves the s
 channel is an error naming its layer and the narrowest width the trunk allows.
 
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
-the layer and the reason: concatenation or splitting along channels (DenseNet, GhostNet),
+the layer and the reason: concatenation along channels (DenseNet, GhostNet), splitting them
+other than a linear layer's output into equal chunks,
 slicing or indexing channels, reshapes that mix channels with other dimensions (channel shuffle),
 matrix products of activations (attention other than timm's ``Attention`` and ``EvaAttention``,
 such as Swin's windows), an attention layer with a forward of its own or q/k norms other than a LayerNorm

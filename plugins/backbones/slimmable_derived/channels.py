@@ -113,6 +113,8 @@ class ChannelAnalysis:
         self.sliced_targets: dict[str, tuple[int, int]] = {}
         #: attention layer target -> the group of its heads' channels
         self.heads: dict[str, int] = {}
+        #: linear layer target -> the number of equal chunks its output is cut into
+        self.chunks: dict[str, int] = {}
         #: reshape nodes whose fixed channel count becomes -1: node -> argument position
         self.reshapes: dict[fx.Node, int] = {}
         #: (refusal, the groups it touches, whether it stands whatever they are)
@@ -427,10 +429,38 @@ class ChannelAnalysis:
         default = 0
         pos = 1 if node.target in (torch.unbind, "unbind") else 2
         d = self._dim(node, default, pos)
-        if d is None or d % rank == cd:
+        if d is not None and d % rank == cd:
+            g = self._chunks_of_linear(node, x, cd)
+        elif d is None:
             self._refuse(node, f"splits channels ({op_name(node)}): their slices cannot stay "
                                "consistent")
         self.chan[node] = (cd, g)
+
+    def _chunks_of_linear(self, node: fx.Node, x: fx.Node, cd: int) -> int:
+        """The group of each of the equal chunks that ``node`` cuts the output ``x`` of a linear
+        layer into (a gated MLP's value and gate), the layer then sliced chunk by chunk; refused
+        for any other split of channels."""
+        size = (shape_of(x) or ())[cd]
+        args: Any = node.args
+        n: Any = None
+        if node.target in (torch.chunk, "chunk"):
+            n = node.kwargs.get("chunks", args[1] if len(args) > 1 else None)
+        elif node.target in (torch.split, "split"):
+            part = node.kwargs.get("split_size_or_sections",
+                                   node.kwargs.get("split_size", args[1] if len(args) > 1 else None))
+            n = size // part if isinstance(part, int) and part > 0 and size % part == 0 else None
+        target = str(x.target)
+        layer = self.modules.get(target) if x.op == "call_module" else None
+        if (not isinstance(n, int) or n < 2 or size % n or not isinstance(layer, nn.Linear)
+                or len(x.users) != 1 or self.groups.get(self.chan[x][1]).members != [target]):
+            self._refuse(node, f"splits channels ({op_name(node)}): their slices cannot stay "
+                               "consistent")
+        whole = self.groups.get(self.chan[x][1])
+        whole.fixed = "sliced as its chunks"
+        g = self._new(size // n, target)
+        self.layers[target] = (self.layers[target][0], g)
+        self.chunks[target] = n
+        return g
 
     def _getitem(self, node: fx.Node) -> None:
         x, index = node.args[0], node.args[1]

@@ -56,7 +56,7 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
             new = DerivedConv2d(m, sin, sout)
         elif isinstance(m, nn.Linear):
             assert sin is not None and sout is not None
-            new = DerivedLinear(m, sin, sout)
+            new = DerivedLinear(m, sin, sout, analysis.chunks.get(target, 1))
         elif isinstance(m, _BatchNorm):
             assert sout is not None
             new = SwitchableNorm(m, sout)

@@ -100,26 +100,63 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: 
 
 
 class DerivedLinear(SlimmableLinear):
-    """A slimmable copy of an ``nn.Linear`` (over the last dimension)."""
+    """A slimmable copy of an ``nn.Linear`` (over the last dimension), holding all of its weight
+    whatever the widest width. ``chunks = n``: its output is ``n`` equal chunks (a gated MLP's
+    value and gate, chunked after it) and width ``i`` writes the first ``out_list[i]`` channels of
+    each."""
 
-    def __init__(self, linear: nn.Linear, in_list: Sequence[int], out_list: Sequence[int]):
-        super().__init__(in_list, out_list, bias=linear.bias is not None)
-        self.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    def __init__(self, linear: nn.Linear, in_list: Sequence[int], out_list: Sequence[int],
+                 chunks: int = 1):
+        nn.Linear.__init__(self, linear.in_features, linear.out_features,
+                           bias=linear.bias is not None, device=linear.weight.device,
+                           dtype=linear.weight.dtype)
+        self.in_list = tuple(int(c) for c in in_list)
+        self.out_list = tuple(int(c) for c in out_list)
+        self.chunks = chunks
+        self._record_rules(in_list=in_list, out_list=out_list)
+        self._init_widths(len(self.in_list))
         with torch.no_grad():
             self.weight.copy_(linear.weight)
             if self.bias is not None and linear.bias is not None:
                 self.bias.copy_(linear.bias)
 
+    def _rows(self, cout: int, cin: int) -> tuple[Tensor, Tensor | None]:
+        """The first ``cout`` rows of each chunk of the weight and bias, their first ``cin``
+        columns."""
+        n, w, b = self.chunks, self.weight, self.bias
+        full = w.shape[0] // n
+        if n == 1 or (cout == full and cin == w.shape[1]):
+            return corner(w, n * cout, cin), None if b is None else corner(b, n * cout)
+        w = w.view(n, full, w.shape[1])[:, :cout, :cin].reshape(n * cout, cin)
+        return w, None if b is None else b.view(n, full)[:, :cout].reshape(n * cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        i = self.width_index
+        cin, cout = self.in_list[i], self.out_list[i]
+        if x.shape[-1] != cin:
+            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
+                             f"features, got {x.shape[-1]}")
+        return F.linear(x, *self._rows(cout, cin))
+
+    def params_at(self, index: int) -> int:
+        i = self.check_width(index)
+        cout = self.chunks * self.out_list[i]
+        return cout * self.in_list[i] + (cout if self.bias is not None else 0)
+
     def plain(self, index: int) -> nn.Linear:
         i = self.check_width(index)
         cin, cout = self.in_list[i], self.out_list[i]
-        out = nn.Linear(cin, cout, bias=self.bias is not None, device=self.weight.device,
-                        dtype=self.weight.dtype)
+        out = nn.Linear(cin, self.chunks * cout, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.weight[:cout, :cin])
-            if self.bias is not None and out.bias is not None:
-                out.bias.copy_(self.bias[:cout])
+            weight, bias = self._rows(cout, cin)
+            out.weight.copy_(weight)
+            if bias is not None and out.bias is not None:
+                out.bias.copy_(bias)
         return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", chunks={self.chunks}" if self.chunks > 1 else "")
 
 
 class SwitchableNorm(SwitchableBatchNorm2d):

@@ -67,7 +67,8 @@ class DerivedSlimmable(SlimmableBackbone):
             gm.train(was_training)
         analysis.check()
         self.channel_groups = self._size_groups(analysis)
-        self.analysis_layers = {t: (self._sizes(analysis, gin), self._sizes(analysis, gout))
+        self.analysis_layers = {t: (self._sizes(analysis, gin),
+                                    self._sizes(analysis, gout, analysis.chunks.get(t, 1)))
                                 for t, (gin, gout) in analysis.layers.items()}
         self._group_of = {t: (None if gin is None else analysis.groups.find(gin),
                               None if gout is None else analysis.groups.find(gout))
@@ -129,8 +130,9 @@ class DerivedSlimmable(SlimmableBackbone):
         k = int(info.size * width + 1e-9)
         return max(info.multiple, k // info.multiple * info.multiple)
 
-    def _sizes(self, analysis: ChannelAnalysis, g: int | None) -> tuple[int, ...] | None:
-        return None if g is None else analysis.groups.get(g).sizes
+    def _sizes(self, analysis: ChannelAnalysis, g: int | None,
+               chunks: int = 1) -> tuple[int, ...] | None:
+        return None if g is None else tuple(chunks * c for c in analysis.groups.get(g).sizes)
 
     def layer_channels(self, layer: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
         """Input and output channels of traced layer ``layer`` (a module path of the trunk's
