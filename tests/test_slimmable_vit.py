@@ -56,12 +56,12 @@ VITS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def scrambled_trunk(model: str, **options: Any) -> TimmBackbone:
+def scrambled_trunk(model: str, seed: int = 0, **options: Any) -> TimmBackbone:
     """A timm backbone with every parameter drawn at random (timm's initial class token and
     layer scale are near zero, which would hide a token or branch sliced wrong)."""
     trunk = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model=model,
                        model_options={**SMALL, **options})
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trunk.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -118,12 +118,20 @@ def n_params(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------ correctness
 @pytest.mark.parametrize("name", list(VITS))
-def test_full_width_is_the_trunk(name: str) -> None:
+def test_full_width_is_the_trunk_and_takes_another_networks_weights(name: str) -> None:
     trunk, model = vit(name)
     x = batch()
     with torch.no_grad():
         assert torch.equal(model.forward_submodel(x, 3), trunk.net(x))
     assert model.count_params()[3] == n_params(trunk.net)
+    assert model.count_macs()[3] == trunk.count_macs()[0]
+    other = scrambled_trunk(VITS[name][0], **VITS[name][1], seed=7).net
+    try:  # every sliced layer, token and head takes the other network's weights
+        model.load_plain_state_dict({f"net.{k}": v for k, v in other.state_dict().items()})
+        with torch.no_grad():
+            assert torch.equal(model.forward_submodel(x, 3), other(x))
+    finally:
+        model.load_plain_state_dict({f"net.{k}": v for k, v in trunk.net.state_dict().items()})
 
 
 @pytest.mark.parametrize("name", list(VITS))
