@@ -21,11 +21,12 @@ from kdreg_plugins.backbones.slimmable import SlimmableMixin, corner
 
 
 def attention_types() -> tuple[type, ...]:
-    """The attention layers a trunk's trace keeps whole (for :func:`sliced_attention`)."""
-    from timm.layers import Attention
-    from timm.models.eva import EvaAttention
+    """The attention layers a trunk's trace keeps whole (for :func:`sliced_attention`): those
+    this timm has."""
+    from timm.models import eva, vision_transformer
 
-    return (Attention, EvaAttention)
+    found = (getattr(vision_transformer, "Attention", None), getattr(eva, "EvaAttention", None))
+    return tuple(kind for kind in found if isinstance(kind, type))
 
 
 def _plain_layer_norm(m: nn.Module) -> bool:
@@ -86,7 +87,7 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         self.head_dim = int(attn.head_dim)
         self.scale = float(attn.scale)
         self.fused_attn = bool(attn.fused_attn)
-        self.qkv, self.proj, self.gate = attn.qkv, attn.proj, attn.gate
+        self.qkv, self.proj, self.gate = attn.qkv, attn.proj, getattr(attn, "gate", None)
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.in_list = tuple(int(c) for c in in_list)
@@ -132,8 +133,6 @@ class SlicedAttention(nn.Module, SlimmableMixin):
 
     def _run(self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None,
              is_causal: bool) -> Tensor:
-        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
         i = self.width_index
         cin, dim, cout = self._active(i)
         if x.shape[-1] != cin:
@@ -150,6 +149,8 @@ class SlicedAttention(nn.Module, SlimmableMixin):
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                 dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
@@ -182,7 +183,7 @@ class SlicedAttention(nn.Module, SlimmableMixin):
 
     def _plain_attention(self, cin: int, dim: int) -> nn.Module:
         """The original class with the active heads, its own projections still to fill."""
-        from timm.layers import Attention
+        from timm.models.vision_transformer import Attention
 
         w, _ = self._qkv(cin, dim)
         out = Attention(cin, num_heads=dim // self.head_dim, attn_head_dim=self.head_dim,
