@@ -39,8 +39,8 @@ grouped convolutions keep their input's; tensors combined elementwise (a residua
 squeeze-excitation gate multiplying its input) share one group; permutes and reshapes that keep
 the channel dimension whole carry it along (a fixed channel count in a reshape becomes ``-1``); a
 linear layer's output cut into equal chunks (a gated MLP's value and gate, timm's ``GluMlp``) is a
-group of the chunk's size, the layer writing the first channels of each chunk.
-Groups joined to the image or to the logits stay whole; so do a group of one channel (a spatial
+group of the chunk's size, the layer writing the first channels of each chunk. Groups joined to
+the image or to the logits stay whole; so do a group of one channel (a spatial
 gate broadcast over the channels) and tensors computed from no sliced channels (the image, a
 reduction over the channels). A group of ``C`` channels runs ``int(C * w)`` of them at width
 ``w``, the rule of the hand-written slimmable backbones
@@ -50,12 +50,12 @@ channel is an error naming its layer and the narrowest width the trunk allows.
 
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
 the layer and the reason: concatenation along channels (DenseNet, GhostNet), splitting them
-other than a linear layer's output into equal chunks,
-slicing or indexing channels, reshapes that mix channels with other dimensions (channel shuffle),
-matrix products of activations (attention other than timm's ``Attention`` and ``EvaAttention``,
-such as Swin's windows), an attention layer with a forward of its own or q/k norms other than a LayerNorm
-or RmsNorm over one head, functional convolutions or linear maps with their own weights, layers with
-weights of a kind it does not know, and padding of channels.
+other than a linear layer's output into equal chunks, slicing or indexing channels, reshapes that
+mix channels with other dimensions (channel shuffle, Swin's window attention), matrix products of
+activations (attention other than timm's ``Attention`` and ``EvaAttention``), an attention layer
+with a forward of its own or q/k norms other than a LayerNorm or RmsNorm over one head, functional
+convolutions or linear maps with their own weights, layers with weights of a kind it does not
+know, and padding of channels.
 
 **Counts, split points, export.** Parameters per width are the slimmable layers' own counts
 (:func:`~kdreg_plugins.backbones.slimmable.count_params_at`), MACs the engine's counter on each
@@ -64,7 +64,7 @@ width's forward; at width 1.0 both equal the trunk's. The split points are the t
 later reads an earlier activation), the others listed in ``rejected_points``; :meth:`DerivedSlimmable.forward_segment` runs the
 full width, or width ``index``. :meth:`DerivedSlimmable.export_submodel` is one width as the traced
 graph calling plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (that width's own) / ``nn.Linear`` /
-``timm.layers.Attention`` (that width's heads) layers that hold only its channels.
+``Attention`` or ``EvaAttention`` (that width's heads) layers that hold only its channels.
 
 **Weights.** The slimmable model starts from the trunk's weights: width 1.0 computes what the
 trunk computes, a narrow width uses their first channels (and the slice of each BatchNorm).
@@ -74,9 +74,9 @@ trained weights into ``trunk = "teacher"``) reaches the slimmable model the same
 
 **Modules.** :mod:`.tracing` traces the trunk; :mod:`.nodes` reads traced nodes (shapes,
 operands, reshapes); :mod:`.channels` finds the channel groups and what is refused;
-:mod:`.layers` holds the sliced layers and :mod:`.convert` swaps them into the graph;
-:mod:`.attention` slices timm's attention in whole heads;
-:mod:`.segments` cuts the graph at split points; :mod:`.model` is :class:`DerivedSlimmable`.
+:mod:`.layers` holds the sliced layers, :mod:`.attention` timm's attention sliced in whole heads,
+and :mod:`.convert` swaps them into the graph; :mod:`.segments` cuts the graph at split points;
+:mod:`.model` is :class:`DerivedSlimmable`.
 
 **Training mode.** Functions the network calls with ``training=self.training`` (timm's dropout
 before the classifier) read the model's mode when they run; any other Python-level decision a
