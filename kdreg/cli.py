@@ -1,6 +1,7 @@
 """The command line: ``kdreg run | validate | plugins | list``.
 
-Exit codes: 0 done; 1 the run failed; 2 the recipe, a plugin or the command line is wrong.
+Exit codes: 0 done; 1 the run failed; 2 the recipe, a plugin or the command line is wrong; 75
+(``kdreg run``) checkpointed on a signal: the same command resumes it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kdreg.errors import KdregError, UserError
+from kdreg.errors import EXIT_RESUME, Checkpointed, KdregError, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: the signals that checkpoint a run by default (``kdreg run --checkpoint-signals``)
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="no progress bar (there is none either when stderr is not a terminal: a line per epoch)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train data-parallel on N local processes (starts torchrun; GPUs: one each)")
+    run.add_argument("--max-restarts", type=int, default=0, metavar="M",
+                     help="with --nproc: when a process dies, restart them all up to M times, each time "
+                          "from the last checkpoint (torchrun's --max-restarts)")
+    run.add_argument("--checkpoint-signals", default=",".join(s.removeprefix("SIG") for s in DEFAULT_SIGNALS),
+                     metavar="SIG,SIG",
+                     help="signals that make the run save a checkpoint at the next step and exit with "
+                          f"code {EXIT_RESUME}, to be resumed by the same command (default: %(default)s)")
 
     val = sub.add_parser("validate", help="check a recipe without training")
     val.add_argument("recipe")
@@ -84,6 +94,30 @@ def _parser() -> argparse.ArgumentParser:
                      help="a universally slimmable stage (widths trained as a range; --submodel: any width in "
                           "it, e.g. x0.6): recalibrate the width's BatchNorm statistics on N training images "
                           "(default: train.calibrate_images)")
+    sbm = sub.add_parser("submit", help="train a recipe as a SLURM job (through submitit) that checkpoints and "
+                         "requeues itself before its time limit, and resumes")
+    sbm.add_argument("recipe", help="the TOML recipe")
+    sbm.add_argument("--out", help="run directory (default: runs/<name>-<time>); every start of the job resumes it")
+    sbm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, as for kdreg run")
+    sbm.add_argument("--time", help="the job's time limit: minutes, H:M:S or D-H:M:S (SLURM's formats)")
+    sbm.add_argument("--nodes", type=int, default=1)
+    sbm.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="one process per GPU (default: 0, CPUs)")
+    sbm.add_argument("--tasks-per-node", type=int, metavar="N", help="processes per node on CPUs (default: G, or 1)")
+    sbm.add_argument("--cpus-per-task", type=int, metavar="C")
+    sbm.add_argument("--partition")
+    sbm.add_argument("--account")
+    sbm.add_argument("--qos")
+    sbm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                     help="another sbatch option, without its dashes, e.g. constraint=a100")
+    sbm.add_argument("--signal-delay", type=int, default=120, metavar="S",
+                     help="signal the job S seconds before its time limit to checkpoint (default: 120)")
+    sbm.add_argument("--max-requeues", type=int, default=10, metavar="M",
+                     help="requeues after reaching the time limit before the job gives up (default: 10)")
+    sbm.add_argument("--logs", metavar="DIR", help="submitit's files and the job's logs (default: OUT.submitit)")
+    sbm.add_argument("--local", action="store_true",
+                     help="run the job on this machine with submitit's local executor (one node), to try it")
+    sbm.add_argument("--wait", action="store_true", help="wait for the job to end; its exit code is the job's")
     trust_help = ("read checkpoints that are not weights-only (e.g. written by an earlier kdreg) with Python's "
                   "full unpickler: only for files you trust, it lets them run any code")
     for command in (run, val, ev, exp):
@@ -101,7 +135,7 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdreg.engine import distributed, repeats
+    from kdreg.engine import distributed, preempt, repeats
 
     if args.resume and args.seeds is not None:
         raise UserError("--resume DIR takes no --seeds: the run directory holds its recipe and seeds")
@@ -111,15 +145,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("kdreg run needs a RECIPE (or --resume DIR)")
     progress = not args.no_progress
     overrides = args.overrides + ([_seeds_override(args.seeds)] if args.seeds is not None else [])
+    signals = preempt.parse_signals(args.checkpoint_signals)
+    if args.max_restarts and args.nproc is None:
+        raise UserError("--max-restarts restarts the processes --nproc starts; give --nproc N too @ --max-restarts")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts takes a number >= 0, got {args.max_restarts} @ --max-restarts")
     if args.nproc is not None:
         return _run_under_torchrun(args, overrides)
     run = repeats.resume(args.resume, progress=progress) if args.resume else repeats.start(
         args.recipe, args.out, overrides, progress=progress)
     try:
-        run.execute()
+        with preempt.handling(signals):
+            run.execute()
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: kdreg run --resume {run.directory}", file=sys.stderr)
         return 130
+    except Checkpointed as exc:
+        distributed.shutdown()
+        if distributed.is_main():
+            print(f"checkpointed ({exc}) into {run.directory}; run the same command again to resume "
+                  f"(exit code {EXIT_RESUME})", file=sys.stderr)
+        return EXIT_RESUME
     distributed.shutdown()
     return EXIT_OK
 
@@ -129,9 +175,10 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     process starts) and the run directory named here, then torchrun starts N processes."""
     from pathlib import Path
 
+    from kdreg.engine import preempt
     from kdreg.engine.assemble import static_problems
     from kdreg.engine.launch import launch
-    from kdreg.engine.run import RECIPE_FILE, default_directory
+    from kdreg.engine.run import RECIPE_FILE, default_directory, unfinished_run_of
     from kdreg.errors import RecipeError
     from kdreg.recipe import load_recipe
 
@@ -146,14 +193,17 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
         if problems:
             raise RecipeError([f"{args.recipe}: {p}" for p in problems])
         out = Path(args.out) if args.out else default_directory(recipe)
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(out.iterdir()) and not unfinished_run_of(out, recipe):
             raise UserError(f"run directory {out} is not empty; it may hold an earlier run: continue it "
                             f"with `kdreg run --resume {out}` or choose another --out")
+        # the directory is named here, so that restarted processes find it again and resume
         forwarded = ["run", args.recipe, "--out", str(out), *(f"--set={o}" for o in overrides)]
     forwarded += ["--no-progress"] if args.no_progress else []
     forwarded += ["--debug"] if args.debug else []
     forwarded += ["--trust-checkpoints"] if args.trust_checkpoints else []
-    return launch(args.nproc, forwarded)
+    forwarded += [f"--checkpoint-signals={args.checkpoint_signals}"]
+    return launch(args.nproc, forwarded, max_restarts=args.max_restarts,
+                  signals=preempt.parse_signals(args.checkpoint_signals), directory=args.resume or str(out))
 
 
 def _seeds_override(text: str) -> str:
@@ -343,8 +393,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kdreg.slurm import submit_command
+
+    return submit_command(args)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
-            "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export}
+            "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export,
+            "submit": cmd_submit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,21 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+class CheckpointWriteError(KdregError):
+    """A checkpoint could not be written (a full disk, a file-size limit): the run stops (exit
+    code 1) with the previous checkpoint intact."""
+
+
+class Checkpointed(Exception):  # noqa: N818 - an outcome, not a failure
+    """The run saved its checkpoint and stopped on request (a signal), to be resumed by running
+    the same command again: exit code :data:`EXIT_RESUME`."""
+
+
+#: ``kdreg run``'s exit code after :class:`Checkpointed`: "checkpointed, resume me" (EX_TEMPFAIL
+#: of sysexits.h, which schedulers and shells read as "try again")
+EXIT_RESUME = 75
+
+
 class ExportError(UserError):
     """A sub-model cannot be exported as a standalone network (``kdreg export``)."""
 

@@ -142,6 +142,7 @@ class TrainConfig:
     compile_backend: str = setting("inductor", "The `torch.compile` backend (`inductor`; `eager` or `aot_eager` to debug).")
     sync_bn: bool = setting(False, "Under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm); without it each process normalises its own shard and the running statistics are averaged after every epoch.")
     calibrate_images: int = setting(2000, "Training images whose batch statistics recalibrate the BatchNorm of a universally slimmable backbone's evaluated widths before each evaluation (widths trained as a range keep no statistics of their own).", low=1)
+    checkpoint_every: int | str = setting(0, "Mid-epoch checkpoints: every N training steps (`checkpoint_every = 500`), or every N minutes (`\"30min\"`), `last.pt` holds everything the run's future depends on (the position in the epoch, optimizer, schedule, random streams, feature-loss state, statistics), so that `kdreg run --resume` (or the same `kdreg run --out DIR` again) continues with exactly the batches an uninterrupted run trains. 0: at the end of every epoch only. A signal (`kdreg run --checkpoint-signals`) saves one at the next step whatever this is.")
     log_interval: int = setting(20, "Training steps between progress-bar updates (metrics are read from the device then).", low=1)
     loggers: tuple[str, ...] = setting(
         ("jsonl",), "Where every epoch's metrics go: any of `jsonl` (`metrics.jsonl`, a line per epoch, what "
@@ -234,6 +235,27 @@ def _structure_augment(value: Any, _: type) -> AugmentConfig:
     return _augment_table(dict(value), AugmentConfig)
 
 
+_MINUTES = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(?:min|mins|minute|minutes)\s*$")
+
+
+def checkpoint_interval(value: int | str) -> tuple[int, float]:
+    """``train.checkpoint_every`` as ``(steps, seconds)``, one of them 0 (both: epochs only)."""
+    if isinstance(value, str):
+        return 0, 60.0 * float(_MINUTES.fullmatch(value).group(1))  # type: ignore[union-attr]
+    return int(value), 0.0
+
+
+def _structure_checkpoint_every(value: Any, _: type) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _MINUTES.fullmatch(value)
+        if match and float(match.group(1)) > 0:
+            return value
+    raise TypeError(f"expected a number of steps >= 0 or of minutes such as \"30min\", got "
+                    f"{type(value).__name__} {value!r}")
+
+
 def _structure_in_memory(value: Any, _: type) -> bool | str:
     if isinstance(value, bool) or value == "auto":
         return value
@@ -268,6 +290,7 @@ converter.register_structure_hook(AugmentConfig, _structure_augment)
 converter.register_structure_hook(FeatureLossSpec, _structure_feature_loss)
 converter.register_unstructure_hook(FeatureLossSpec, FeatureLossSpec.to_dict)
 converter.register_structure_hook_func(lambda tp: tp == (bool | str), _structure_in_memory)
+converter.register_structure_hook_func(lambda tp: tp == (int | str), _structure_checkpoint_every)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -80,8 +80,11 @@ def test_run_end_to_end_and_refuse_to_overwrite(smoke_recipe, tmp_path: Path) ->
     assert "student epoch 2/2" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["stages"][0]["epochs"] == 2
-    again = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out))
-    assert again.returncode == 2 and "not empty" in again.stderr and "--resume" in again.stderr
+    again = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out))   # another recipe there
+    assert again.returncode == 2 and "holds a run of another recipe (train.epochs: 2 there, 1 here)" in again.stderr
+    assert "--resume" in again.stderr
+    same = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2")
+    assert same.returncode == 2 and "holds a finished run of this recipe" in same.stderr
     assert json.loads((out / "results.json").read_text()) == results
     resumed = kdreg("run", "--resume", str(out), "--no-progress")   # nothing left to do
     assert resumed.returncode == 0, resumed.stderr

@@ -41,23 +41,35 @@ class EpochBatches:
         self.drop_last = (self.train and shard >= self.batch_size) if drop_last is None else drop_last
         self.epoch = 0
         self._announced, self._iterated = True, False
+        self._skip = 0
 
     def __len__(self) -> int:
         if self.drop_last:
             return self._shard // self.batch_size
         return math.ceil(self._shard / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation and augmentation of ``epoch`` (reproducible)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the permutation and augmentation of ``epoch`` (reproducible); the next iteration
+        starts after its first ``skip`` batches (a run resumed mid-epoch: the batches it yields
+        are those the whole epoch yields from there, the same images and augmentations)."""
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"skip must be in [0, {len(self)}], got {skip}")
         self.epoch = int(epoch)
         self._announced = True
+        self._skip = int(skip)
 
     def _start_epoch(self) -> int:
         """The epoch an iteration beginning now trains (see the class docstring)."""
         if self._iterated and not self._announced:
             self.epoch += 1
+            self._skip = 0
         self._iterated, self._announced = True, False
         return self.epoch
+
+    def _take_skip(self) -> int:
+        """The batches the iteration beginning now skips (once: the next one starts at 0)."""
+        skip, self._skip = self._skip, 0
+        return skip
 
 
 class BatchLoader(EpochBatches):
@@ -131,7 +143,8 @@ class BatchLoader(EpochBatches):
                                 for t in (perm, offsets, flips))
         perm, offsets, flips = (t.to(self.device, non_blocking=True)
                                 for t in (perm, offsets, flips))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first = self._take_skip() * self.batch_size
+        for start in range(first, len(self) * self.batch_size, self.batch_size):
             sl = slice(start, start + self.batch_size)
             x, y = self._augment(perm[sl], offsets[sl], flips[sl]), self.labels[perm[sl]]
             yield (x, y, perm[sl]) if self.with_indices else (x, y)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,9 +101,11 @@ class ShardSampler(Sampler[tuple[int, int]]):
         self.n, self.train, self.seed = int(n), bool(train), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
+        #: positions of the shard to leave out at its start (a run resumed mid-epoch)
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def draws(self, epoch: int) -> tuple[Tensor, Tensor]:
         """The epoch's permutation and per-position seeds, for every process."""
@@ -118,12 +122,12 @@ class ShardSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         positions, seeds = self.shard()
-        return iter(zip(positions.tolist(), seeds.tolist()))
+        return iter(zip(positions[self.skip:].tolist(), seeds[self.skip:].tolist()))
 
     def __len__(self) -> int:
         if not self.train:
             return len(range(self.rank, self.n, self.world_size))
-        return self.n // self.world_size
+        return self.n // self.world_size - self.skip
 
 
 def _name(reader: Any, index: int) -> str:
@@ -197,6 +201,39 @@ def _log(folder: Path, name: str) -> None:
         out.write(name + "\n")
 
 
+#: what a cluster sends a job before it stops it (kdreg run --checkpoint-signals chooses among them)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+                      if hasattr(signal, name))
+
+
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores the signals a scheduler sends the whole job (and torchrun the whole
+    process group) before stopping it: its training process saves a checkpoint at the next step,
+    which needs the worker's batches until then. It stops with its loader, and on Linux is
+    killed the moment its training process dies: a worker outliving a killed process would keep
+    that process's sockets open (a fork holds them), and torchrun's restarted processes would
+    connect to it."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the thread that started it ends (``PR_SET_PDEATHSIG``);
+    elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # the parent died before the call: nothing would signal
+        os._exit(0)
+
+
 def collate(items: list[tuple[Tensor | None, int, str | None, int]]
             ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
     """The readable images stacked, their labels and positions, and why the others could not be
@@ -237,7 +274,11 @@ class StreamLoader(EpochBatches):
             batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             persistent_workers=workers > 0,     # a loader's workers start once, not per epoch
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None,
+            # its own generator: the loader's base seed is never drawn from the global RNG, whose
+            # stream (dropout, drop path) must not depend on when a resumed run made its loader
+            generator=torch.Generator().manual_seed(stream_seed(seed, "loader")),
+            worker_init_fn=leave_signals_to_the_trainer)
         self.mix: BatchMix | None = None
         if train and streaming.mix is not None:
             self.mix = BatchMix(streaming.mix, num_classes, self.device)
@@ -249,9 +290,9 @@ class StreamLoader(EpochBatches):
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         if self.train:
             self._start_epoch()
-        self.sampler.set_epoch(self.epoch)
+        step = self._take_skip()     # the batches of the epoch already trained (resumed mid-epoch)
+        self.sampler.set_epoch(self.epoch, skip=step * self.batch_size)
         batches = iter(self.loader)
-        step = 0
         while True:
             try:
                 x, y, positions, problems = next(batches)

@@ -11,6 +11,7 @@ with Python's full unpickler: that can run any code the file holds.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdreg.errors import CheckpointError
+from kdreg.errors import CheckpointError, CheckpointWriteError
 
 FORMAT = "kdreg-checkpoint-1"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -89,11 +90,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(path: Path, **content: Any) -> None:
-    """Write atomically (a crash never leaves a half-written checkpoint behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: the whole file beside its target, flushed to the disk, then renamed over
+    it, so that a crash never leaves a half-written checkpoint behind. A failed write (a full disk,
+    a file-size limit) removes the partial file, leaves the previous checkpoint as it was and
+    raises :class:`CheckpointWriteError`."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **content}, buffer)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, **content}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"cannot write the checkpoint {path} ({buffer.tell():,} bytes): "
+                                   f"{exc.strerror or exc}; {kept}") from None
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -6,8 +6,11 @@ The process facts (rank, world size, :func:`is_main`) and the collectives plugin
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdreg.errors import UserError
 from kdreg.process import (  # noqa: F401 - the engine's one name for process facts
@@ -37,8 +40,30 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = restart_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank(), world_size=world_size())
     return device
+
+
+def restart_store() -> Any:
+    """Under torchrun's agent store, a view of it whose keys belong to this restart alone
+    (``TORCHELASTIC_RESTART_COUNT``); None otherwise (the environment's own rendezvous).
+
+    The agent keeps one store across restarts: the keys the killed processes wrote (their gloo
+    addresses) are still there, and a restarted process that reads one before its new peer writes
+    it connects to a process that is gone. Prefixing the keys with the restart count leaves them
+    behind."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(),
+                          is_master=False)
+    return dist.PrefixStore(f"/kdreg/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
 
 
 def average_buffers(module: nn.Module) -> None:
@@ -59,10 +84,29 @@ def average_buffers(module: nn.Module) -> None:
             offset += b.numel()
 
 
+_cpu_group: Any = None
+
+
+def all_reduce_max_cpu(tensor: Tensor) -> Tensor:
+    """The element-wise max of a CPU ``tensor`` over the processes, in place, on a gloo group
+    (the process group itself when it is gloo): a vote that never synchronises a device."""
+    global _cpu_group
+    if not active():
+        return tensor
+    import torch.distributed as dist
+
+    if _cpu_group is None:   # made once, at the same call on every process
+        _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return tensor
+
+
 def shutdown() -> None:
     """Leave the process group cleanly (every process waits for the others first)."""
     import torch.distributed as dist
 
+    global _cpu_group
+    _cpu_group = None
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()

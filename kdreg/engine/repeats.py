@@ -25,7 +25,7 @@ import attrs
 
 import kdreg
 from kdreg.engine.distributed import is_main
-from kdreg.engine.run import RECIPE_FILE, RESULTS_FILE, Run
+from kdreg.engine.run import RECIPE_FILE, RESULTS_FILE, Run, unfinished_run_of
 from kdreg.errors import UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 
@@ -41,17 +41,21 @@ def start(recipe_path: str | Path, out: str | Path | None = None, overrides: Ite
           progress: bool = True) -> Run | Repeat:
     """A :class:`Repeat` when the recipe (after ``overrides``) has ``seeds``, else a :class:`Run`."""
     recipe = load_recipe(recipe_path, overrides)      # parsed once, here
+    if out is not None and unfinished_run_of(Path(out), recipe):
+        return resume(out, progress=progress, recipe=recipe)   # the same command, run again
     if recipe.seeds:
         return Repeat.start(recipe_path, out, progress=progress, recipe=recipe)
     return Run.start(recipe_path, out, progress=progress, recipe=recipe)
 
 
-def resume(directory: str | Path, progress: bool = True) -> Run | Repeat:
-    """A :class:`Repeat` when ``directory`` holds one (its recipe has ``seeds``), else a :class:`Run`."""
+def resume(directory: str | Path, progress: bool = True, recipe: Recipe | None = None) -> Run | Repeat:
+    """A :class:`Repeat` when ``directory`` holds one (its recipe has ``seeds``), else a :class:`Run`;
+    ``recipe``: the directory's recipe, when the caller has it already."""
     directory = Path(directory)
     if not (directory / RECIPE_FILE).is_file():
         raise UserError(f"{directory} is not a kdreg run directory: {directory / RECIPE_FILE} is missing")
-    recipe = load_recipe(directory / RECIPE_FILE)     # read once, here
+    if recipe is None:
+        recipe = load_recipe(directory / RECIPE_FILE)     # read once, here
     if recipe.seeds:
         return Repeat.resume(directory, progress=progress, recipe=recipe)
     return Run.resume(directory, progress=progress, recipe=recipe)

@@ -15,7 +15,7 @@ from kdreg import plugins
 from kdreg.backbone import FlexibleBackbone
 from kdreg.data.loading import describe, load_data
 from kdreg.data.splits import Splits
-from kdreg.engine import checkpoint, distributed
+from kdreg.engine import checkpoint, distributed, preempt
 from kdreg.engine.assemble import DataShape, StagePlan, assemble, seed_everything, static_problems
 from kdreg.engine.device import grad_scaler, resolve_device, resolve_precision
 from kdreg.engine.evaluate import evaluate
@@ -38,6 +38,60 @@ def default_directory(recipe: Recipe, base: Path = Path("runs")) -> Path:
         k += 1
         path = base / f"{recipe.name}-{stamp}-{k}"
     return path
+
+
+def unfinished_run_of(directory: Path, recipe: Recipe) -> bool:
+    """Whether ``directory`` holds an unfinished run (or repeat) of ``recipe``, to be resumed: what
+    a restarted job finds when it issues its ``kdreg run RECIPE --out DIR`` again. False when it
+    holds no run; :class:`UserError` when it holds a finished run of ``recipe`` or a run of another
+    recipe (the first key that differs named)."""
+    held_file = directory / RECIPE_FILE
+    if not held_file.is_file():
+        return False
+    held, wanted = held_file.read_text(), dump_recipe(recipe)
+    if held != wanted:
+        raise UserError(f"run directory {directory} holds a run of another recipe ({recipe_difference(held, wanted)}); "
+                        f"choose another --out, or continue that run with `kdreg run --resume {directory}`")
+    for name in (RESULTS_FILE, "summary.json"):
+        try:
+            done = json.loads((directory / name).read_text()).get("finished") is True
+        except (OSError, ValueError, AttributeError):
+            done = False
+        if done:
+            raise UserError(f"run directory {directory} holds a finished run of this recipe "
+                            f"({directory / name}); choose another --out to train it again")
+    return True
+
+
+def recipe_difference(held: str, wanted: str) -> str:
+    """The first key whose value differs between two resolved recipes (TOML texts)."""
+    import tomli
+
+    def walk(a: Any, b: Any, path: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                found = walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+                if found:
+                    return found
+            return None
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            names = [x.get("name") if isinstance(x, dict) else None for x in a]
+            for i, (x, y) in enumerate(zip(a, b)):
+                found = walk(x, y, f"{path}.{names[i]}" if names[i] else f"{path}[{i}]")
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{path}: {_short(a)} there, {_short(b)} here"
+
+    try:
+        return walk(tomli.loads(held), tomli.loads(wanted), "") or "the files differ"
+    except tomli.TOMLDecodeError:
+        return "its recipe.toml is not TOML"
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_processes(recipe: Recipe) -> None:
@@ -139,6 +193,8 @@ class Run:
                 trainer.load_best()
                 result = done[plan.name]
             else:
+                if preempt.stop_agreed():     # a signal between stages (or while the data loaded)
+                    raise preempt.stopped(f"before stage {plan.name}")
                 if plan.config.init is None:  # earlier stages' models it builds on, as trained
                     for stage, twin in plan.copies:
                         twin.load_state_dict(self.models[stage].state_dict())

@@ -18,15 +18,15 @@ from kdreg.data.batches import BatchLoader
 from kdreg.data.loading import batches
 from kdreg.data.splits import Splits
 from kdreg.data.streaming import StreamLoader
-from kdreg.engine import checkpoint, distributed
+from kdreg.engine import checkpoint, distributed, preempt
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory
 from kdreg.engine.optim import build_optimizer, lr_factor, set_lr
 from kdreg.engine.runner import build_runner
 from kdreg.engine.step import LossSettings, Teachers, stage_backward
-from kdreg.errors import KdregError
+from kdreg.errors import CheckpointError, KdregError
 from kdreg.pointwise import guard_convs
-from kdreg.recipe import TrainConfig
+from kdreg.recipe import TrainConfig, checkpoint_interval
 from kdreg.streams import stream_seed
 
 
@@ -42,6 +42,7 @@ class StageState:
     best_epoch: int = 0                  # 1-based; 0: none yet
     best_val: list[float] = attrs.field(factory=list)
     seconds: float = 0.0
+    step: int = 0                        # steps of epoch ``epoch + 1`` done (a mid-epoch checkpoint)
 
 
 @attrs.define(slots=False)
@@ -66,6 +67,7 @@ class StageTrainer:
         #: resumed with it, used at training only (never exported)
         self.extras = torch.nn.ModuleList(self.loss.trained_modules())
         trained = torch.nn.ModuleList([self.model, *self.extras]) if len(self.extras) else self.model
+        self._trained = trained   # what the optimizer steps: its buffers are saved per process
         if self.device.type == "cpu":
             keep_freed_memory()
             guard_convs(trained)   # strided 1x1 convs of few channels: around a broken oneDNN kernel
@@ -82,6 +84,10 @@ class StageTrainer:
                                    sync_bn=cfg.sync_bn, compile=cfg.compile, compile_backend=cfg.compile_backend)
         self.state = StageState()
         self._calibration: BatchLoader | StreamLoader | None = None   # made at the first calibration
+        steps, seconds = checkpoint_interval(cfg.checkpoint_every)
+        self.clock = preempt.CheckpointClock(steps, seconds)
+        #: the epoch in progress as a mid-epoch checkpoint left it (this process's sums and time)
+        self._partial: dict[str, Any] | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -96,12 +102,23 @@ class StageTrainer:
         if distributed.is_main():
             checkpoint.save(self.checkpoint_dir / filename, stage=self.name, **content)
 
-    def save_last(self) -> None:
+    def save_last(self, partial: dict[str, Any] | None = None) -> None:
+        """``last.pt``: everything the stage's future depends on. ``partial``: this process's
+        sums of the epoch in progress (a mid-epoch checkpoint). Every process gives its own
+        random streams, sums and (under torchrun) buffers, which are not the same everywhere
+        inside an epoch; rank 0 writes them all."""
+        mine: dict[str, Any] = {"rng": checkpoint.rng_state(), "partial": partial}
+        if distributed.world_size() > 1:   # BatchNorm statistics differ until the epoch's average
+            mine["buffers"] = {k: b.detach().cpu().clone() for k, b in self._trained.named_buffers()
+                               if b.is_floating_point()}
+        ranks = distributed.all_gather(mine)
         self._save("last.pt", model=self.model.state_dict(),
                    optimizer=self.optimizer.state_dict(), state=attrs.asdict(self.state),
-                   rng=checkpoint.rng_state(), scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
+                   rng=ranks[0]["rng"], ranks=ranks,
+                   scaler=self.loss.scaler.state_dict() if self.loss.scaler else None,
                    bridge=self.loss.bridge.state_dict() if self.loss.bridge is not None else None,
                    feature_losses=[e.loss.state_dict() for e in self.loss.features])
+        self.clock.saved()
 
     def resume(self) -> None:
         data = checkpoint.load(self.checkpoint_dir / "last.pt")
@@ -112,7 +129,19 @@ class StageTrainer:
             edge.loss.load_state_dict(state)
         self.optimizer.load_state_dict(data["optimizer"])
         self.state = StageState(**data["state"])
-        checkpoint.set_rng_state(data["rng"])
+        ranks, world = data.get("ranks"), distributed.world_size()
+        mine = ranks[distributed.rank()] if ranks is not None and len(ranks) == world else None
+        if self.state.step and mine is None:
+            raise CheckpointError(
+                f"{self.checkpoint_dir / 'last.pt'} stopped inside epoch {self.state.epoch + 1} "
+                f"(step {self.state.step}) with {len(ranks or [None])} process(es); resume it with as "
+                f"many (kdreg run --nproc {len(ranks or [None])}), not {world}")
+        checkpoint.set_rng_state(mine["rng"] if mine is not None else data["rng"])
+        if mine is not None and mine.get("buffers"):
+            buffers = dict(self._trained.named_buffers())
+            for key, value in mine["buffers"].items():
+                buffers[key].copy_(value)
+        self._partial = mine.get("partial") if mine is not None else None
         if self.loss.scaler is not None and data.get("scaler"):
             self.loss.scaler.load_state_dict(data["scaler"])
 
@@ -123,12 +152,12 @@ class StageTrainer:
         val_loader = self.eval_loader("val") if has_val else None
         while self.state.epoch < epochs:
             epoch = self.state.epoch
-            t0 = time.perf_counter()
-            train = self.train_epoch(epoch, epochs)
+            t0 = time.perf_counter() - (self._partial or {}).get("seconds", 0.0)
+            train = self.train_epoch(epoch, epochs, t0)
             self.calibrate()
             val = evaluate(self.model, val_loader, device=self.device, dtype=self.loss.dtype) if val_loader else []
             self.state.seconds += time.perf_counter() - t0
-            self.state.epoch = epoch + 1
+            self.state.epoch, self.state.step = epoch + 1, 0
             mean_val = sum(val) / len(val) if val else None
             improved = mean_val is not None and (not self.state.best_val or mean_val > _mean(self.state.best_val))
             if improved or not has_val:
@@ -139,27 +168,34 @@ class StageTrainer:
                       "seconds": round(time.perf_counter() - t0, 3)}
             self.save_last()
             self.notify(record)                      # run events: the loggers write the record
+            if preempt.stop_agreed():                # a signal during the epoch's evaluation
+                raise preempt.stopped(f"stage {self.name}: after epoch {epoch + 1} of {epochs}")
         return self.state
 
-    def train_epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int, epochs: int, started: float | None = None) -> dict[str, Any]:
+        """Train epoch ``epoch`` (0-based) from the step ``state.step`` a mid-epoch checkpoint
+        left it at; ``started``: when the epoch began (``time.perf_counter()``; default now)."""
         model, loader, opt = self.model, self.train_loader, self.optimizer
         model.train()
         self.extras.train()
-        loader.set_epoch(epoch)
+        first = self.state.step
+        loader.set_epoch(epoch, skip=first)
         steps = len(loader)
         base_lr = self.train_cfg.optimizer.lr
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros(model.num_train_submodels, dtype=torch.long, device=self.device)
-        seen = 0
+        partial, self._partial = self._partial or {}, None
+        loss_sum = partial["loss_sum"].to(self.device) if partial else torch.zeros((), device=self.device)
+        correct = (partial["correct"].to(self.device) if partial else
+                   torch.zeros(model.num_train_submodels, dtype=torch.long, device=self.device))
+        seen = int(partial.get("seen", 0))
         world = distributed.world_size()
         channels_last = self.train_cfg.channels_last
-        bar = tqdm(total=steps, desc=f"{self.name} {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=steps, initial=first, desc=f"{self.name} {epoch + 1}/{epochs}", unit="batch",
+                   leave=False, file=sys.stderr, dynamic_ncols=True,
                    disable=not (self.progress and distributed.is_main() and stderr_is_terminal()))
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if started is None else started
         lr = base_lr
         loss = attrs.evolve(self.loss, epoch=epoch + 1)   # the epoch reaches warm-ups (DKD's)
-        for step, (x, y, *indices) in enumerate(loader):
+        for step, (x, y, *indices) in enumerate(loader, start=first):
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
             if channels_last:
@@ -187,6 +223,15 @@ class StageTrainer:
                     )
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
             bar.update(1)
+            save, stop = self.clock.after_step(step + 1, steps)
+            if save:
+                self.state.step = step + 1
+                self.save_last(partial={"loss_sum": loss_sum.detach().cpu(), "correct": correct.cpu(),
+                                        "seen": seen, "seconds": time.perf_counter() - t0})
+            if stop:
+                bar.close()
+                raise preempt.stopped(f"stage {self.name}: epoch {epoch + 1} of {epochs}, step {step + 1} "
+                                      f"of {steps}")
         bar.close()
         distributed.average_buffers(model)
         if self.loss.bridge is not None:
