@@ -4,6 +4,8 @@ copied bit for bit, resuming only what did not finish, the report, and refused g
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import torch
 
 from kdreg import plugins
 from kdreg.cli import main
+from kdreg.errors import EXIT_RESUME
 from kdreg.hookspecs import hookimpl
 from kdreg.recipe import dump_recipe, load_recipe
 from kdreg.sweep import labels, safe_name, split_values, stage_keys
@@ -205,6 +208,31 @@ def test_an_interrupted_sweep_resumes_and_skips_what_finished(recipe: Path, tmp_
     idle = Epochs()
     assert _main_with(idle, argv) == 0
     assert idle.seen == [] and _json(out / "sweep.json") == summary
+
+
+class Signal(Epochs):
+    """Sends this process SIGUSR1 (a checkpoint request) in the first run's last epoch."""
+
+    @hookimpl
+    def kdreg_epoch_finished(self, run, stage, record):  # type: ignore[no-untyped-def]
+        self.seen.append(("/".join(Path(run.directory).parts[-2:]), stage, record["epoch"]))
+        if len(self.seen) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_checkpoints_the_sweep_and_the_same_command_resumes_it(recipe: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(recipe), "--grid", "stages.student.lam=0.1,0.5", "--out", str(out), "--no-progress"]
+    stop = Signal()
+    assert _main_with(stop, argv) == EXIT_RESUME        # the engine saved and stopped after the epoch
+    assert "checkpointed (stage student: after epoch 1 of 1, on SIGUSR1)" in capsys.readouterr().err
+    assert [p["finished"] for p in _json(out / "sweep.json")["points"]] == [False, False]
+    assert not (out / "lam=0.5").exists()
+    again = Epochs()
+    assert _main_with(again, argv) == 0                 # the first run finishes from its checkpoint
+    assert again.seen == [("lam=0.5/seed-0", "student", 1)]
+    assert _json(out / "sweep.json")["finished"] is True
 
 
 # ----------------------------------------------------------------------------- bad input
