@@ -160,9 +160,8 @@ def axis_problems(recipe_path: str | Path, overrides: Sequence[str], axis: Axis)
             for line in exc.problems:
                 line = line.removeprefix(f"{source}: ").removeprefix(f"override {item!r}: ").removesuffix(" @ --set")
                 found.setdefault(line, []).append(text)
-    return [_grid_problem(line, source, axis.key if len(texts) == len(axis.texts) > 1 else f"{axis.key}={texts[0]}")
-            if len(texts) == len(axis.texts) or len(texts) == 1
-            else _grid_problem(line, source, f"{axis.key}={','.join(texts)}")
+    return [_grid_problem(line, source, axis.key if len(texts) == len(axis.texts) > 1
+                          else f"{axis.key}={','.join(texts)}")
             for line, texts in found.items()]
 
 
@@ -303,7 +302,6 @@ class Sweep:
     progress: bool = True
     results: dict[tuple[str, int], dict[str, Any]] = attrs.field(factory=dict)
     shared: list[dict[str, str]] = attrs.field(factory=list)
-    trained_here: int = 0          # runs executed by this call (not skipped)
 
     @classmethod
     def plan(cls, recipe_path: str | Path, grid: Sequence[str], overrides: Iterable[str] = (),
@@ -400,7 +398,6 @@ class Sweep:
             run = Run(recipe, directory, source=self.source, progress=self.progress)
             run.results = _read_results(directory)
             print(f"sweep: {point.name}, seed {seed}", flush=True)
-            self.trained_here += 1
             try:
                 results = run.execute()
             finally:
