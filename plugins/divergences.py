@@ -1,5 +1,5 @@
-"""Built-in divergences: kl and ce (with logit standardisation as an option), dkd (decoupled KD)
-and dist (DIST). Registered exactly as a third-party plugin registers its own.
+"""Built-in divergences: kl and ce (with logit standardisation as an option), hard (DeiT's hard
+distillation), dkd (decoupled KD) and dist (DIST). Registered exactly as a third-party plugin registers its own.
 
 Each is ``D(a_s, sg(a_t))`` of one graph edge, inside the stage's rule
 ``L_i = (1 - lam) CE + lam * sum_(t, w) w * D``: a paper's own cross-entropy term is the rule's
@@ -27,6 +27,24 @@ def kl(*, standardise: bool = False) -> SoftmaxKD:
 def ce(*, standardise: bool = False) -> SoftmaxKD:
     """tau^2 H(p_t, p_s), soft-target cross-entropy: KL plus the teacher's entropy (same gradient)."""
     return SoftmaxKD("ce", standardise=standardise)
+
+
+class Hard(Divergence):
+    """DeiT's hard distillation (Touvron et al., ICML 2021, eq. 3): the cross-entropy of the
+    student's logits with the teacher's argmax as the label, ``H(onehot(argmax a_t), softmax(a_s))``,
+    batch mean. No temperature: ``tau`` is not used (nor smoothing, as in DeiT's code)."""
+
+    def __call__(self, student: Tensor, teacher: Tensor, *, tau: float, labels: Tensor,
+                 epoch: int | None = None) -> Tensor:
+        return torch.nn.functional.cross_entropy(student, teacher.argmax(-1))
+
+    def __repr__(self) -> str:
+        return "Hard()"
+
+
+def hard() -> Hard:
+    """CE with the teacher's argmax as the label (DeiT's hard distillation); tau is not used."""
+    return Hard()
 
 
 def _weights(**weights: float) -> list[OptionError]:
@@ -128,5 +146,6 @@ def dist(*, beta: float = 1.0, gamma: float = 1.0) -> DIST:
 def kdreg_register_divergences(register: Register) -> None:
     register("kl", kl)
     register("ce", ce)
+    register("hard", hard)
     register("dkd", dkd)
     register("dist", dist)

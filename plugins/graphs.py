@@ -1,8 +1,10 @@
 """Built-in teacher graphs: none, ipkd, ipkd-ta-1, ipkd-ta-m, subset (ipkd-ta), kd (Hinton; a TAKD
-link) and cohort (EKD). Registered exactly as a third-party plugin registers its own."""
+link), deit (DeiT's distillation token) and cohort (EKD). Registered exactly as a third-party
+plugin registers its own."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -90,11 +92,34 @@ def kd(num_submodels: int, teacher: StageRef | list[StageRef]) -> TeacherGraph:
 
     From Python, ``teacher`` may also be a node name (or names) of your choosing: pass the
     teachers' logits under those names in ``distillation_loss(..., external=...)``."""
+    return _taught(num_submodels, range(num_submodels), teacher, "kd")
+
+
+def deit(num_submodels: int, teacher: StageRef | list[StageRef], weight: float = 1.0) -> TeacherGraph:
+    """DeiT's distillation token (Touvron et al. 2021): the distillation head taught by the frozen
+    teacher with weight ``weight`` (several stages: ``weight`` / their number each, as ``kd``), the
+    class head by the labels alone. For a backbone that trains the two heads, class head first:
+    ``backbone = { name = "timm", model = "deit_tiny_distilled_patch16_224", distilled = true }``
+    (cls, dist). With ``lam = 1``, DeiT's ``(1 - alpha) CE + alpha D`` is ``1 - alpha`` times this
+    graph's loss with ``weight = alpha / (1 - alpha)`` (hard; soft: also ``/ num_classes``)."""
+    if not (math.isfinite(weight) and weight > 0):
+        raise OptionError(f"weight must be a finite number > 0, got {weight}", key="weight")
+    if num_submodels != 2:
+        raise OptionError(f"the deit graph teaches the distillation head of a backbone that trains two "
+                          f"heads (cls, dist: a timm backbone with distilled = true); this backbone "
+                          f"trains {num_submodels} sub-model(s)")
+    return _taught(num_submodels, (1,), teacher, "deit", weight)
+
+
+def _taught(num_submodels: int, students: Iterable[int], teacher: Any, name: str,
+            weight: float = 1.0) -> TeacherGraph:
+    """``students`` each taught by the full output of every stage of ``teacher`` (or node name),
+    weight ``weight`` / (number of stages); the other sub-models by labels alone."""
     stages = _stages(teacher, names=True)
     nodes = [s if isinstance(s, str) else s.node() for s in stages]
-    w = 1.0 / len(nodes)
-    edges = tuple(Edge(i, node, w) for i in range(num_submodels) for node in nodes)
-    return TeacherGraph(num_submodels, edges, external=tuple(nodes), name="kd")
+    w = weight / len(nodes)
+    edges = tuple(Edge(i, node, w) for i in students for node in nodes)
+    return TeacherGraph(num_submodels, edges, external=tuple(nodes), name=name)
 
 
 def cohort(num_submodels: int, teacher: StageRef) -> TeacherGraph:
@@ -133,4 +158,5 @@ def kdreg_register_graphs(register: Any) -> None:
     register("ipkd-ta-m", ipkd_ta_m)
     register("subset", subset)
     register("kd", kd)
+    register("deit", deit)
     register("cohort", cohort)

@@ -39,6 +39,14 @@ are not split points either; all are listed with the reason in ``rejected_points
 capturing hooks: the same tensors ``forward_front`` returns, which ``forward_intermediates`` would
 not give (it reshapes tokens to maps and drops prefix tokens). Segments assume the input size the
 model was built for.
+
+**Distilled models.** ``distilled = true`` takes a timm model with a distillation head (DeiT's
+``deit_*_distilled_*``, and any model with ``set_distilled_training``: LeViT, PiT's distilled,
+EfficientFormer, ...) as three sub-models, ``cls`` (the class head), ``dist`` (the distillation
+head) and ``avg`` (their average, the prediction timm deploys): the two heads are trained
+(``train_labels``), all three evaluated; the ``deit`` graph sends the teacher to ``dist``. Such a
+model names no split points (feature losses and bridges take a model of one output). A model
+without a distillation head is refused, naming it.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ def build_timm(
     pretrained: bool | None = None,
     pretrained_file: str | None = None,
     model_options: Mapping[str, Any] = {},
+    distilled: bool = False,
 ) -> TimmBackbone:
     """Build timm model ``model`` as a plain backbone (one sub-model, ``full``).
 
@@ -115,7 +124,10 @@ def build_timm(
         for note in [] if restored else load_weights(net, pretrained_file, model, in_chans):
             say(note)
         source = str(Path(pretrained_file).expanduser())
-    backbone = TimmBackbone(net, model_name=model, in_chans=in_chans, input_size=size)
+    if distilled:
+        check_distilled(net, model, in_chans, size)
+    cls = TimmDistilledBackbone if distilled else TimmBackbone
+    backbone = cls(net, model_name=model, in_chans=in_chans, input_size=size)
     if source is not None:
         backbone.pretrained = source
         backbone.input_mean, backbone.input_std = pretrained_stats(net, in_chans)
@@ -492,6 +504,65 @@ class TimmBackbone(FlexibleBackbone):
                               name=f"timm model {self.model_name}")
         self.rejected_points.update(splits.rejected)
         return splits
+
+
+def check_distilled(net: nn.Module, model: str, in_chans: int, size: tuple[int, int]) -> None:
+    """Raise an :class:`OptionError` naming ``model`` unless it has a distillation head: timm's
+    ``set_distilled_training``, and its head then giving two outputs (checked on a zero batch)."""
+    if not callable(getattr(net, "set_distilled_training", None)):
+        raise OptionError(f"timm model {model!r} has no distillation head (no set_distilled_training): "
+                          "distilled = true takes a model such as deit_tiny_distilled_patch16_224",
+                          key="distilled")
+    net.set_distilled_training(True)
+    was = net.training
+    net.eval()                            # no BatchNorm statistics from the zero batch
+    try:
+        with torch.no_grad():
+            out = _both_heads(net, torch.zeros(_CHECK_BATCH, in_chans, *size))
+    except Exception as exc:  # noqa: BLE001 - reported as the model's missing head
+        out = exc
+    finally:
+        net.train(was)
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(o, Tensor) for o in out)):
+        net.set_distilled_training(False)
+        raise OptionError(f"timm model {model!r} has no distillation head (its head gives one output "
+                          "in distilled training): distilled = true takes a model such as "
+                          "deit_tiny_distilled_patch16_224", key="distilled")
+
+
+def _both_heads(net: nn.Module, x: Tensor) -> Any:
+    """The class and distillation heads' logits of ``net`` (distilled training set) in either mode:
+    timm's ``forward_head`` gives both when the model's own ``training`` flag is set and their
+    average otherwise, so the top module's flag alone is set for the head (its layers, dropout
+    and drop path keep their mode)."""
+    features = net.forward_features(x)
+    was = net.training
+    net.training = True
+    try:
+        return net.forward_head(features)
+    finally:
+        net.training = was
+
+
+class TimmDistilledBackbone(TimmBackbone):
+    """A timm model with a distillation head (``distilled = true``): sub-models ``cls`` (the class
+    head), ``dist`` (the distillation head) and ``avg`` (their average, what timm predicts in eval
+    mode), from one pass. A training step trains ``cls`` and ``dist`` (:attr:`train_labels`); all
+    three are evaluated."""
+
+    submodel_labels = ("cls", "dist", "avg")
+    train_labels = ("cls", "dist")
+    single_pass = True
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        cls, dist = _both_heads(self.net, x)
+        return [cls, dist] if self.training else [cls, dist, (cls + dist) / 2]
+
+    def _find_points(self) -> ModuleSplits:
+        self.rejected_points["*"] = ("a distilled model gives two heads' logits: feature losses and "
+                                     "bridges take a model of one output")
+        return ModuleSplits(self.net, {}, in_chans=self.in_chans, input_size=self.input_size,
+                            name=f"timm model {self.model_name}")
 
 
 class TimmFront(nn.Module):
