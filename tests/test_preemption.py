@@ -449,3 +449,19 @@ def test_a_killed_process_restarts_from_the_last_checkpoint_until_restarts_run_o
     again = kdreg_run(path, cut, "--nproc", "2", "--max-restarts", "1")    # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(full, cut)
+
+
+def test_the_launcher_names_a_killed_process_not_those_torchrun_stopped_after_it() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from kdreg.engine.launch import killed_processes
+
+    def failure(code: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=0, pid=4242, exitcode=code, error_file="")
+
+    # a process stopped on bad input (it said why); torchrun stopped the other with SIGTERM
+    assert killed_processes({0: failure(-signal.SIGTERM), 1: failure(2)}) == []
+    # a process killed (out of memory, say): named, whether its peer noticed first or not
+    assert [r for r, _ in killed_processes({0: failure(1), 1: failure(-signal.SIGKILL)})] == [1]
+    assert [r for r, _ in killed_processes({0: failure(-signal.SIGTERM), 1: failure(-signal.SIGKILL)})] == [1]
+    assert [r for r, _ in killed_processes({0: failure(-signal.SIGTERM), 1: failure(-signal.SIGTERM)})] == [0]

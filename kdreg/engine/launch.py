@@ -6,7 +6,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kdreg.engine import distributed
 from kdreg.errors import EXIT_RESUME, UserError
@@ -76,14 +77,24 @@ def launch(nproc: int, kdreg_args: Sequence[str], *, max_restarts: int = 0,
             print(f"the processes checkpointed on a signal{where}; run the same command again to resume "
                   f"(exit code {EXIT_RESUME})", file=sys.stderr)
             return EXIT_RESUME
-        for rank, failure in sorted(exc.failures.items()):
-            if failure.exitcode < 0:   # killed: it said nothing itself
-                tries = f" after {max_restarts} restart(s)" if max_restarts else ""
-                print(f"failed: process {rank} of {nproc} (pid {failure.pid}) was killed by "
-                      f"{failure.signal_name()}{tries}; the last checkpoint is kept{where}: run the same "
-                      "command again to resume", file=sys.stderr)
+        for rank, failure in killed_processes(exc.failures):   # they said nothing themselves
+            tries = f" after {max_restarts} restart(s)" if max_restarts else ""
+            print(f"failed: process {rank} of {nproc} (pid {failure.pid}) was killed by "
+                  f"{failure.signal_name()}{tries}; the last checkpoint is kept{where}: run the same "
+                  "command again to resume", file=sys.stderr)
         return 2 if 2 in codes else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def killed_processes(failures: Mapping[int, Any]) -> list[tuple[int, Any]]:
+    """The processes a signal killed, by rank, but those torchrun itself stopped with SIGTERM once
+    another had failed (the failure is the other's, which says why); when every one died of
+    SIGTERM, the first."""
+    killed = [(r, f) for r, f in sorted(failures.items()) if f.exitcode < 0]
+    own = [(r, f) for r, f in killed if f.exitcode != -signal.SIGTERM]
+    if own or any(f.exitcode > 0 for f in failures.values()):
+        return own
+    return killed[:1]
