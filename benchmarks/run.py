@@ -20,7 +20,9 @@ module's docstring defines its figures:
   ``*_resnet18`` three (reported) and the width cost by kernel class;
 * ``data.py``: ``loader_fraction``, ``stream_loader_ratio``, ``stream_memory_ratio``,
   ``loader_fraction_streamed`` (reported), the streamed ones measured by ``streaming.py``;
-* ``features.py``: ``feature_loss_cost_ratio``, ``crd_cost_ratio`` (reported).
+* ``features.py``: ``feature_loss_cost_ratio``, ``crd_cost_ratio`` (reported);
+* ``checkpoints.py``: ``checkpoint_cost_ratio`` (an epoch with a step checkpoint every 50 steps
+  against one without).
 
 ``common.py`` holds what they share (``Settings``, ``Figure``, the models and the trainer they
 build), ``probes.py`` the instruments. To add a family: a module beside this one whose ``FAMILY``
@@ -65,6 +67,7 @@ FAMILY_MODULES = (
     "width",
     "data",
     "features",
+    "checkpoints",
 )
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(name).FAMILY for name in FAMILY_MODULES)
 #: figure -> (comparison, bound), of every family
