@@ -1,4 +1,4 @@
-"""The command line: ``kdreg run | validate | plugins | list``.
+"""The command line: ``kdreg run | sweep | submit | validate | plugins | list | eval | report | capacity | export``.
 
 Exit codes: 0 done; 1 the run failed; 2 the recipe, a plugin or the command line is wrong; 75
 (``kdreg run``) checkpointed on a signal: the same command resumes it.
@@ -75,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("directories", nargs="+", metavar="DIR", help="run or repeat directories, one column each")
     rep.add_argument("--out", help="folder of report.md and the PNGs (default: the DIR, when only one is given)")
     rep.add_argument("--stage", help="the stage of every run to compare (default: each run's last)")
+
+    swp = sub.add_parser("sweep", help="train a recipe at every point of a grid of overrides (times --seeds), "
+                         "shared earlier stages once, into one directory with sweep.md and sweep.png")
+    swp.add_argument("recipe", help="the TOML recipe")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="an axis of the grid, e.g. stages.student.lam=0.1,0.5,0.9; repeat for more axes")
+    swp.add_argument("--seeds", metavar="S,S,...", help="train every point once per seed (default: the recipe's)")
+    swp.add_argument("--out", help="the sweep directory (default: runs/<name>-sweep-<time>); the same command "
+                                   "resumes it")
+    swp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key at every point, as for kdreg run")
+    swp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cap = sub.add_parser("capacity", help="parameter and MAC ratio of a teacher-student pair")
     cap.add_argument("teacher", help="a registered backbone name")
@@ -399,9 +411,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit_command(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kdreg.engine import preempt
+    from kdreg.sweep import SWEEP_JSON, SWEEP_MD, SWEEP_PNG, Sweep, table
+
+    overrides = args.overrides + ([_seeds_override(args.seeds)] if args.seeds is not None else [])
+    sweep = Sweep.plan(args.recipe, args.grid, overrides, out=args.out, progress=not args.no_progress)
+    try:
+        with preempt.handling(preempt.parse_signals(",".join(s.removeprefix("SIG") for s in DEFAULT_SIGNALS))):
+            summary = sweep.execute()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command (kdreg sweep ... --out {sweep.directory})",
+              file=sys.stderr)
+        return 130
+    except Checkpointed as exc:
+        print(f"checkpointed ({exc}) into {sweep.directory}; run the same command again to resume "
+              f"(exit code {EXIT_RESUME})", file=sys.stderr)
+        return EXIT_RESUME
+    print(table(summary))
+    for name in (SWEEP_MD, SWEEP_PNG, SWEEP_JSON):
+        print(f"wrote {sweep.directory / name}")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
             "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export,
-            "submit": cmd_submit}
+            "submit": cmd_submit, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
