@@ -59,7 +59,7 @@ def test_validate_rejects_a_bad_recipe_with_exit_2(case: str, tmp_path: Path, ca
     assert all(line.startswith(f"error: {path}: ") for line in err.splitlines()), err
     assert "Traceback" not in err
     if case == "unknown plugin":
-        assert "registered: cohort, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in err
+        assert "registered: cohort, deit, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in err
 
 
 def test_run_of_a_bad_recipe_exits_2_without_traceback_and_writes_nothing(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_list_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     assert "slimmable_mobilenet_v1" in out and "x1.0: 3,223,178 params, 46.4 M MACs" in out
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "graphs  (kdreg 0.1.0)" in out and "graphs: cohort, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in out and "bridges: stc" in out
+    assert "graphs  (kdreg 0.1.0)" in out and "graphs: cohort, deit, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in out and "bridges: stc" in out
     assert "events: kdreg_epoch_finished" in out
 
 

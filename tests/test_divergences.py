@@ -283,7 +283,7 @@ def test_a_name_is_a_registered_divergence_with_its_defaults() -> None:
         by_name = kdreg.distillation_loss(outs, y, g, lam=0.5, tau=2.0, divergence=name, epoch=3)
         built = kdreg.distillation_loss(outs, y, g, lam=0.5, tau=2.0, divergence=kdreg.build_divergence(name), epoch=3)
         assert torch.equal(by_name, built)
-    with pytest.raises(KeyError, match=r"unknown divergence 'dkdd' \(did you mean dkd\?\); registered: ce, dist, dkd, kl"):
+    with pytest.raises(KeyError, match=r"unknown divergence 'dkdd' \(did you mean dkd\?\); registered: ce, dist, dkd, hard, kl"):
         kdreg.distillation_loss(outs, y, g, lam=0.5, tau=2.0, divergence="dkdd")
 
 
@@ -436,9 +436,9 @@ divergence = DIV
 
 
 @pytest.mark.parametrize("div,lines", [
-    ('"dkdd"', ["unknown divergence 'dkdd' (did you mean dkd?); registered: ce, dist, dkd, kl "
+    ('"dkdd"', ["unknown divergence 'dkdd' (did you mean dkd?); registered: ce, dist, dkd, hard, kl "
                 "@ recipe.stages.student.divergence.name"]),
-    ('{ name = "KL" }', ["unknown divergence 'KL'; registered: ce, dist, dkd, kl @ recipe.stages.student.divergence.name"]),
+    ('{ name = "KL" }', ["unknown divergence 'KL'; registered: ce, dist, dkd, hard, kl @ recipe.stages.student.divergence.name"]),
     ('{ name = "dkd", alpha = -1.0, beta = -8.0, warmup = -2 }',
      ["alpha must be a finite weight >= 0, got -1.0 @ recipe.stages.student.divergence.alpha",
       "beta must be a finite weight >= 0, got -8.0 @ recipe.stages.student.divergence.beta",
@@ -493,7 +493,7 @@ def test_a_divergence_that_breaks_the_contract_is_reported() -> None:
 def test_kdreg_list_divergences(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "divergences"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "divergences:" and [line.split()[0] for line in out[1:]] == ["ce", "dist", "dkd", "kl"]
+    assert out[0] == "divergences:" and [line.split()[0] for line in out[1:]] == ["ce", "dist", "dkd", "hard", "kl"]
     assert any("Decoupled KD (Zhao et al. CVPR 2022)" in line for line in out)
 
 

@@ -75,7 +75,7 @@ def test_round_trip_of_the_resolved_recipe() -> None:
         (BASE.replace("lam = 0.8", "lam = 1.5"), [], "lam must be in [0, 1], got 1.5 @ recipe.stages.student.lam"),
         (BASE.replace("lam = 0.8", "lam = -0.1"), [], "lam must be in [0, 1], got -0.1 @ recipe.stages.student.lam"),
         (BASE.replace("tau = 1.0", "tau = 0"), [], "tau must be > 0, got 0 @ recipe.stages.student.tau"),
-        (BASE.replace('divergence = "ce"', 'divergence = "js"'), [], "unknown divergence 'js'; registered: ce, dist, dkd, kl @ recipe.stages.student.divergence.name"),
+        (BASE.replace('divergence = "ce"', 'divergence = "js"'), [], "unknown divergence 'js'; registered: ce, dist, dkd, hard, kl @ recipe.stages.student.divergence.name"),
         (BASE.replace('divergence = "ce"', 'divergence = 3'), [], "expected a table with a `name` or a name string, got int 3 @ recipe.stages.student.divergence"),
         (BASE.replace("[train]", "[train]\nbatch = 3"), [], "unknown key(s) batch @ recipe.train"),
         (BASE.replace('"ipkd-ta-m"', '"ipkd-tam"'), [], "unknown graph 'ipkd-tam' (did you mean ipkd-ta-m"),
@@ -109,7 +109,7 @@ def test_every_problem_is_reported_on_its_own_line() -> None:
 
 def test_an_unknown_plugin_lists_the_registered_names() -> None:
     problems = problems_of(BASE.replace('"ipkd-ta-m"', '"teacher-assistant"'))
-    assert any("registered: cohort, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in p for p in problems), problems
+    assert any("registered: cohort, deit, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in p for p in problems), problems
 
 
 def test_tables_and_lists_of_the_wrong_kind() -> None:
