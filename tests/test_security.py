@@ -11,6 +11,7 @@ import io
 import os
 import random
 import struct
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -365,9 +366,16 @@ def test_names_cannot_lead_out_of_the_run_directory(tmp_path: Path,
 
 def test_no_recipe_string_reaches_a_shell() -> None:
     """kdreg starts processes only through torchrun's agent, run in-process (``kdreg run --nproc``:
-    an argument list, no shell; kdreg itself calls no subprocess), and evaluates no string as
-    code: a recipe's strings can name files and plugins, never run a command."""
+    an argument list, no shell), and a SLURM task's ``kdreg run`` (``kdreg submit``: the argument
+    list ``[python, "-m", "kdreg", "run", ...]``, no shell); it evaluates no string as code: a
+    recipe's strings can name files and plugins, never run a command."""
     import ast
+
+    from kdreg.slurm import run_command
+
+    command = run_command(Path("r.toml"), Path("out"), ["data.root=$(touch x)"], "USR2")
+    assert command[:5] == [sys.executable, "-m", "kdreg", "run", "r.toml"]
+    assert "--set=data.root=$(touch x)" in command      # one argument, never parsed by a shell
 
     found = []
     for path in sorted([*(ROOT / "kdreg").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]):
@@ -384,7 +392,8 @@ def test_no_recipe_string_reaches_a_shell() -> None:
                     found.append(where)
                 else:
                     found.append(f"{path.relative_to(ROOT)} {func}")
-    assert found == [], found
+    # the SLURM task's child: run_command's argument list (above)
+    assert found == ["kdreg/slurm.py subprocess.Popen"], found
 
 
 def test_a_malicious_timm_weights_file_is_refused(tmp_path: Path,

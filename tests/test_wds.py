@@ -202,16 +202,16 @@ def test_under_torchrun_the_first_process_indexes_and_the_others_read_its_index(
     indexed: list[str] = []
     real = module.index_shard
     monkeypatch.setattr(module, "index_shard", lambda s: indexed.append(s.name) or real(s))
-    monkeypatch.setattr(module.distributed, "is_main", lambda: False)
+    monkeypatch.setattr(module.process, "is_main", lambda: False)
     given: list[Any] = []
-    monkeypatch.setattr(module.distributed, "broadcast",
+    monkeypatch.setattr(module.process, "broadcast",
                         lambda value: given.append(value) or (list(first.mean), list(first.std)))
     other = wds(root=root)                                     # another rank: rank 0's statistics
     assert given == [None] and indexed == []                   # it computed nothing, indexed nothing
     assert (other.mean, other.std) == (first.mean, first.std)
     assert [other.train.filename(i) for i in range(12)] == [first.train.filename(i) for i in range(12)]
     # a problem found by rank 0 stops the others with the same line
-    monkeypatch.setattr(module.distributed, "broadcast", lambda value: ["shard x: bad"])
+    monkeypatch.setattr(module.process, "broadcast", lambda value: ["shard x: bad"])
     with pytest.raises(DataError, match="shard x: bad"):
         wds(root=root)
 
