@@ -277,6 +277,14 @@ def _may_add_in_place(weight: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def check_in_features(layer: nn.Module, x: Tensor, index: int, features: int) -> None:
+    """A sliced linear layer at width ``index`` takes ``features`` input features: a ValueError
+    naming the layer's class otherwise."""
+    if x.shape[-1] != features:
+        raise ValueError(f"{type(layer).__name__} at width index {index} expects {features} input "
+                         f"features, got {x.shape[-1]}")
+
+
 def corner(weight: Tensor, rows: int, cols: int | None = None) -> Tensor:
     """``weight[:rows, :cols]`` (``cols=None``: ``weight[:rows]``): ``weight`` itself when that is
     all of it; the first rows alone as a view (dense already: a bias, a depthwise kernel, whose
@@ -358,9 +366,7 @@ class SlimmableLinear(nn.Linear, SlimmableMixin):
     def forward(self, x: Tensor) -> Tensor:
         i = self.width_index
         cin, cout = self.in_list[i], self.out_list[i]
-        if x.shape[-1] != cin:
-            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
-                             f"features, got {x.shape[-1]}")
+        check_in_features(self, x, i, cin)
         bias = corner(self.bias, cout) if self.bias is not None else None
         return F.linear(x, corner(self.weight, cout, cin), bias)
 

@@ -20,6 +20,7 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableLinear,
     SlimmableMixin,
     SwitchableBatchNorm2d,
+    check_in_features,
     corner,
     narrowed_batch_norm,
 )
@@ -133,9 +134,7 @@ class DerivedLinear(SlimmableLinear):
     def forward(self, x: Tensor) -> Tensor:
         i = self.width_index
         cin, cout = self.in_list[i], self.out_list[i]
-        if x.shape[-1] != cin:
-            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
-                             f"features, got {x.shape[-1]}")
+        check_in_features(self, x, i, cin)
         return F.linear(x, *self._rows(cout, cin))
 
     def params_at(self, index: int) -> int:
