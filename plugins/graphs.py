@@ -1,6 +1,11 @@
 """Built-in teacher graphs: none, ipkd, ipkd-ta-1, ipkd-ta-m, subset (ipkd-ta), kd (Hinton; a TAKD
 link), deit (DeiT's distillation token) and cohort (EKD). Registered exactly as a third-party
-plugin registers its own."""
+plugin registers its own.
+
+The inplace graphs (ipkd, ipkd-ta-1, ipkd-ta-m, subset) take ``teacher``: frozen earlier stages
+that also teach the largest sub-model (:func:`with_teacher`), so that one graph holds inplace
+edges and edges from frozen stages at once (Scala: each width taught by the next larger one, the
+largest by a pretrained model)."""
 
 from __future__ import annotations
 
@@ -20,28 +25,55 @@ def no_distillation(num_submodels: int) -> TeacherGraph:
     return TeacherGraph(num_submodels, (), name="none")
 
 
-def ipkd(num_submodels: int) -> TeacherGraph:
-    """Inplace distillation: every sub-model taught by the largest (ipkd-ta eq. 5)."""
+def with_teacher(graph: TeacherGraph, teacher: StageRef | list[StageRef] | None,
+                 weight: float = 1.0) -> TeacherGraph:
+    """``graph`` plus an edge from the full output of every stage of ``teacher`` (or node name) to
+    the largest sub-model, weight ``weight`` / (number of stages) each, as ``kd`` weighs an
+    ensemble; ``graph`` itself when ``teacher`` is None."""
+    if teacher is None:
+        return graph
+    if not (math.isfinite(weight) and weight > 0):
+        raise OptionError(f"teacher_weight must be a finite number > 0, got {weight}",
+                          key="teacher_weight")
+    taught = _taught(graph.num_submodels, (graph.num_submodels - 1,), teacher, graph.name, weight)
+    return TeacherGraph(graph.num_submodels, graph.edges + taught.edges,
+                        external=taught.external, name=graph.name)
+
+
+def ipkd(num_submodels: int, teacher: StageRef | list[StageRef] | None = None,
+         teacher_weight: float = 1.0) -> TeacherGraph:
+    """Inplace distillation: every sub-model taught by the largest (ipkd-ta eq. 5); ``teacher``:
+    the largest taught by frozen stages too (:func:`with_teacher`)."""
     n = num_submodels
-    return TeacherGraph(n, tuple(Edge(i, n - 1, 1.0) for i in range(n - 1)), name="ipkd")
+    graph = TeacherGraph(n, tuple(Edge(i, n - 1, 1.0) for i in range(n - 1)), name="ipkd")
+    return with_teacher(graph, teacher, teacher_weight)
 
 
-def ipkd_ta_1(num_submodels: int) -> TeacherGraph:
-    """IPKD with one teacher assistant: sub-model i taught by i + 1 (ipkd-ta eq. 6)."""
+def ipkd_ta_1(num_submodels: int, teacher: StageRef | list[StageRef] | None = None,
+              teacher_weight: float = 1.0) -> TeacherGraph:
+    """IPKD with one teacher assistant: sub-model i taught by i + 1 (ipkd-ta eq. 6); ``teacher``:
+    the largest taught by frozen stages too (:func:`with_teacher`; Scala's progressive knowledge
+    transfer)."""
     n = num_submodels
-    return TeacherGraph(n, tuple(Edge(i, i + 1, 1.0) for i in range(n - 1)), name="ipkd-ta-1")
+    graph = TeacherGraph(n, tuple(Edge(i, i + 1, 1.0) for i in range(n - 1)), name="ipkd-ta-1")
+    return with_teacher(graph, teacher, teacher_weight)
 
 
-def ipkd_ta_m(num_submodels: int) -> TeacherGraph:
-    """IPKD with multiple assistants: i taught by every larger j, weight 1/(n-1-i) (ipkd-ta eq. 7)."""
+def ipkd_ta_m(num_submodels: int, teacher: StageRef | list[StageRef] | None = None,
+              teacher_weight: float = 1.0) -> TeacherGraph:
+    """IPKD with multiple assistants: i taught by every larger j, weight 1/(n-1-i) (ipkd-ta eq. 7);
+    ``teacher``: the largest taught by frozen stages too (:func:`with_teacher`)."""
     n = num_submodels
     edges = tuple(Edge(i, j, 1.0 / (n - 1 - i)) for i in range(n - 1) for j in range(i + 1, n))
-    return TeacherGraph(n, edges, name="ipkd-ta-m")
+    return with_teacher(TeacherGraph(n, edges, name="ipkd-ta-m"), teacher, teacher_weight)
 
 
 def subset(num_submodels: int, teachers: Mapping[str, Iterable[int]] | Iterable[Iterable[int]] = (),
-           weights: Mapping[str, Iterable[float]] | None = None) -> TeacherGraph:
-    """Teachers listed per student (ipkd-ta footnote 4); weights default to 1 / len(T_i).
+           weights: Mapping[str, Iterable[float]] | None = None,
+           teacher: StageRef | list[StageRef] | None = None,
+           teacher_weight: float = 1.0) -> TeacherGraph:
+    """Teachers listed per student (ipkd-ta footnote 4); weights default to 1 / len(T_i);
+    ``teacher``: the largest taught by frozen stages too (:func:`with_teacher`).
 
     ``teachers`` maps a student index (a TOML key, so a string: ``{ "0" = [2, 3], "1" = [3] }``)
     to its teachers, or is a list with one teacher list per student, smallest first.
@@ -62,9 +94,10 @@ def subset(num_submodels: int, teachers: Mapping[str, Iterable[int]] | Iterable[
     if extra:
         raise OptionError(f"weights given for students without teachers: {sorted(extra)}", key="weights")
     try:
-        return TeacherGraph(n, tuple(edges), name="subset")
+        graph = TeacherGraph(n, tuple(edges), name="subset")
     except OptionError as exc:
         raise OptionError(str(exc), key="teachers") from None
+    return with_teacher(graph, teacher, teacher_weight)
 
 
 def _per_student(spec: Mapping[str, Iterable] | Iterable[Iterable], n: int, key: str) -> dict[int, list]:

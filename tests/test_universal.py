@@ -364,7 +364,7 @@ graph = "ipkd"
     ('{ name = "tiny_slimmable", widths = { min = 0.25, max = 1.0, eval = [0.1, 0.5] } }',
      "evaluated widths 0.1 lie outside the trained range [0.25, 1]"),
     ('{ name = "tiny_slimmable", widths = { min = 0.25, max = 1.0, samples = 2 } }',
-     "unknown key(s) 'samples' in the width range; accepted: min, max, sampled, eval"),
+     "unknown key(s) 'samples' in the width range; accepted: min, max, set, sampled, eval"),
     ('{ name = "tiny_slimmable", widths = { max = 1.0 } }',
      "a width range needs min, e.g. widths = { min = 0.25, max = 1.0, sampled = 2 }"),
     ('{ name = "slimmable_mobilenet_v1", widths = { min = 0.03, max = 1.0 } }',

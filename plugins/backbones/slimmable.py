@@ -12,6 +12,7 @@ other weight is shared. :func:`set_width_index` switches every slimmable layer o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,21 +54,58 @@ def check_widths(widths: Sequence[float]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class WidthRange:
-    """A continuous range of widths (universally slimmable, US-Nets): each training step trains
-    ``min``, ``sampled`` widths drawn uniformly from (min, max) and ``max`` (the sandwich rule);
-    ``eval`` are the widths evaluated, counted and exported."""
+    """Widths trained by the sandwich rule: each training step trains ``min``, ``sampled`` widths
+    drawn by the step's seed and ``max``; ``eval`` are the widths evaluated, counted and exported.
+
+    A continuous range (universally slimmable, US-Nets; ``members`` empty) draws the ``sampled``
+    widths uniformly from (min, max). A discrete set (``members``, strictly increasing, ``min``
+    and ``max`` its ends; Scala's X widths) cuts its interior into ``sampled`` consecutive strata
+    of equal size (the first ones a member shorter when it does not divide) and draws one member
+    uniformly from each, so that the step's widths are distinct and sorted."""
 
     min: float
     max: float
     sampled: int
     eval: tuple[float, ...]
+    members: tuple[float, ...] = ()
 
     @property
     def train_labels(self) -> tuple[str, ...]:
         return ("min", *(f"sampled{k + 1}" for k in range(self.sampled)), "max")
 
+    def _strata(self) -> list[tuple[float, ...]]:
+        inner, s = self.members[1:-1], self.sampled
+        return [inner[k * len(inner) // s:(k + 1) * len(inner) // s] for k in range(s)]
 
-RANGE_KEYS = ("min", "max", "sampled", "eval")
+    def initial_widths(self) -> tuple[float, ...]:
+        """The step's widths before any draw: the sampled ones evenly spaced inside the range
+        (a set: the middle member of each stratum)."""
+        if self.members:
+            inner = tuple(stratum[(len(stratum) - 1) // 2] for stratum in self._strata())
+        else:
+            inner = tuple(self.min + (self.max - self.min) * (k + 1) / (self.sampled + 1)
+                          for k in range(self.sampled))
+        return (self.min, *inner, self.max)
+
+    def draw(self, seed: int) -> tuple[float, ...]:
+        """The step's widths ``[min, sampled..., max]`` (sorted), drawn with a CPU generator seeded
+        with ``seed``."""
+        g = torch.Generator().manual_seed(int(seed))
+        if self.members:
+            picks = [stratum[int(torch.randint(len(stratum), (1,), generator=g))]
+                     for stratum in self._strata()]
+            return (self.min, *picks, self.max)
+        u = torch.rand(self.sampled, generator=g, dtype=torch.float64).tolist()
+        return (self.min, *sorted(self.min + (self.max - self.min) * x for x in u), self.max)
+
+    def trained(self, width: float) -> bool:
+        """Whether training steps run ``width``: a member of the set, or within [min, max]."""
+        if self.members:
+            return any(abs(width - m) <= 1e-12 for m in self.members)
+        return self.min - 1e-12 <= width <= self.max + 1e-12
+
+
+RANGE_KEYS = ("min", "max", "set", "sampled", "eval")
 
 
 def _number(value: Any, what: str) -> float:
@@ -78,14 +116,26 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
+def _sampled(spec: Mapping[str, Any]) -> int:
+    sampled = spec.get("sampled", 2)
+    if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 0:
+        raise OptionError(f"widths.sampled must be an integer >= 0, got {sampled!r}",
+                          key="widths")
+    return sampled
+
+
 def check_width_range(spec: Mapping[str, Any]) -> WidthRange:
-    """``widths = { min, max, sampled, eval }`` checked, or :class:`OptionError` (key ``widths``):
-    ``min <= max`` in (0, 1], ``sampled >= 0``, ``eval`` (default: 4 widths evenly spaced from
-    ``min`` to ``max`` inclusive) strictly increasing within [min, max]."""
+    """``widths = { min, max, sampled, eval }`` or ``{ set, sampled, eval }`` checked, or
+    :class:`OptionError` (key ``widths``). A range: ``min <= max`` in (0, 1], ``sampled >= 0``,
+    ``eval`` (default: 4 widths evenly spaced from ``min`` to ``max`` inclusive) strictly
+    increasing within [min, max]. A set (:func:`check_width_set`): its members instead of
+    ``min`` and ``max``."""
     unknown = sorted(set(spec) - set(RANGE_KEYS))
     if unknown:
         raise OptionError(f"unknown key(s) {', '.join(map(repr, unknown))} in the width range; "
                           f"accepted: {', '.join(RANGE_KEYS)}", key="widths")
+    if "set" in spec:
+        return check_width_set(spec)
     missing = [k for k in ("min", "max") if k not in spec]
     if missing:
         raise OptionError(f"a width range needs {' and '.join(missing)}, e.g. widths = "
@@ -94,15 +144,42 @@ def check_width_range(spec: Mapping[str, Any]) -> WidthRange:
     if low > high:
         raise OptionError(f"widths.min ({low:g}) must not exceed widths.max ({high:g})",
                           key="widths")
-    sampled = spec.get("sampled", 2)
-    if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 0:
-        raise OptionError(f"widths.sampled must be an integer >= 0, got {sampled!r}",
-                          key="widths")
+    sampled = _sampled(spec)
     if "eval" in spec:
         evaluated = check_eval_widths(spec["eval"], low, high)
     else:
         evaluated = tuple(dict.fromkeys(round(low + (high - low) * k / 3, 12) for k in range(4)))
     return WidthRange(low, high, sampled, evaluated)
+
+
+def check_width_set(spec: Mapping[str, Any]) -> WidthRange:
+    """``widths = { set = [...], sampled = 2, eval = [...] }``: a discrete set of at least two
+    widths (:func:`check_widths`) trained by the sandwich rule, ``sampled`` (default 2) at most
+    the number of its interior members, ``eval`` members of the set (default: the 4 members at
+    evenly spaced positions, smallest and largest included)."""
+    both = [k for k in ("min", "max") if k in spec]
+    if both:
+        raise OptionError(f"a width set gives its own smallest and largest width; drop "
+                          f"{' and '.join(both)} (or the set)", key="widths")
+    members = check_widths(spec["set"])
+    if len(members) < 2:
+        raise OptionError(f"a width set needs at least two widths, got {list(members)}",
+                          key="widths")
+    sampled = _sampled(spec)
+    if sampled > len(members) - 2:
+        raise OptionError(f"widths.sampled ({sampled}) exceeds the {len(members) - 2} widths "
+                          f"inside the set {list(members)}", key="widths")
+    if "eval" in spec:
+        evaluated = check_eval_widths(spec["eval"], members[0], members[-1])
+        outside = [w for w in evaluated if not any(abs(w - m) <= 1e-12 for m in members)]
+        if outside:
+            raise OptionError(f"evaluated widths {', '.join(f'{w:g}' for w in outside)} are not in "
+                              f"the trained set {', '.join(f'{m:g}' for m in members)}",
+                              key="widths")
+    else:
+        n = len(members)
+        evaluated = tuple(dict.fromkeys(members[round(k * (n - 1) / 3)] for k in range(4)))
+    return WidthRange(members[0], members[-1], sampled, evaluated, members)
 
 
 def check_eval_widths(widths: Any, low: float, high: float) -> tuple[float, ...]:
@@ -194,6 +271,9 @@ class SlimmableMixin(ABC):
 
     num_widths: int
     width_index: int
+    #: width slots that take the LAST channels of every sliced dimension instead of the first
+    #: (Scala's isolated activation of the smallest width; set by the model)
+    tail_slots: frozenset[int] = frozenset()
     #: attribute holding channel counts per width slot -> the rule that computes them (range mode)
     channel_rules: dict[str, ChannelRule]
 
@@ -210,6 +290,10 @@ class SlimmableMixin(ABC):
             setattr(self, name, tuple(rule.at(w) for w in widths))
         self.num_widths = len(widths)
         self.width_index = min(self.width_index, self.num_widths - 1)
+
+    def from_end(self, index: int) -> bool:
+        """Whether width slot ``index`` takes the last channels (:attr:`tail_slots`)."""
+        return index in self.tail_slots
 
     def check_width(self, index: int) -> int:
         if not 0 <= index < self.num_widths:
@@ -230,7 +314,11 @@ def _check_lists(*lists: Sequence[int]) -> int:
     return n
 
 
-def _corner_index(rows: int, cols: int | None) -> tuple[slice, ...]:
+def _corner_index(rows: int, cols: int | None, shape: Sequence[int] = (),
+                  tail: bool = False) -> tuple[slice, ...]:
+    """The first ``rows`` (and ``cols``) of a tensor, or with ``tail`` the last of ``shape``'s."""
+    if tail:
+        return tuple(slice(shape[d] - k, None) for d, k in enumerate((rows, cols)) if k is not None)
     return (slice(rows),) if cols is None else (slice(rows), slice(cols))
 
 
@@ -245,21 +333,21 @@ class _Corner(torch.autograd.Function):
     dimensions would allocate two, one per dimension)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, rows: int, cols: int | None) -> Tensor:
-        ctx.shape, ctx.index = weight.shape, _corner_index(rows, cols)
+    def forward(ctx: Any, weight: Tensor, rows: int, cols: int | None, tail: bool) -> Tensor:
+        ctx.shape, ctx.index = weight.shape, _corner_index(rows, cols, weight.shape, tail)
         ctx.weight = weight if _may_add_in_place(weight) else None
         ctx.format = _memory_format(weight)
         return weight[ctx.index].clone(memory_format=torch.preserve_format)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         weight = ctx.weight
         if weight is not None and weight.grad is not None and weight.grad.dtype == grad.dtype:
             weight.grad[ctx.index].add_(grad)
-            return None, None, None
+            return None, None, None, None
         full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format).zero_()
         full[ctx.index] = grad
-        return full, None, None
+        return full, None, None, None
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -285,17 +373,17 @@ def check_in_features(layer: nn.Module, x: Tensor, index: int, features: int) ->
                          f"features, got {x.shape[-1]}")
 
 
-def corner(weight: Tensor, rows: int, cols: int | None = None) -> Tensor:
-    """``weight[:rows, :cols]`` (``cols=None``: ``weight[:rows]``): ``weight`` itself when that is
-    all of it; the first rows alone as a view (dense already: a bias, a depthwise kernel, whose
+def corner(weight: Tensor, rows: int, cols: int | None = None, *, tail: bool = False) -> Tensor:
+    """``weight[:rows, :cols]`` (``cols=None``: ``weight[:rows]``; ``tail``: the last rows and
+    columns, ``weight[-rows:, -cols:]``): ``weight`` itself when that is all of it; the first rows alone as a view (dense already: a bias, a depthwise kernel, whose
     gradient autograd's own slice puts into the full shape); a corner of two dimensions, when
     training, as a dense copy whose gradient goes into the corner of ``weight``'s
     (:class:`_Corner`)."""
     if rows == weight.shape[0] and (cols is None or cols == weight.shape[1]):
         return weight
     if cols is not None and torch.is_grad_enabled() and weight.requires_grad:
-        return _Corner.apply(weight, rows, cols)
-    return weight[_corner_index(rows, cols)]
+        return _Corner.apply(weight, rows, cols, tail)
+    return weight[_corner_index(rows, cols, weight.shape, tail)]
 
 
 class SlimmableConv2d(nn.Conv2d, SlimmableMixin):
@@ -661,9 +749,7 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
             r = self.width_range
             self.widths = r.eval
             self.train_labels = r.train_labels
-            # before any begin_step: the sampled widths evenly spaced inside the range
-            self.train_widths = (r.min, *(r.min + (r.max - r.min) * (k + 1) / (r.sampled + 1)
-                                          for k in range(r.sampled)), r.max)
+            self.train_widths = r.initial_widths()   # before any begin_step
         self.submodel_labels = tuple(width_label(w) for w in self.widths)
         self.in_chans = in_chans
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -716,19 +802,25 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
             layer.set_slot_widths(widths)
 
     def begin_step(self, seed: int) -> None:
-        """Range mode: draw the step's ``sampled`` widths uniformly from (min, max) with a CPU
-        generator seeded with ``seed``, sorted; the step trains ``[min, sampled..., max]``."""
+        """Range mode: draw the step's ``sampled`` widths (:meth:`WidthRange.draw`: uniformly from
+        (min, max), or one member of each stratum of a set) with a CPU generator seeded with
+        ``seed``, sorted; the step trains ``[min, sampled..., max]``."""
         r = self.width_range
         if r is None:
             return
-        g = torch.Generator().manual_seed(int(seed))
-        u = torch.rand(r.sampled, generator=g, dtype=torch.float64).tolist()
-        drawn = sorted(r.min + (r.max - r.min) * x for x in u)
-        self.train_widths = (r.min, *drawn, r.max)
+        self.train_widths = r.draw(seed)
         self._apply_slots()
 
     def needs_calibration(self) -> bool:
-        return self.width_range is not None
+        """Range mode with BatchNorm: its evaluated widths' statistics come from calibration (a
+        network normalised by LayerNorm or GroupNorm alone keeps none)."""
+        return self.width_range is not None and any(isinstance(m, RangeBatchNorm2d)
+                                                    for m in self.modules())
+
+    def untrained_width_refusal(self) -> str | None:
+        """Why this model cannot be evaluated at a width its training did not run, or None when
+        it can (BatchNorm recalibrated, US-Nets). The default: None."""
+        return None
 
     def set_eval_widths(self, widths: Sequence[float]) -> None:
         """Range mode: evaluate ``widths`` (within [min, max], strictly increasing) from now on;
@@ -739,7 +831,14 @@ class SlimmableBackbone(FlexibleBackbone, ABC):
                               f"{', '.join(self.submodel_labels)}; only a width range (widths = "
                               "{ min, max, ... }) evaluates other widths", key="widths")
         evaluated = check_eval_widths(widths, r.min, r.max)
-        self.width_range = WidthRange(r.min, r.max, r.sampled, evaluated)
+        why = self.untrained_width_refusal()
+        untrained = [w for w in evaluated if not r.trained(w)]
+        if why is not None and untrained:
+            trained = (", ".join(f"{m:g}" for m in r.members) if r.members
+                       else f"{r.min:g} to {r.max:g}")
+            raise OptionError(f"width(s) {', '.join(f'{w:g}' for w in untrained)} were not "
+                              f"trained (trained: {trained}): {why}", key="widths")
+        self.width_range = dataclasses.replace(r, eval=evaluated)
         self.widths = evaluated
         self.submodel_labels = tuple(width_label(w) for w in evaluated)
         for m in self.modules():

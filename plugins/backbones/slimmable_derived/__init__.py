@@ -114,14 +114,19 @@ def build_slimmable(
     input_size: tuple[int, int],
     trunk: StageRef | dict | FlexibleBackbone,
     widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
+    isolated: bool = False,
 ) -> DerivedSlimmable:
     """Make ``trunk`` (a backbone table, an earlier stage's name or a backbone) slimmable at
     ``widths`` (in (0, 1], increasing): its convolutions, normalisation and linear layers sliced
     to the first channels, a private BatchNorm per width. ``widths = { min, max, sampled, eval }``
     makes it universally slimmable (US-Nets): any width in the range, one BatchNorm per layer
-    with calibrated statistics per evaluated width."""
+    with calibrated statistics per evaluated width; ``widths = { set = [...], sampled, eval }``
+    trains a discrete set by the same sandwich rule (Scala). ``isolated``: Scala's isolated
+    activation, the smallest width takes the LAST channels of every layer (networks without
+    BatchNorm)."""
     from kdreg_plugins.backbones.exits import _trunk
 
     net, name = _trunk(trunk, num_classes=num_classes, in_chans=in_chans, input_size=input_size)
-    return DerivedSlimmable(net, widths, name=name, in_chans=in_chans, input_size=input_size)
+    return DerivedSlimmable(net, widths, name=name, in_chans=in_chans, input_size=input_size,
+                            isolated=isolated)
 

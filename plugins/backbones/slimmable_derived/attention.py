@@ -5,7 +5,8 @@ The attention of a vision transformer (``timm.layers.Attention``: ViT, DeiT, Dei
 traced and replaced by :class:`SlicedAttention` (:class:`SlicedEvaAttention`): at width ``i`` it
 reads the first ``in_list[i]`` channels of its input, runs the first ``dims[i] / head_dim`` heads
 (the same rows of each of q, k and v, the head size kept) and writes the first ``out_list[i]``
-channels of its projection. ``plain(index)`` is that width as the original class of its shape.
+channels of its projection (at a width slot in ``tail_slots``, Scala's isolated activation: the
+last channels and heads). ``plain(index)`` is that width as the original class of its shape.
 """
 
 from __future__ import annotations
@@ -64,14 +65,19 @@ def sliced_attention(attn: nn.Module, in_list: Sequence[int], dims: Sequence[int
     return kind(attn, in_list, dims, out_list)
 
 
-def _sliced_linear(layer: nn.Linear, rows: int, cols: int) -> nn.Linear:
+def _sliced_linear(layer: nn.Linear, rows: int, cols: int, tail: bool = False) -> nn.Linear:
     out = nn.Linear(cols, rows, bias=layer.bias is not None, device=layer.weight.device,
                     dtype=layer.weight.dtype)
     with torch.no_grad():
-        out.weight.copy_(layer.weight[:rows, :cols])
+        out.weight.copy_(corner(layer.weight, rows, cols, tail=tail))
         if layer.bias is not None:
-            out.bias.copy_(layer.bias[:rows])
+            out.bias.copy_(corner(layer.bias, rows, tail=tail))
     return out
+
+
+def _span(full: int, k: int, tail: bool) -> slice:
+    """The first ``k`` of ``full`` entries, or with ``tail`` the last."""
+    return slice(full - k, None) if tail else slice(k)
 
 
 class SlicedAttention(nn.Module, SlimmableMixin):
@@ -100,20 +106,21 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         return self.in_list[i], self.dims[i], self.out_list[i]
 
     # ------------------------------------------------------------------ forward
-    def _qkv(self, cin: int, dim: int) -> tuple[Tensor, Tensor | None]:
+    def _qkv(self, cin: int, dim: int, tail: bool = False) -> tuple[Tensor, Tensor | None]:
         """The rows of the active heads of each of q, k and v of the fused projection, and their
-        input columns."""
+        input columns (``tail``: the last heads and columns)."""
         assert self.qkv is not None
         w, b = self.qkv.weight, self.qkv.bias
         full = w.shape[0] // 3
         if dim == full and cin == w.shape[1]:
             return w, b
-        w = w.view(3, full, w.shape[1])[:, :dim, :cin].reshape(3 * dim, cin)
-        return w, None if b is None else b.view(3, full)[:, :dim].reshape(3 * dim)
+        rows, cols = _span(full, dim, tail), _span(w.shape[1], cin, tail)
+        w = w.view(3, full, w.shape[1])[:, rows, cols].reshape(3 * dim, cin)
+        return w, None if b is None else b.view(3, full)[:, rows].reshape(3 * dim)
 
     def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
         """q, k and v of the active heads, each ``(batch, heads, tokens, head_dim)``."""
-        w, b = self._qkv(cin, dim)
+        w, b = self._qkv(cin, dim, self.from_end(self.width_index))
         qkv = F.linear(x, w, b).reshape(x.shape[0], x.shape[1], 3, -1, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
@@ -122,14 +129,15 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         norm = self.norm
         if isinstance(norm, nn.Identity):
             return x
-        w = corner(norm.weight, dim) if norm.weight is not None else None
-        b = corner(norm.bias, dim) if norm.bias is not None else None
+        t = self.from_end(self.width_index)
+        w = corner(norm.weight, dim, tail=t) if norm.weight is not None else None
+        b = corner(norm.bias, dim, tail=t) if norm.bias is not None else None
         return F.layer_norm(x, (dim,), w, b, norm.eps)
 
-    @staticmethod
-    def _linear(layer: nn.Linear, x: Tensor, cout: int, cin: int) -> Tensor:
-        bias = corner(layer.bias, cout) if layer.bias is not None else None
-        return F.linear(x, corner(layer.weight, cout, cin), bias)
+    def _linear(self, layer: nn.Linear, x: Tensor, cout: int, cin: int) -> Tensor:
+        t = self.from_end(self.width_index)
+        bias = corner(layer.bias, cout, tail=t) if layer.bias is not None else None
+        return F.linear(x, corner(layer.weight, cout, cin, tail=t), bias)
 
     def _run(self, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None,
              is_causal: bool) -> Tensor:
@@ -181,16 +189,16 @@ class SlicedAttention(nn.Module, SlimmableMixin):
             count += dim * sum(p is not None for p in (self.norm.weight, self.norm.bias))
         return count + sum(p.numel() for m in (self.q_norm, self.k_norm) for p in m.parameters())
 
-    def _plain_attention(self, cin: int, dim: int) -> nn.Module:
+    def _plain_attention(self, cin: int, dim: int, tail: bool) -> nn.Module:
         """The original class with the active heads, its own projections still to fill."""
         from timm.models.vision_transformer import Attention
 
-        w, _ = self._qkv(cin, dim)
+        w, _ = self._qkv(cin, dim, tail)
         out = Attention(cin, num_heads=dim // self.head_dim, attn_head_dim=self.head_dim,
                         qkv_bias=self.qkv is not None and self.qkv.bias is not None,
                         device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            weight, bias = self._qkv(cin, dim)
+            weight, bias = self._qkv(cin, dim, tail)
             out.qkv.weight.copy_(weight)
             if bias is not None:
                 out.qkv.bias.copy_(bias)
@@ -199,19 +207,21 @@ class SlicedAttention(nn.Module, SlimmableMixin):
     def plain(self, index: int) -> nn.Module:
         """Width ``index`` as the original attention class of its heads holding their weights."""
         cin, dim, cout = self._active(self.check_width(index))
-        out = self._plain_attention(cin, dim)
+        t = self.from_end(index)
+        out = self._plain_attention(cin, dim, t)
         out.fused_attn = self.fused_attn
         out.q_norm, out.k_norm = copy.deepcopy(self.q_norm), copy.deepcopy(self.k_norm)
         out.attn_drop, out.proj_drop = copy.deepcopy(self.attn_drop), copy.deepcopy(self.proj_drop)
-        out.proj = _sliced_linear(self.proj, cout, dim)
-        out.gate = None if self.gate is None else _sliced_linear(self.gate, dim, cin)
+        out.proj = _sliced_linear(self.proj, cout, dim, t)
+        out.gate = None if self.gate is None else _sliced_linear(self.gate, dim, cin, t)
         out.norm = copy.deepcopy(self.norm)
         if not isinstance(self.norm, nn.Identity):
             out.norm.normalized_shape = (dim,)
             for name in ("weight", "bias"):
                 p = getattr(out.norm, name)
                 if p is not None:
-                    setattr(out.norm, name, nn.Parameter(p.detach()[:dim].clone(), p.requires_grad))
+                    setattr(out.norm, name, nn.Parameter(corner(p.detach(), dim, tail=t).clone(),
+                                                         p.requires_grad))
         return out
 
     def extra_repr(self) -> str:
@@ -236,10 +246,10 @@ class SlicedEvaAttention(SlicedAttention):
         self.num_prefix_tokens = int(attn.num_prefix_tokens)
         self.rotate_half = bool(attn.rotate_half)
 
-    def _bias(self, dim: int) -> Tensor | None:
+    def _bias(self, dim: int, tail: bool = False) -> Tensor | None:
         if self.q_bias is None or self.v_bias is None or self.k_bias is None:
             return None
-        return torch.cat((self.q_bias[:dim], self.k_bias[:dim], self.v_bias[:dim]))
+        return torch.cat([corner(b, dim, tail=tail) for b in (self.q_bias, self.k_bias, self.v_bias)])
 
     def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
@@ -247,8 +257,9 @@ class SlicedEvaAttention(SlicedAttention):
             return tuple(  # type: ignore[return-value]
                 self._linear(p, x, dim, cin).reshape(B, N, -1, self.head_dim).transpose(1, 2)
                 for p in (self.q_proj, self.k_proj, self.v_proj))
-        w, _ = self._qkv(cin, dim)
-        bias = self._bias(dim)
+        t = self.from_end(self.width_index)
+        w, _ = self._qkv(cin, dim, t)
+        bias = self._bias(dim, t)
         if self.qkv_bias_separate and bias is not None:
             qkv = F.linear(x, w) + bias
         else:
@@ -273,7 +284,7 @@ class SlicedEvaAttention(SlicedAttention):
                        for p in (self.q_proj, self.k_proj, self.v_proj))
         return 3 * dim * cin + dim * ((self.q_bias is not None) + (self.v_bias is not None))
 
-    def _plain_attention(self, cin: int, dim: int) -> nn.Module:
+    def _plain_attention(self, cin: int, dim: int, tail: bool) -> nn.Module:
         from timm.models.eva import EvaAttention
 
         fused = self.qkv is not None
@@ -286,12 +297,12 @@ class SlicedEvaAttention(SlicedAttention):
                            dtype=self.proj.weight.dtype)
         with torch.no_grad():
             if fused:
-                out.qkv.weight.copy_(self._qkv(cin, dim)[0])
+                out.qkv.weight.copy_(self._qkv(cin, dim, tail)[0])
                 for name in ("q_bias", "k_bias", "v_bias"):
                     mine = getattr(self, name)
                     if mine is not None:
-                        getattr(out, name).copy_(mine[:dim])
+                        getattr(out, name).copy_(corner(mine, dim, tail=tail))
             else:
                 for name in ("q_proj", "k_proj", "v_proj"):
-                    setattr(out, name, _sliced_linear(getattr(self, name), dim, cin))
+                    setattr(out, name, _sliced_linear(getattr(self, name), dim, cin, tail))
         return out

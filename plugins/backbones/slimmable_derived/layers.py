@@ -1,7 +1,8 @@
 """The sliced layers a traced network's convolutions, linear and normalisation layers become:
 each runs on the first channels of its input and output at the width set by
-:func:`~kdreg_plugins.backbones.slimmable.set_width_index`, and ``plain(index)`` is that width as an
-ordinary layer holding only its channels."""
+:func:`~kdreg_plugins.backbones.slimmable.set_width_index` (the last ones at a width slot in its
+``tail_slots``: Scala's isolated activation), and ``plain(index)`` is that width as an ordinary
+layer holding only its channels."""
 
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ class DerivedConv2d(SlimmableConv2d):
         if x.shape[1] != cin:
             raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
                              f"channels, got {x.shape[1]}")
-        weight = corner(self.weight, cout) if self.groups > 1 else corner(self.weight, cout, cin)
-        bias = corner(self.bias, cout) if self.bias is not None else None
+        t = self.from_end(i)
+        weight = (corner(self.weight, cout, tail=t) if self.groups > 1
+                  else corner(self.weight, cout, cin, tail=t))
+        bias = corner(self.bias, cout, tail=t) if self.bias is not None else None
         if self.same:
             from timm.layers.padding import pad_same
 
@@ -79,10 +82,12 @@ class DerivedConv2d(SlimmableConv2d):
         kind = Conv2dSame if self.same else nn.Conv2d
         conv = kind(cin, cout, self.kernel_size, self.stride, self.padding, self.dilation, groups,
                     bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        t = self.from_end(index)
         with torch.no_grad():
-            conv.weight.copy_(self.weight[:cout] if self.groups > 1 else self.weight[:cout, :cin])
+            conv.weight.copy_(corner(self.weight, cout, tail=t) if self.groups > 1
+                              else corner(self.weight, cout, cin, tail=t))
             if self.bias is not None and conv.bias is not None:
-                conv.bias.copy_(self.bias[:cout])
+                conv.bias.copy_(corner(self.bias, cout, tail=t))
         return conv
 
 
@@ -121,21 +126,24 @@ class DerivedLinear(SlimmableLinear):
             if self.bias is not None and linear.bias is not None:
                 self.bias.copy_(linear.bias)
 
-    def _rows(self, cout: int, cin: int) -> tuple[Tensor, Tensor | None]:
+    def _rows(self, cout: int, cin: int, tail: bool = False) -> tuple[Tensor, Tensor | None]:
         """The first ``cout`` rows of each chunk of the weight and bias, their first ``cin``
-        columns."""
+        columns (``tail``: the last ones)."""
         n, w, b = self.chunks, self.weight, self.bias
         full = w.shape[0] // n
         if n == 1 or (cout == full and cin == w.shape[1]):
-            return corner(w, n * cout, cin), None if b is None else corner(b, n * cout)
-        w = w.view(n, full, w.shape[1])[:, :cout, :cin].reshape(n * cout, cin)
-        return w, None if b is None else b.view(n, full)[:, :cout].reshape(n * cout)
+            return (corner(w, n * cout, cin, tail=tail),
+                    None if b is None else corner(b, n * cout, tail=tail))
+        rows = slice(full - cout, None) if tail else slice(cout)
+        cols = slice(w.shape[1] - cin, None) if tail else slice(cin)
+        w = w.view(n, full, w.shape[1])[:, rows, cols].reshape(n * cout, cin)
+        return w, None if b is None else b.view(n, full)[:, rows].reshape(n * cout)
 
     def forward(self, x: Tensor) -> Tensor:
         i = self.width_index
         cin, cout = self.in_list[i], self.out_list[i]
         check_in_features(self, x, i, cin)
-        return F.linear(x, *self._rows(cout, cin))
+        return F.linear(x, *self._rows(cout, cin, self.from_end(i)))
 
     def params_at(self, index: int) -> int:
         i = self.check_width(index)
@@ -148,7 +156,7 @@ class DerivedLinear(SlimmableLinear):
         out = nn.Linear(cin, self.chunks * cout, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            weight, bias = self._rows(cout, cin)
+            weight, bias = self._rows(cout, cin, self.from_end(i))
             out.weight.copy_(weight)
             if bias is not None and out.bias is not None:
                 out.bias.copy_(bias)
@@ -200,11 +208,11 @@ class SlicedLayerNorm(nn.LayerNorm, SlimmableMixin):
         self._init_widths(len(self.sizes))
 
     def forward(self, x: Tensor) -> Tensor:
-        k = self.sizes[self.width_index]
+        k, t = self.sizes[self.width_index], self.from_end(self.width_index)
         if self.channels_first:
             x = x.permute(0, 2, 3, 1)
-        w = corner(self.weight, k) if self.weight is not None else None
-        b = corner(self.bias, k) if self.bias is not None else None
+        w = corner(self.weight, k, tail=t) if self.weight is not None else None
+        b = corner(self.bias, k, tail=t) if self.bias is not None else None
         x = F.layer_norm(x, (k,), w, b, self.eps)
         return x.permute(0, 3, 1, 2) if self.channels_first else x
 
@@ -217,11 +225,12 @@ class SlicedLayerNorm(nn.LayerNorm, SlimmableMixin):
         kind = ChannelsFirstLayerNorm if self.channels_first else nn.LayerNorm
         out = kind(k, eps=self.eps, elementwise_affine=self.elementwise_affine,
                    bias=self.bias is not None, device=device_of(self))
+        t = self.from_end(index)
         with torch.no_grad():
             if out.weight is not None and self.weight is not None:
-                out.weight.copy_(self.weight[:k])
+                out.weight.copy_(corner(self.weight, k, tail=t))
             if out.bias is not None and self.bias is not None:
-                out.bias.copy_(self.bias[:k])
+                out.bias.copy_(corner(self.bias, k, tail=t))
         return out
 
 
@@ -250,9 +259,9 @@ class SlicedGroupNorm(nn.GroupNorm, SlimmableMixin):
         return 1 if self.num_groups == 1 else k // (self.num_channels // self.num_groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        k = self.sizes[self.width_index]
-        w = corner(self.weight, k) if self.weight is not None else None
-        b = corner(self.bias, k) if self.bias is not None else None
+        k, t = self.sizes[self.width_index], self.from_end(self.width_index)
+        w = corner(self.weight, k, tail=t) if self.weight is not None else None
+        b = corner(self.bias, k, tail=t) if self.bias is not None else None
         return F.group_norm(x, self._groups(k), w, b, self.eps)
 
     def params_at(self, index: int) -> int:
@@ -263,9 +272,10 @@ class SlicedGroupNorm(nn.GroupNorm, SlimmableMixin):
         out = nn.GroupNorm(self._groups(k), k, eps=self.eps, affine=self.affine,
                            device=device_of(self))
         if self.affine:
+            t = self.from_end(index)
             with torch.no_grad():
-                out.weight.copy_(self.weight[:k])
-                out.bias.copy_(self.bias[:k])
+                out.weight.copy_(corner(self.weight, k, tail=t))
+                out.bias.copy_(corner(self.bias, k, tail=t))
         return out
 
 
@@ -288,8 +298,12 @@ class SlicedTensor(nn.Module, SlimmableMixin):
         self._record_rules(sizes=sizes)
         self._init_widths(len(self.sizes))
 
+    def _start(self, index: int) -> int:
+        return self.weight.shape[self.dim] - self.sizes[index] if self.from_end(index) else 0
+
     def forward(self) -> Tensor:
-        out = self.weight.narrow(self.dim, 0, self.sizes[self.width_index])
+        i = self.width_index
+        out = self.weight.narrow(self.dim, self._start(i), self.sizes[i])
         # a view taken without grad mode of a parameter claims requires_grad but has no grad_fn,
         # which hooks on a module's output (the MAC counter's module tracker) cannot take
         return out if torch.is_grad_enabled() else out.detach()
@@ -306,7 +320,7 @@ class SlicedTensor(nn.Module, SlimmableMixin):
 
     def plain(self, index: int) -> nn.Module:
         k = self.sizes[self.check_width(index)]
-        return TensorHolder(self.weight.detach().narrow(self.dim, 0, k).clone(),
+        return TensorHolder(self.weight.detach().narrow(self.dim, self._start(index), k).clone(),
                             isinstance(self.weight, nn.Parameter))
 
 

@@ -19,12 +19,16 @@ from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     ChannelRule,
     Channels,
+    RangeBatchNorm2d,
     SlimmableBackbone,
     SlimmableMixin,
     set_width_index,
+    slimmable_layers,
 )
+from kdreg_plugins.backbones.slimmable_derived.attention import SlicedAttention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis, ChannelGroup
 from kdreg_plugins.backbones.slimmable_derived.convert import convert, set_module
+from kdreg_plugins.backbones.slimmable_derived.layers import SwitchableNorm
 from kdreg_plugins.backbones.slimmable_derived.segments import cut_points, segment
 from kdreg_plugins.backbones.slimmable_derived.tracing import first_line, trace
 
@@ -38,8 +42,12 @@ class DerivedSlimmable(SlimmableBackbone):
     def __init__(self, trunk: FlexibleBackbone,
                  widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS, *,
                  name: str | None = None, in_chans: int = 3,
-                 input_size: tuple[int, int] = (32, 32)):
+                 input_size: tuple[int, int] = (32, 32), isolated: bool = False):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
+        if not isinstance(isolated, bool):
+            raise OptionError(f"isolated must be true or false, got {isolated!r}", key="isolated")
+        #: Scala's isolated activation: the smallest width takes the last channels of every layer
+        self.isolated = isolated
         if name is None:
             from kdreg_plugins.backbones.exits import _name_of
 
@@ -79,7 +87,42 @@ class DerivedSlimmable(SlimmableBackbone):
         self.split_nodes, self.rejected_points = cut_points(gm, trunk.split_points())
         self._segments: dict[tuple[str | None, str | None], fx.GraphModule] = {}
         self.finish_widths()
+        if isolated:
+            self._check_isolated()
+        self._mark_tails()
         trunk.register_load_state_dict_post_hook(self._trunk_loaded)
+
+    # ------------------------------------------------------------------ isolated activation
+    def _check_isolated(self) -> None:
+        for path, m in self.net.named_modules():
+            if isinstance(m, (SwitchableNorm, RangeBatchNorm2d)):
+                raise OptionError(
+                    f"isolated activation slices networks normalised by LayerNorm or GroupNorm "
+                    f"(transformers); layer {path} of trunk {self.trunk_name} is a BatchNorm",
+                    key="isolated")
+
+    def _mark_tails(self) -> None:
+        """With ``isolated``, every width slot holding the smallest width takes the last channels
+        of each layer (:attr:`SlimmableMixin.tail_slots`)."""
+        smallest = self.width_range.min if self.width_range is not None else self.widths[0]
+        tails = frozenset(i for i, w in enumerate(self.slot_widths)
+                          if self.isolated and w == smallest)
+        for layer in slimmable_layers(self):
+            layer.tail_slots = tails
+
+    def _apply_slots(self) -> None:
+        super()._apply_slots()
+        if hasattr(self, "isolated"):   # finish_widths applies the slots before it is set
+            self._mark_tails()
+
+    def untrained_width_refusal(self) -> str | None:
+        """A transformer (attention layers) is refused at widths it was not trained at: its
+        LayerNorm keeps no statistics to recalibrate, and an untrained width of a ViT is near
+        chance (Scala, Table 2); a CNN's BatchNorm is recalibrated instead."""
+        if any(isinstance(m, SlicedAttention) for m in self.net.modules()):
+            return (f"trunk {self.trunk_name} is a transformer, evaluated at the widths it was "
+                    "trained at only (no BatchNorm statistics to recalibrate)")
+        return None
 
     # ------------------------------------------------------------------ sizes
     def _size_groups(self, analysis: ChannelAnalysis) -> dict[int, ChannelGroup]:
@@ -96,7 +139,7 @@ class DerivedSlimmable(SlimmableBackbone):
                         f"no channel (int({small.size} x {width:g}) = 0); the narrowest width "
                         f"this trunk allows is {math.ceil(1e6 / small.size) / 1e6:g}",
                         key="widths")
-        if self.width_range is None:
+        if self.width_range is None or self.width_range.members:
             for info in sliced:
                 self._check_whole_heads(info)
         slots = self.slot_widths
@@ -112,7 +155,8 @@ class DerivedSlimmable(SlimmableBackbone):
         if info.head_dim == 1:
             return
         heads = info.size // info.head_dim
-        for width in self.widths:
+        r = self.width_range
+        for width in (r.members if r is not None else self.widths):
             kept = int(info.size * width + 1e-9)
             if kept % info.head_dim:
                 valid = ", ".join(f"{math.ceil(k / heads * 1e4 - 1e-6) / 1e4:g}"
