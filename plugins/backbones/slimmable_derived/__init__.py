@@ -115,6 +115,7 @@ def build_slimmable(
     trunk: StageRef | dict | FlexibleBackbone,
     widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS,
     isolated: bool = False,
+    heads: str = "sliced",
 ) -> DerivedSlimmable:
     """Make ``trunk`` (a backbone table, an earlier stage's name or a backbone) slimmable at
     ``widths`` (in (0, 1], increasing): its convolutions, normalisation and linear layers sliced
@@ -123,10 +124,11 @@ def build_slimmable(
     with calibrated statistics per evaluated width; ``widths = { set = [...], sampled, eval }``
     trains a discrete set by the same sandwich rule (Scala). ``isolated``: Scala's isolated
     activation, the smallest width takes the LAST channels of every layer (networks without
-    BatchNorm)."""
+    BatchNorm). ``heads = "kept"``: every width keeps all attention heads, each sliced to its
+    first channels (Scala's slicing), instead of whole heads."""
     from kdreg_plugins.backbones.exits import _trunk
 
     net, name = _trunk(trunk, num_classes=num_classes, in_chans=in_chans, input_size=input_size)
     return DerivedSlimmable(net, widths, name=name, in_chans=in_chans, input_size=input_size,
-                            isolated=isolated)
+                            isolated=isolated, heads=heads)
 

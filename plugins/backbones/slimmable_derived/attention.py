@@ -6,7 +6,10 @@ traced and replaced by :class:`SlicedAttention` (:class:`SlicedEvaAttention`): a
 reads the first ``in_list[i]`` channels of its input, runs the first ``dims[i] / head_dim`` heads
 (the same rows of each of q, k and v, the head size kept) and writes the first ``out_list[i]``
 channels of its projection (at a width slot in ``tail_slots``, Scala's isolated activation: the
-last channels and heads). ``plain(index)`` is that width as the original class of its shape.
+last channels and heads). With :meth:`SlicedAttention.keep_heads` (the slimmable backbone's
+``heads = "kept"``, Scala's slicing) every width keeps all heads and runs the first
+``dims[i] / num_heads`` channels of each head instead. ``plain(index)`` is that width as the
+original class of its shape.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class SlicedAttention(nn.Module, SlimmableMixin):
                  out_list: Sequence[int]):
         super().__init__()
         self.head_dim = int(attn.head_dim)
+        self.num_heads = int(attn.num_heads)
+        #: every width keeps all heads, each sliced to its first channels (:meth:`keep_heads`)
+        self.kept_heads = False
         self.scale = float(attn.scale)
         self.fused_attn = bool(attn.fused_attn)
         self.qkv, self.proj, self.gate = attn.qkv, attn.proj, getattr(attn, "gate", None)
@@ -105,6 +111,39 @@ class SlicedAttention(nn.Module, SlimmableMixin):
     def _active(self, i: int) -> tuple[int, int, int]:
         return self.in_list[i], self.dims[i], self.out_list[i]
 
+    def keep_heads(self) -> str | None:
+        """Keep every head at every width, slicing each head's channels instead (``dims`` whole
+        multiples of the heads); returns why this layer cannot, or None when it now does. The
+        head's scale follows its sliced size, as in the plain layer of that shape."""
+        if type(self) is not SlicedAttention:
+            return "its rotary position embedding acts on whole heads"
+        if not all(isinstance(n, nn.Identity) for n in (self.q_norm, self.k_norm, self.norm)):
+            return "it normalises its queries, keys or heads' output"
+        if self.gate is not None:
+            return "it gates its heads' output"
+        self.kept_heads = True
+        return None
+
+    def _head_size(self, dim: int) -> int:
+        return dim // self.num_heads if self.kept_heads else self.head_dim
+
+    def _per_head(self, t: Tensor, chunks: int, dim: int, tail: bool) -> Tensor:
+        """Rows of ``t`` (``chunks`` stacked blocks of the heads) at ``dim`` active channels:
+        the first (``tail``: last) channels of every head of each block (kept heads)."""
+        size = self._head_size(dim)
+        rest = t.shape[1:]
+        view = t.reshape(chunks, self.num_heads, self.head_dim, *rest)
+        return view[:, :, _span(self.head_dim, size, tail)].reshape(chunks * dim, *rest)
+
+    def _proj(self, cout: int, dim: int, tail: bool) -> tuple[Tensor, Tensor | None]:
+        """The projection's weight and bias at ``cout`` outputs from ``dim`` head channels."""
+        w, b = self.proj.weight, self.proj.bias
+        bias = None if b is None else corner(b, cout, tail=tail)
+        if not self.kept_heads or dim == w.shape[1]:
+            return corner(w, cout, dim, tail=tail), bias
+        rows = corner(w, cout, None, tail=tail)
+        return self._per_head(rows.t(), 1, dim, tail).t(), bias
+
     # ------------------------------------------------------------------ forward
     def _qkv(self, cin: int, dim: int, tail: bool = False) -> tuple[Tensor, Tensor | None]:
         """The rows of the active heads of each of q, k and v of the fused projection, and their
@@ -115,13 +154,16 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         if dim == full and cin == w.shape[1]:
             return w, b
         rows, cols = _span(full, dim, tail), _span(w.shape[1], cin, tail)
+        if self.kept_heads:
+            w = self._per_head(w[:, cols], 3, dim, tail)
+            return w, None if b is None else self._per_head(b, 3, dim, tail)
         w = w.view(3, full, w.shape[1])[:, rows, cols].reshape(3 * dim, cin)
         return w, None if b is None else b.view(3, full)[:, rows].reshape(3 * dim)
 
     def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
         """q, k and v of the active heads, each ``(batch, heads, tokens, head_dim)``."""
         w, b = self._qkv(cin, dim, self.from_end(self.width_index))
-        qkv = F.linear(x, w, b).reshape(x.shape[0], x.shape[1], 3, -1, self.head_dim)
+        qkv = F.linear(x, w, b).reshape(x.shape[0], x.shape[1], 3, -1, self._head_size(dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
@@ -159,13 +201,14 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         else:
             from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            scale = self.scale * (self.head_dim / self._head_size(dim)) ** 0.5
+            attn = (q * scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = self._norm(x.transpose(1, 2).reshape(B, N, dim), dim)
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self._linear(self.proj, x, cout, dim))
+        return self.proj_drop(F.linear(x, *self._proj(cout, dim, self.from_end(i))))
 
     def _rotate(self, t: Tensor, rope: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__} takes no rotary position embedding")
@@ -194,7 +237,8 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         from timm.models.vision_transformer import Attention
 
         w, _ = self._qkv(cin, dim, tail)
-        out = Attention(cin, num_heads=dim // self.head_dim, attn_head_dim=self.head_dim,
+        heads = self.num_heads if self.kept_heads else dim // self.head_dim
+        out = Attention(cin, num_heads=heads, attn_head_dim=self._head_size(dim),
                         qkv_bias=self.qkv is not None and self.qkv.bias is not None,
                         device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -212,7 +256,13 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         out.fused_attn = self.fused_attn
         out.q_norm, out.k_norm = copy.deepcopy(self.q_norm), copy.deepcopy(self.k_norm)
         out.attn_drop, out.proj_drop = copy.deepcopy(self.attn_drop), copy.deepcopy(self.proj_drop)
-        out.proj = _sliced_linear(self.proj, cout, dim, t)
+        out.proj = nn.Linear(dim, cout, bias=self.proj.bias is not None,
+                             device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        with torch.no_grad():
+            weight, bias = self._proj(cout, dim, t)
+            out.proj.weight.copy_(weight)
+            if bias is not None:
+                out.proj.bias.copy_(bias)
         out.gate = None if self.gate is None else _sliced_linear(self.gate, dim, cin, t)
         out.norm = copy.deepcopy(self.norm)
         if not isinstance(self.norm, nn.Identity):

@@ -33,6 +33,8 @@ from kdreg_plugins.backbones.slimmable_derived.segments import cut_points, segme
 from kdreg_plugins.backbones.slimmable_derived.tracing import first_line, trace
 
 _PROBE_BATCH = 2
+#: how a width slices attention: whole heads, or every head kept and sliced
+HEADS = ("sliced", "kept")
 
 
 class DerivedSlimmable(SlimmableBackbone):
@@ -42,12 +44,18 @@ class DerivedSlimmable(SlimmableBackbone):
     def __init__(self, trunk: FlexibleBackbone,
                  widths: Sequence[float] | Mapping[str, Any] = DEFAULT_WIDTHS, *,
                  name: str | None = None, in_chans: int = 3,
-                 input_size: tuple[int, int] = (32, 32), isolated: bool = False):
+                 input_size: tuple[int, int] = (32, 32), isolated: bool = False,
+                 heads: str = "sliced"):
         super().__init__(widths, in_chans=in_chans, input_size=input_size)
         if not isinstance(isolated, bool):
             raise OptionError(f"isolated must be true or false, got {isolated!r}", key="isolated")
+        if heads not in HEADS:
+            raise OptionError(f"heads must be one of {', '.join(map(repr, HEADS))}, got {heads!r}",
+                              key="heads")
         #: Scala's isolated activation: the smallest width takes the last channels of every layer
         self.isolated = isolated
+        #: "sliced": a width runs whole heads; "kept": every head, each sliced (Scala)
+        self.heads = heads
         if name is None:
             from kdreg_plugins.backbones.exits import _name_of
 
@@ -82,6 +90,8 @@ class DerivedSlimmable(SlimmableBackbone):
                               None if gout is None else analysis.groups.find(gout))
                           for t, (gin, gout) in analysis.layers.items()}
         convert(gm, analysis)
+        if heads == "kept":
+            _keep_heads(gm, name)
         gm.train(was_training)
         self.net = gm
         self.split_nodes, self.rejected_points = cut_points(gm, trunk.split_points())
@@ -128,6 +138,10 @@ class DerivedSlimmable(SlimmableBackbone):
     def _size_groups(self, analysis: ChannelAnalysis) -> dict[int, ChannelGroup]:
         roots = dict.fromkeys(analysis.groups.find(g) for g in range(len(analysis.groups.info)))
         out = {root: analysis.groups.info[root] for root in roots}
+        if self.heads == "kept":  # heads' channels in whole multiples of the heads instead
+            for info in out.values():
+                if info.head_dim > 1:
+                    info.multiple, info.head_dim = info.size // info.head_dim, 1
         sliced = [info for info in out.values() if info.fixed is None]
         if sliced:  # the smallest group decides how narrow the model can be
             small = min(sliced, key=lambda info: info.size)
@@ -259,6 +273,17 @@ class DerivedSlimmable(SlimmableBackbone):
 
     def _trunk_loaded(self, module: nn.Module, _incompatible: Any) -> None:
         self.load_plain_state_dict(module.state_dict())
+
+
+def _keep_heads(gm: fx.GraphModule, name: str) -> None:
+    """Every attention layer of ``gm`` keeps its heads (:meth:`SlicedAttention.keep_heads`), or an
+    :class:`OptionError` naming the one that cannot."""
+    for path, m in gm.named_modules():
+        if isinstance(m, SlicedAttention):
+            why = m.keep_heads()
+            if why is not None:
+                raise OptionError(f"heads = \"kept\" slices the channels of every head; layer "
+                                  f"{path} of trunk {name} cannot: {why}", key="heads")
 
 
 class PlainWidth(nn.Module):
