@@ -66,6 +66,12 @@ changed. Its outputs are computed once per batch, on the same augmented batch th
   teacher stage's full output with weight 1 (Hinton's KD; one TAKD link). `teacher = ["a", "b"]`
   is an ensemble of frozen teachers, each with weight 1/2 (for the student's gradient, KD against
   the teachers' averaged soft targets).
+- `graph = { name = "ipkd-ta-1", teacher = "teacher" }`: **inplace and frozen edges in one graph.**
+  The inplace graphs (`ipkd`, `ipkd-ta-1`, `ipkd-ta-m`, `subset`) take `teacher` (a stage or a
+  list of stages, as `kd`) and `teacher_weight` (default 1, split evenly between the stages):
+  besides their edges between the sub-models, the frozen stages' full outputs teach the largest
+  sub-model (the step's largest for a width range or set). Scala's progressive knowledge transfer
+  is `ipkd-ta-1` with `teacher` (`recipes/scala/`).
 - `graph = { name = "cohort", teacher = "heads" }`: taught by every output of a frozen multi-exit
   stage (K heads and the main output), each with weight 1/(K+1): EKD (ekd-thesis eq. 4.6-4.7).
   The thesis's `alpha` weighs distillation (eq. 2.4, eq. 4.7 and its code; only eq. 4.5 puts it
@@ -102,10 +108,10 @@ Every stage inherits `epochs` from `[train]` unless it sets its own, so `--set t
 shortens every trained stage of a recipe. `results.json` has an entry per stage (teachers and every
 chain link too) with its sub-models, parameters, MACs, accuracies and the stages it learned from.
 
-## Slimmable widths: a list or a range
+## Slimmable widths: a list, a range or a set
 
 A slimmable backbone (`slimmable_mobilenet_v1`, `slimmable_resnet<depth>`, `tiny_slimmable`, or
-`slimmable` over any `trunk`) takes its widths in one of two forms:
+`slimmable` over any `trunk`) takes its widths in one of three forms:
 
 - `widths = [0.25, 0.5, 0.75, 1.0]` (the default): those widths are trained every step and
   evaluated, each with a private BatchNorm (Yu et al., slimmable networks).
@@ -123,6 +129,25 @@ A slimmable backbone (`slimmable_mobilenet_v1`, `slimmable_resnet<depth>`, `tiny
   `kdreg eval RUN --widths 0.35,0.6 --calibrate 2000` evaluates other widths of the range after
   recalibrating them; `kdreg export RUN --submodel x0.6` exports any width of it as a plain
   network.
+- `widths = { set = [0.25, 0.3125, ..., 1.0], sampled = 2, eval = [0.25, 0.5, 0.75, 1.0] }`: a
+  discrete set trained by the same sandwich rule (Scala's X widths). Every step trains the set's
+  smallest and largest members and one member drawn, by the step's seed, from each of `sampled`
+  consecutive strata of equal size of the members between them (13 widths and `sampled = 2`: one
+  of 0.3125-0.5625 and one of 0.625-0.9375, Scala's draw). `eval` must be members (default: the 4
+  members at evenly spaced positions, both ends included); BatchNorm is kept and calibrated as
+  for a range. A set of fewer than two widths, `sampled` above the number of members between the
+  ends and `min` or `max` beside `set` are refused.
+
+A transformer (`slimmable` over a trunk with attention) has no BatchNorm to recalibrate: a range
+or set of it needs no calibration, and a width its training did not run (outside the range, not a
+member of the set) is refused by `kdreg eval --widths` and `kdreg export --submodel` in one line
+naming the trained widths; a CNN evaluates any width of its range after calibration. Two options
+of `slimmable` follow Scala: `heads = "kept"` keeps every attention head at every width and
+slices each head's channels (DeiT-S's 6 heads at any 1/16 of its embedding; the default
+`"sliced"` runs whole heads, a narrow width being the timm ViT of fewer heads), and
+`isolated = true` (isolated activation) runs the smallest width on the LAST channels of every
+layer, token and head, the other widths on the first ones (a trunk with BatchNorm is refused);
+its export is the plain network holding those last channels.
 
 ## Many processes and GPUs (torchrun)
 
