@@ -13,6 +13,11 @@ method owns (FitNet's regressor, CRD's embeddings and memory bank) belong to one
 pair. They train with the student (the stage's optimizer), are saved in and resumed from its
 ``last.pt`` and are never exported.
 
+Transformer features are tokens ``[B, N, C]``: the prefix tokens (class, distillation and register
+tokens) first, then the patches. :class:`Tokens` says how a model's sequence begins (read from
+timm's ``num_prefix_tokens``, ``cls_token`` and ``global_pool`` by :func:`tokens_of`), so that a
+loss can pool them to ``[B, C]``: the class token, or the mean of the patch tokens.
+
 Feature losses are registered through the ``kdreg_register_feature_losses`` hook (the built-in
 ones by ``kdreg_plugins.feature_losses``) and built, like every other kind, by
 :func:`kdreg.create.create`.
@@ -29,6 +34,53 @@ from torch import Tensor, nn
 
 from kdreg.divergence import loss_value_problems
 
+#: how tokens are pooled to one vector per sample: the class token, the mean of the patch tokens
+TOKEN_POOLS = ("cls", "mean")
+
+
+@attrs.frozen
+class Tokens:
+    """How a transformer's token sequence ``[B, N, C]`` begins at its split points: ``prefix``
+    tokens that are not patches (in timm's order: the class token, then a distilled DeiT's
+    distillation token or the register tokens), ``class_token``: whether the first of them is a
+    class token, ``head``: what the model's own classifier pools (``"cls"``: the class token,
+    ``"mean"``: the mean of the patch tokens). A model kdreg knows no tokens of has none of
+    these: no prefix, no class token, the mean."""
+
+    prefix: int = 0
+    class_token: bool = False
+    head: str = "mean"
+
+    def pool(self, f: Tensor, how: str) -> Tensor:
+        """``[B, C]`` from tokens ``f [B, N, C]``: the class token (``how = "cls"``) or the mean
+        of the patch tokens, every prefix token left out (``"mean"``, timm's ``global_pool =
+        "avg"``)."""
+        if how == "cls":
+            if not self.class_token:
+                raise ValueError("these tokens have no class token to pool")
+            return f[:, 0]
+        return f[:, self.prefix:].mean(1)
+
+
+def tokens_of(model: nn.Module) -> Tokens:
+    """The token layout of ``model``'s features: its ``token_layout`` attribute when it declares
+    one (a network derived from a timm transformer keeps the timm model's), else that of the
+    first submodule that is a timm transformer (``num_prefix_tokens`` and ``patch_embed``:
+    VisionTransformer, DeiT, EVA ...); its head pools the class token when it has one and its
+    ``global_pool`` is not an average or maximum over the patches, else the patch tokens' mean.
+    :class:`Tokens` ``()`` for any other model."""
+    declared = getattr(model, "token_layout", None)
+    if isinstance(declared, Tokens):
+        return declared
+    for m in model.modules():
+        prefix = getattr(m, "num_prefix_tokens", None)
+        if isinstance(prefix, int) and hasattr(m, "patch_embed"):
+            cls = getattr(m, "cls_token", None) is not None
+            pool = getattr(m, "global_pool", "token")
+            head = "cls" if cls and pool not in ("avg", "avgmax", "max") else "mean"
+            return Tokens(prefix, cls, head)
+    return Tokens()
+
 
 @attrs.frozen
 class FeatureSetup:
@@ -36,7 +88,8 @@ class FeatureSetup:
 
     ``student`` and ``teacher`` are the feature shapes (without the batch dimension: ``(C, H, W)``
     for a convolutional network, ``(tokens, C)`` for a transformer) at the entry's points, paired
-    in order. ``num_samples`` is the size of the training set (sample indices lie in
+    in order; ``student_tokens`` and ``teacher_tokens`` how each side's tokens begin (its class,
+    distillation and register tokens, :class:`Tokens`). ``num_samples`` is the size of the training set (sample indices lie in
     ``[0, num_samples)``); ``train_labels`` its labels ``[num_samples]`` (None when unknown);
     ``num_classes`` the class count.
     """
@@ -46,6 +99,8 @@ class FeatureSetup:
     num_samples: int
     num_classes: int
     train_labels: Tensor | None = None
+    student_tokens: Tokens = Tokens()
+    teacher_tokens: Tokens = Tokens()
 
 
 @attrs.frozen(eq=False)

@@ -18,6 +18,23 @@ the stem, each stage's output, then the pooled last stage):
   stage is ``layer3``) or ``layer5`` (VGGs), globally average-pooled (``pool = true``, the
   default): the penultimate feature. A WRN's last split point ``layer3`` lies before the head's
   BN-ReLU, which RepDistiller pools after: there the pooled feature differs from its.
+
+**Tokens.** At a transformer's split points (``blocks.N`` of a timm ViT, DeiT or EVA) features are
+tokens ``[N, C]``, the class, distillation and register tokens first
+(:class:`kdreg.feature_loss.Tokens`). ``sp``, ``pkt``, ``rkd`` and ``crd`` pool them to one
+vector per sample, as option ``tokens`` says: ``"cls"`` the class token, ``"mean"`` the mean of
+the patch tokens (every prefix token left out, timm's ``global_pool = "avg"``), ``"head"`` (the
+default) what each model's own classifier pools (its pre-logits features, as timm's
+``FeatureDistillationTask`` takes them). A distillation or register token is never pooled.
+``fitnet`` compares tokens with tokens one by one (``tokens = "auto"``, its default) through a
+linear connector ``C_s -> C_t`` applied to every token, which needs the same token count on both
+sides (else refused, naming the poolings); with ``"head"``, ``"cls"`` or ``"mean"``, and wherever
+tokens meet a map, it compares pooled vectors through a linear connector ``D_s -> D_t``: timm's
+``FeatureDistillationTask`` at the last split points. ``at`` is refused on tokens: its attention
+map sums a convolution's channels at each position of an ``H x W`` grid, which a token sequence
+with its prefix tokens is not. A convolutional network and a transformer join through pooled
+features: the map globally average-pooled (``pool``; fitnet always pools a map that meets tokens),
+the tokens pooled as ``tokens`` says.
 """
 
 from __future__ import annotations
@@ -25,12 +42,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdreg.errors import OptionError
-from kdreg.feature_loss import FeatureBatch, FeatureLoss, FeatureSetup
+from kdreg.feature_loss import TOKEN_POOLS, FeatureBatch, FeatureLoss, FeatureSetup, Tokens
 from kdreg.hookspecs import Register, hookimpl
 
 #: RepDistiller's eps of PKT and of CRD's NCE loss
@@ -66,9 +84,74 @@ def vector(f: Tensor, pool: bool) -> Tensor:
     return f.flatten(1)
 
 
-def vector_size(shape: tuple[int, ...], pool: bool) -> int:
-    """The width of :func:`vector` for a feature of ``shape`` (without the batch dimension)."""
-    return shape[0] if pool and len(shape) == 3 else math.prod(shape)
+def _choice(value: str, key: str, allowed: Sequence[str]) -> list[OptionError]:
+    if value not in allowed:
+        return [OptionError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}",
+                            key=key)]
+    return []
+
+
+@attrs.frozen
+class Flatten:
+    """How one point's features become one vector per sample ``[B, D]``: a ``[C, H, W]`` map
+    globally average-pooled (``how = "map"``), tokens pooled (``"cls"``, ``"mean"``, by
+    :meth:`Tokens.pool`) or anything flattened (``"flat"``)."""
+
+    how: str
+    layout: Tokens = Tokens()
+
+    def __call__(self, f: Tensor) -> Tensor:
+        if self.how == "map":
+            return f.mean((2, 3))
+        if self.how in TOKEN_POOLS:
+            return self.layout.pool(f, self.how)
+        return f.flatten(1)
+
+    def size(self, shape: tuple[int, ...]) -> int:
+        """``D`` for features of ``shape`` (without the batch dimension)."""
+        return shape[0] if self.how == "map" else shape[-1] if self.how in TOKEN_POOLS else math.prod(shape)
+
+
+def flattening(shape: tuple[int, ...], layout: Tokens, pool: bool, tokens: str, whose: str) -> Flatten:
+    """How features of ``shape`` become vectors: tokens (``[N, C]``) pooled as ``tokens`` says
+    (``"head"``: as the model's classifier, ``layout.head``), a map average-pooled when ``pool``,
+    anything else flattened. Raises :class:`OptionError` for ``"cls"`` on tokens without a class
+    token (``whose``: the student or the teacher)."""
+    if len(shape) == 2:
+        how = layout.head if tokens == "head" else tokens
+        if how == "cls" and not layout.class_token:
+            raise OptionError(f"tokens = 'cls' pools the class token, but the {whose}'s tokens "
+                              f"{list(shape)} have none: set tokens = 'mean' (the mean of the "
+                              f"patch tokens)", key="tokens")
+        return Flatten(how, layout)
+    return Flatten("map" if pool and len(shape) == 3 else "flat")
+
+
+class Pooled(FeatureLoss):
+    """A loss between one vector per sample of each side: ``[C, H, W]`` maps average-pooled when
+    ``pool`` (else flattened), tokens pooled as ``tokens`` says (:func:`flattening`), each point's
+    way fixed by :meth:`setup`. Called without a setup, every feature is :func:`vector`."""
+
+    def __init__(self, pool: bool, tokens: str):
+        super().__init__()
+        self.pool, self.tokens = pool, tokens
+        self.flat: list[tuple[Flatten, Flatten]] = []
+
+    @staticmethod
+    def token_problems(tokens: str) -> list[OptionError]:
+        return _choice(tokens, "tokens", ("head", *TOKEN_POOLS))
+
+    def setup(self, info: FeatureSetup) -> None:
+        self.flat = [(flattening(s, info.student_tokens, self.pool, self.tokens, "student"),
+                      flattening(t, info.teacher_tokens, self.pool, self.tokens, "teacher"))
+                     for s, t in zip(info.student, info.teacher)]
+
+    def vectors(self, j: int, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Point ``j``'s student and teacher features as ``[B, D_s]`` and ``[B, D_t]``."""
+        if j < len(self.flat):
+            fs, ft = self.flat[j]
+            return fs(s), ft(t)
+        return vector(s, self.pool), vector(t, self.pool)
 
 
 def _one_point(method: str, info: FeatureSetup) -> None:
@@ -117,33 +200,73 @@ class FitNet(FeatureLoss):
     With ``connector = false`` there is no regressor: the hint compares the student's features
     with the teacher's directly (``r_j`` the identity), which needs equal shapes at every point;
     other shapes are refused when the stage is built.
+
+    Tokens (``[N, C]``, a transformer's split points): with ``tokens = "auto"`` (the default),
+    tokens against tokens are compared one by one, ``r_j`` a linear map ``C_s -> C_t``
+    of every token (one weight for all tokens), the mean over batch, tokens and channels; both
+    sides need the same token count. With ``"head"``, ``"cls"`` or ``"mean"``, and wherever tokens
+    meet a map, each side is one vector per sample (tokens pooled as each model's classifier pools
+    them, ``"head"``, which ``"auto"`` means there; the class token; the patch tokens' mean; a map
+    globally average-pooled) and ``r_j`` a linear map ``D_s -> D_t``: timm's
+    ``FeatureDistillationTask`` at the last split points.
     """
 
     default_weight = 100.0
 
-    def __init__(self, connector: bool = True) -> None:
+    def __init__(self, connector: bool = True, tokens: str = "auto") -> None:
         super().__init__()
+        OptionError.raise_any(_choice(tokens, "tokens", ("auto", "head", *TOKEN_POOLS)))
         self.connector = bool(connector)
+        self.tokens = tokens
         self.regressors = nn.ModuleList()
+        #: per point, how each side becomes vectors; None: compared as they are (maps, tokens)
+        self.flat: list[tuple[Flatten, Flatten] | None] = []
+
+    def _pair(self, s: tuple[int, ...], t: tuple[int, ...],
+              info: FeatureSetup) -> tuple[Flatten, Flatten] | None:
+        """None where the point's features are compared as they are (two maps; tokens against
+        tokens one by one), else how each side is pooled to one vector."""
+        if len(s) == 3 and len(t) == 3:
+            return None
+        if self.tokens == "auto" and len(s) == 2 and len(t) == 2:
+            if s[0] != t[0]:
+                raise OptionError(f"fitnet compares tokens one by one, but the student has {s[0]} "
+                                  f"tokens and the teacher {t[0]} (another patch grid or other class, "
+                                  f"distillation or register tokens): set tokens = 'head', 'cls' or "
+                                  f"'mean' to compare pooled tokens", key="tokens")
+            return None
+        how = "head" if self.tokens == "auto" else self.tokens
+        return (flattening(s, info.student_tokens, True, how, "student"),
+                flattening(t, info.teacher_tokens, True, how, "teacher"))
 
     def setup(self, info: FeatureSetup) -> None:
-        if not self.connector:
-            for s, t in zip(info.student, info.teacher):
+        self.flat = [self._pair(s, t, info) for s, t in zip(info.student, info.teacher)]
+        regressors: list[nn.Module] = []
+        for s, t, pair in zip(info.student, info.teacher, self.flat):
+            shown = "" if pair is None else " (pooled)"
+            if pair is not None:
+                s, t = (pair[0].size(s),), (pair[1].size(t),)
+            if not self.connector:
                 if tuple(s) != tuple(t):
                     raise OptionError(f"fitnet without a connector compares features of equal shapes; "
-                                      f"the student's are {list(s)}, the teacher's {list(t)}: set "
-                                      f"connector = true (a regressor joins them) or choose other points",
-                                      key="connector")
-            self.regressors = nn.ModuleList(nn.Identity() for _ in info.student)
-            return
-        self.regressors = nn.ModuleList(regressor(s, t) for s, t in zip(info.student, info.teacher))
+                                      f"the student's are {list(s)}{shown}, the teacher's {list(t)}"
+                                      f"{shown}: set connector = true (a regressor joins them) or "
+                                      f"choose other points", key="connector")
+                regressors.append(nn.Identity())
+            elif len(s) == 3:
+                regressors.append(regressor(s, t))
+            else:   # tokens [N, C] or vectors [D]: a linear map of the last dimension
+                regressors.append(nn.Linear(s[-1], t[-1]))
+        self.regressors = nn.ModuleList(regressors)
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
         if len(self.regressors) != len(student):
             raise RuntimeError("fitnet: setup() was not called for these points")
         total = student[0].new_zeros(())
-        for r, s, t in zip(self.regressors, student, teacher):
+        for r, s, t, pair in zip(self.regressors, student, teacher, self.flat):
+            if pair is not None:
+                s, t = pair[0](s), pair[1](t)
             total = total + F.mse_loss(r(s), t.detach())
         return total
 
@@ -182,7 +305,13 @@ class AttentionTransfer(FeatureLoss):
     def setup(self, info: FeatureSetup) -> None:
         for s, t in zip(info.student, info.teacher):
             if len(s) != 3 or len(t) != 3:
-                raise OptionError(f"at needs [C, H, W] feature maps, got {list(s)} and {list(t)}")
+                whose, shape = ("student", s) if len(s) != 3 else ("teacher", t)
+                why = (" are a transformer's tokens [N, C]: no H x W grid of positions to sum "
+                       "channels over (and class, distillation or register tokens that are no "
+                       "position); distil tokens with fitnet, sp, pkt, rkd or crd"
+                       if len(shape) == 2 else " are not a map")
+                raise OptionError(f"at needs [C, H, W] feature maps, got {list(shape)}: the "
+                                  f"{whose}'s features{why}")
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
@@ -202,7 +331,7 @@ def similarity(f: Tensor) -> Tensor:
     return F.normalize(f @ f.t(), dim=1)
 
 
-class SimilarityPreserving(FeatureLoss):
+class SimilarityPreserving(Pooled):
     """SP (Tung & Mori, ICCV 2019): ``sum_j ||G_s^j - G_t^j||_F^2 / B^2`` over the paired points
     ``j``, ``G = f f^T`` over the batch of features flattened per sample, each row
     L2-normalised. Any shapes join (``G`` is ``B x B``).
@@ -210,23 +339,25 @@ class SimilarityPreserving(FeatureLoss):
     Default weight 3000 (the paper's gamma and RepDistiller's ``-b`` for CIFAR-100).
     ``pool``: average-pool ``[C, H, W]`` maps to ``[C]`` first (default false: the paper and
     RepDistiller flatten the map). RepDistiller's point is the last stage output: ``layer3`` of
-    a CIFAR ResNet or WRN, ``layer5`` of a VGG.
+    a CIFAR ResNet or WRN, ``layer5`` of a VGG. ``tokens``: how a transformer's tokens are pooled
+    (``"head"``, ``"cls"``, ``"mean"``; see the module docstring).
     """
 
     default_weight = 3000.0
 
-    def __init__(self, pool: bool = False):
-        super().__init__()
-        self.pool = pool
+    def __init__(self, pool: bool = False, tokens: str = "head"):
+        OptionError.raise_any(self.token_problems(tokens))
+        super().__init__(pool, tokens)
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
         total = student[0].new_zeros(())
-        for s, t in zip(student, teacher):
+        for j, (s, t) in enumerate(zip(student, teacher)):
             b = s.shape[0]
+            s, t = self.vectors(j, s, t)
             with torch.no_grad():
-                g_t = similarity(vector(t, self.pool))
-            g_s = similarity(vector(s, self.pool))
+                g_t = similarity(t)
+            g_s = similarity(s)
             total = total + (g_s - g_t).pow(2).sum() / (b * b)
         return total
 
@@ -240,7 +371,7 @@ def cosine_probabilities(f: Tensor) -> Tensor:
     return k / k.sum(1, keepdim=True)
 
 
-class PKT(FeatureLoss):
+class PKT(Pooled):
     """PKT (Passalis & Tefas, ECCV 2018): ``sum_j mean_(a, b) p_t(a, b) log((p_t(a, b) + eps) /
     (p_s(a, b) + eps))`` over the paired points ``j``, ``eps = 1e-7``, where ``p(a, b) =
     K(a, b) / sum_c K(a, c)`` with the cosine kernel ``K = (cos + 1) / 2`` between the batch's
@@ -251,21 +382,23 @@ class PKT(FeatureLoss):
     Default weight 30000 (RepDistiller's ``-b`` for CIFAR-100). ``pool`` (default true):
     average-pool ``[C, H, W]`` maps to ``[C]`` first (anything else is flattened). RepDistiller's
     point is the pooled last stage: ``layer3`` of a CIFAR ResNet, ``layer5`` of a VGG.
+    ``tokens``: how a transformer's tokens are pooled (``"head"``, ``"cls"``, ``"mean"``).
     """
 
     default_weight = 30000.0
 
-    def __init__(self, pool: bool = True):
-        super().__init__()
-        self.pool = pool
+    def __init__(self, pool: bool = True, tokens: str = "head"):
+        OptionError.raise_any(self.token_problems(tokens))
+        super().__init__(pool, tokens)
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
         total = student[0].new_zeros(())
-        for s, t in zip(student, teacher):
+        for j, (s, t) in enumerate(zip(student, teacher)):
+            s, t = self.vectors(j, s, t)
             with torch.no_grad():
-                p_t = cosine_probabilities(vector(t, self.pool))
-            p_s = cosine_probabilities(vector(s, self.pool))
+                p_t = cosine_probabilities(t)
+            p_s = cosine_probabilities(s)
             total = total + (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()
         return total
 
@@ -287,7 +420,7 @@ def angles(f: Tensor) -> Tensor:
     return e @ e.transpose(1, 2)
 
 
-class RKD(FeatureLoss):
+class RKD(Pooled):
     """RKD (Park et al., CVPR 2019): ``sum_j distance * l_d + angle * l_a`` over the paired points
     ``j``, ``l_d`` the smooth-L1 (Huber, delta 1) loss between the student's and the teacher's
     pairwise distances, each divided by its mean over the positive entries (RKD-D), ``l_a`` the
@@ -298,25 +431,27 @@ class RKD(FeatureLoss):
     Default weight 1 (RepDistiller's ``-b`` for CIFAR-100), ``distance = 25``, ``angle = 50``
     (the paper's and RepDistiller's). ``pool`` (default true): average-pool ``[C, H, W]`` maps to
     ``[C]`` first (anything else is flattened). RepDistiller's point is the pooled last stage:
-    ``layer3`` of a CIFAR ResNet, ``layer5`` of a VGG.
+    ``layer3`` of a CIFAR ResNet, ``layer5`` of a VGG. ``tokens``: how a transformer's tokens are
+    pooled (``"head"``, ``"cls"``, ``"mean"``).
     """
 
     default_weight = 1.0
 
-    def __init__(self, distance: float = 25.0, angle: float = 50.0, pool: bool = True):
-        super().__init__()
+    def __init__(self, distance: float = 25.0, angle: float = 50.0, pool: bool = True,
+                 tokens: str = "head"):
         problems = _weight(distance, "distance") + _weight(angle, "angle")
         if not problems and distance == 0 and angle == 0:
             problems.append(OptionError("distance and angle are 0: the loss would be 0",
                                         key="angle"))
-        OptionError.raise_any(problems)
-        self.distance, self.angle, self.pool = float(distance), float(angle), pool
+        OptionError.raise_any(problems + self.token_problems(tokens))
+        super().__init__(pool, tokens)
+        self.distance, self.angle = float(distance), float(angle)
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                 batch: FeatureBatch) -> Tensor:
         total = student[0].new_zeros(())
-        for s, t in zip(student, teacher):
-            s, t = vector(s, self.pool), vector(t, self.pool)
+        for j, (s, t) in enumerate(zip(student, teacher)):
+            s, t = self.vectors(j, s, t)
             if len(s) < 2:
                 total = total + 0.0 * s.sum()
                 continue
@@ -355,7 +490,7 @@ def nce_loss(x: Tensor, num_samples: int) -> Tensor:
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
 
 
-class CRD(FeatureLoss):
+class CRD(Pooled):
     """CRD (Tian, Krishnan & Isola, ICLR 2020), as RepDistiller's CRDLoss and ContrastMemory.
 
     The student's and the teacher's features (one point) are embedded by their own
@@ -379,7 +514,8 @@ class CRD(FeatureLoss):
 
     Default weight 0.8 (RepDistiller's ``-b`` for CIFAR-100); ``dim = 128``, ``negatives =
     16384``, ``t = 0.07`` (temperature), ``momentum = 0.5``. ``pool`` (default true):
-    average-pool ``[C, H, W]`` maps to ``[C]`` first (anything else is flattened). CRD is
+    average-pool ``[C, H, W]`` maps to ``[C]`` first (anything else is flattened); ``tokens``: how
+    a transformer's tokens are pooled (``"head"``, ``"cls"``, ``"mean"``). CRD is
     defined on one point: RepDistiller's is the pooled last stage, ``layer3`` of a CIFAR ResNet,
     ``layer5`` of a VGG. Any channels join. Needs each sample's training-set index.
     """
@@ -397,16 +533,16 @@ class CRD(FeatureLoss):
     class_count: Tensor
 
     def __init__(self, dim: int = 128, negatives: int = 16384, t: float = 0.07,
-                 momentum: float = 0.5, pool: bool = True):
-        super().__init__()
+                 momentum: float = 0.5, pool: bool = True, tokens: str = "head"):
         problems = _count(dim, "dim") + _count(negatives, "negatives") + _positive(t, "t")
         if isinstance(momentum, bool) or not (isinstance(momentum, (int, float))
                                               and 0 <= momentum < 1):
             problems.append(OptionError(f"momentum must lie in [0, 1), got {momentum!r}",
                                         key="momentum"))
-        OptionError.raise_any(problems)
+        OptionError.raise_any(problems + self.token_problems(tokens))
+        super().__init__(pool, tokens)
         self.dim, self.negatives, self.t = dim, negatives, float(t)
-        self.momentum, self.pool = float(momentum), pool
+        self.momentum = float(momentum)
         self.num_samples = 0
         self.exact = False
         self.register_buffer("z_s", torch.tensor(-1.0))
@@ -414,10 +550,12 @@ class CRD(FeatureLoss):
 
     def setup(self, info: FeatureSetup) -> None:
         _one_point("crd", info)
+        super().setup(info)
         n = max(int(info.num_samples), 1)   # (a recipe validated without its data: 1)
         self.num_samples = n
-        self.embed_s = Embed(vector_size(info.student[0], self.pool), self.dim)
-        self.embed_t = Embed(vector_size(info.teacher[0], self.pool), self.dim)
+        (fs, ft), = self.flat
+        self.embed_s = Embed(fs.size(info.student[0]), self.dim)
+        self.embed_t = Embed(ft.size(info.teacher[0]), self.dim)
         stdv = 1.0 / math.sqrt(self.dim / 3)
         self.register_buffer("memory_s", torch.rand(n, self.dim).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("memory_t", torch.rand(n, self.dim).mul_(2 * stdv).add_(-stdv))
@@ -465,8 +603,9 @@ class CRD(FeatureLoss):
         if batch.indices is None:
             raise ValueError("crd needs each sample's training-set index (batch.indices)")
         idx = batch.indices.long()
-        e_s = self.embed_s(vector(student[0], self.pool))
-        e_t = self.embed_t(vector(teacher[0], self.pool).detach())
+        s, t = self.vectors(0, student[0], teacher[0])
+        e_s = self.embed_s(s)
+        e_t = self.embed_t(t.detach())
         sample = self.contrast_indices(idx)
         # student anchor against the teacher's memory, teacher anchor against the student's
         out_s = torch.exp(_scores(self.memory_t, sample, e_s) / self.t)

@@ -280,7 +280,7 @@ def test_fitnet_regressor_maps_the_student_map_onto_the_teacher_map(
     ((8, 3, 3), (16, 8, 8), r"fitnet cannot map the student's 3x3 feature map to the teacher's 8x8"),
     ((8, 4, 4), (8, 5, 5), r"fitnet cannot map the student's 4x4"),
     ((8, 4, 6), (8, 5, 5), r"fitnet cannot map"),
-    ((8, 16), (8, 4, 4), r"fitnet needs \[C, H, W\] feature maps"),
+    ((8, 16), (9, 16), r"fitnet compares tokens one by one, but the student has 8 tokens and the teacher 9"),
 ])
 def test_fitnet_refuses_shapes_it_cannot_map(student: tuple[int, ...], teacher: tuple[int, ...],
                                              match: str) -> None:
@@ -598,7 +598,7 @@ def test_every_method_is_registered_with_its_default_weight(capsys: pytest.Captu
       "t must be a finite number > 0, got 0.0 @ PATH.t",
       "momentum must lie in [0, 1), got 1.0 @ PATH.momentum"]),
     ("crd", {"pool": 1}, ["@ PATH.pool"]),
-    ("pkt", {"p": 2}, ["unknown option 'p' for feature_loss 'pkt'; accepted: pool @ PATH.p"]),
+    ("pkt", {"p": 2}, ["unknown option 'p' for feature_loss 'pkt'; accepted: pool, tokens @ PATH.p"]),
     ("fitnet", {"pool": True}, ["@ PATH.pool"]),
 ])
 def test_bad_options_are_one_line_each(name: str, options: dict[str, Any], lines: list[str]) -> None:

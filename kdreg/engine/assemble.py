@@ -32,7 +32,7 @@ from kdreg.downloads import no_downloads, weights_from_checkpoints
 from kdreg.engine import checkpoint
 from kdreg.engine.step import FeatureEdge, LossSettings, Teachers
 from kdreg.errors import CheckpointError, DataError, OptionError, RecipeError, UserError
-from kdreg.feature_loss import FeatureLoss, FeatureSetup
+from kdreg.feature_loss import FeatureLoss, FeatureSetup, tokens_of
 from kdreg.graph import Node, TeacherGraph, parse_external_node
 from kdreg.options import bind
 from kdreg.recipe import FeatureLossSpec, PluginSpec, Recipe, StageConfig, TrainConfig
@@ -304,7 +304,8 @@ def _feature_edges(spec: FeatureLossSpec, entry: int, model: FlexibleBackbone, g
             loss.setup(FeatureSetup(_shapes(model, student, student_points),
                                     _shapes(teacher, index, teacher_points),
                                     num_samples=shape.num_samples or 1, num_classes=shape.num_classes,
-                                    train_labels=shape.train_labels))
+                                    train_labels=shape.train_labels, student_tokens=tokens_of(model),
+                                    teacher_tokens=tokens_of(teacher)))
         except OptionError as exc:
             raise UserError([f"{e} @ {path}" + (f".{e.key}" if e.key else "") for e in exc.each()]) from None
         weight = type(loss).default_weight if spec.weight is None else spec.weight

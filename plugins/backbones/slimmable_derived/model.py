@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kdreg.backbone import FlexibleBackbone, segment_range, walk_segments
 from kdreg.errors import ExportError, OptionError
+from kdreg.feature_loss import tokens_of
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
     ChannelRule,
@@ -72,6 +73,8 @@ class DerivedSlimmable(SlimmableBackbone):
         self.source_prefix = "net." if isinstance(trunk, TimmBackbone) else ""
         self.input_mean, self.input_std = trunk.input_mean, trunk.input_std
         self.pretrained = trunk.pretrained
+        #: how the trunk's tokens begin (class, distillation, register tokens), for feature losses
+        self.token_layout = tokens_of(root)
         was_training = root.training
         root = copy.deepcopy(root).eval()
         gm = trace(root, name)
