@@ -88,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a recipe key at every point, as for kdreg run")
     swp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    tch = sub.add_parser("teach", help="a teacher store: a stage's frozen teachers run once over K augmented "
+                         "views of every training image (docs/store.md)")
+    tch.add_argument("recipe", help="the TOML recipe")
+    tch.add_argument("--stage", required=True, help="the student stage whose frozen teachers are stored")
+    tch.add_argument("--views", type=int, required=True, metavar="K", help="augmented views per image")
+    tch.add_argument("--out", required=True, help="the store directory (must not exist)")
+    tch.add_argument("--topk", type=int, default=0, metavar="K",
+                     help="keep each output's K largest logits (0: full logits; default: %(default)s)")
+    tch.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                     help="the stored logits' dtype (default: %(default)s)")
+    tch.add_argument("--batch-size", type=int, metavar="B",
+                     help="the teachers' batch (default: data.batch_size)")
+    tch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, as for kdreg run")
+    tch.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     cap = sub.add_parser("capacity", help="parameter and MAC ratio of a teacher-student pair")
     cap.add_argument("teacher", help="a registered backbone name")
     cap.add_argument("student", help="a registered backbone name")
@@ -434,7 +450,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
+def cmd_teach(args: argparse.Namespace) -> int:
+    from kdreg.recipe import load_recipe
+    from kdreg.store.format import open_store
+    from kdreg.store.teach import teach
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = teach(recipe, args.stage, args.views, args.out, topk=args.topk, dtype=args.dtype,
+                batch_size=args.batch_size, progress=not args.no_progress)
+    store = open_store(out, "--out")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {store.images} images x {store.views} views of {', '.join(store.outputs_held())} "
+          f"({'top-' + str(store.topk) if store.topk else 'full'} {args.dtype}), {size / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "teach": cmd_teach, "validate": cmd_validate, "plugins": cmd_plugins, "list": cmd_list,
             "capacity": cmd_capacity, "report": cmd_report, "eval": cmd_eval, "export": cmd_export,
             "submit": cmd_submit, "sweep": cmd_sweep}
 

@@ -31,6 +31,8 @@ from kdreg.stages import freeze
 
 #: the trained modules of the last step (model, bridge, feature losses), for their buffers
 STEPPED: list[torch.nn.Module] = []
+#: the teacher store rows of the last step's batch (a stage with teacher_store)
+ROWS: list[torch.Tensor] = []
 
 
 def step_gradients(recipe_path: str, *, train_mode: bool = False,
@@ -65,15 +67,18 @@ def step(recipe_path: str, *, train_mode: bool = False, batch: tuple[torch.Tenso
         trainer.runner.ddp.register_comm_hook(None, counting)
     for module in plan.modules():
         module.train(train_mode)
-    indices = None
+    indices, teachers = None, trainer.teachers
     if batch is None:
         trainer.train_loader.set_epoch(0)
         x, y, *rest = next(iter(trainer.train_loader))
+        if trainer.store is not None:            # the batch's rows of the teacher store
+            ROWS.append(rest[0].cpu())
+            teachers = trainer.store.at(rest.pop())
         indices = rest[0] if rest else None      # a feature loss that reads them (CRD)
     else:
         x, y = (t.to(run.device) for t in batch)
     trainer.optimizer.zero_grad(set_to_none=True)
-    stage_backward(trainer.runner, x, y, trainer.loss, trainer.teachers, indices)
+    stage_backward(trainer.runner, x, y, trainer.loss, teachers, indices)
     grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in enumerate(plan.modules())
              for n, p in m.named_parameters() if p.grad is not None}
     STEPPED.append(torch.nn.ModuleList(plan.modules()))
@@ -95,6 +100,8 @@ def main(mode: str, recipe: str, out: str) -> None:
         # the buffers the step changed in each process (CRD's memory banks)
         buffers = {name: b.detach().cpu().clone() for name, b in STEPPED[-1].named_buffers()}
         torch.save(buffers, f"{out}.buffers{distributed.rank()}")
+        if ROWS:
+            torch.save(ROWS[-1], f"{out}.rows{distributed.rank()}")
         if distributed.is_main():
             torch.save({"grads": grads, "reduced": reduced, "world": distributed.world_size()}, out)
     elif mode == "interrupt":

@@ -38,6 +38,9 @@ from kdreg.options import bind
 from kdreg.recipe import FeatureLossSpec, PluginSpec, Recipe, StageConfig, TrainConfig
 from kdreg.registry import get_registry
 from kdreg.stages import TeacherStage
+from kdreg.store.checks import recipe_problems
+from kdreg.store.format import TeacherStore, open_store, run_depends, teacher_depends
+from kdreg.store.replay import StoredStage, StoredTeachers
 from kdreg.streams import init_seed
 
 
@@ -90,6 +93,8 @@ class StagePlan:
     features: tuple[FeatureEdge, ...] = ()
     #: external node -> the split points feature losses read from it
     teacher_points: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    #: the teacher store whose outputs replace its frozen teachers' (``teacher_store``); None: none
+    store: StoredTeachers | None = None
 
     @property
     def name(self) -> str:
@@ -146,12 +151,24 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
     failed: set[str] = set()
     problems: list[str] = []
     names = [s.name for s in recipe.stages]
+    stores: dict[str, TeacherStore] = {}
     for index, stage in enumerate(recipe.stages):
+        if stage.teacher_store is not None:
+            try:
+                stores[stage.name] = open_store(stage.teacher_store, f"{stage_path(stage, index)}.teacher_store")
+            except UserError as exc:
+                problems += exc.problems
+                failed.add(stage.name)
+    held = {name: holder for holder, store in stores.items() for name in store.stages}
+    for index, stage in enumerate(recipe.stages):
+        if stage.name in held or stage.name in failed:   # held by a store: never built
+            continue
         if seed is not None:
             seed_everything(init_seed(seed, index))
         try:
             with nullcontext() if download and not from_checkpoints else no_downloads(from_checkpoints):
-                plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names)
+                plans[stage.name] = _plan(recipe, stage, index, shape, plans, failed, names,
+                                          stores.get(stage.name), held)
         except UserError as exc:
             problems += exc.problems
             failed.add(stage.name)
@@ -161,16 +178,21 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
 
 
 def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
-          plans: Mapping[str, StagePlan], failed: set[str], names: list[str]) -> StagePlan:
+          plans: Mapping[str, StagePlan], failed: set[str], names: list[str],
+          store: TeacherStore | None = None, held: Mapping[str, str] | None = None) -> StagePlan:
     path = stage_path(stage, index)
     train = recipe.stage_train(stage)
     copies: list[tuple[str, FlexibleBackbone]] = []
+    held = held or {}
 
     def earlier(key: str, ref: str, where: str) -> StagePlan:
         if ref in plans:
             return plans[ref]
         if ref in failed:
             raise UserError([])  # that stage's own problems are reported already
+        if ref in held:
+            raise UserError([f"stage {ref!r} is held by the teacher store of stage {held[ref]!r} and "
+                             f"not built; only that stage learns from it @ {where}.{key}"])
         raise UserError([ref_problem(key, ref, names, index, where)])
 
     def backbone_ref(key: str, ref: str) -> FlexibleBackbone:
@@ -181,7 +203,11 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
         return twin
 
     def teacher_ref(where: str) -> Callable[[str, str], TeacherStage]:
-        return lambda key, ref: TeacherStage(ref, earlier(key, ref, where).model)
+        def ref_of(key: str, ref: str) -> TeacherStage:
+            if store is not None and ref in store.stages:
+                return StoredStage.of(ref, store.stages[ref])
+            return TeacherStage(ref, earlier(key, ref, where).model)
+        return ref_of
 
     problems: list[str] = []
     model = create("backbone", stage.backbone.name, stage.backbone.options,
@@ -219,9 +245,14 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     if graph is not None:
         for node in graph.external:
             try:
-                nodes[node] = _node(node, plans, f"{path}.graph")
+                nodes[node] = _node(node, plans, f"{path}.graph", store)
             except UserError as exc:
                 problems += exc.problems
+    stored = None
+    if store is not None:
+        problems += _store_problems(recipe, stage, store, nodes, model, path)
+        stored = StoredTeachers(store, nodes, f"{path}.teacher_store")
+        nodes = {}   # the teachers' outputs come from the store: none is run
     teachers = {name: plans[name].model for name, _ in nodes.values()}
     if bridge is not None:
         teachers[bridge.teacher] = plans[bridge.teacher].model
@@ -243,7 +274,41 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
     return StagePlan(index=index, config=stage, train=train, path=path, model=model, graph=graph,
                      divergence=divergence, teachers=teachers, nodes=nodes, bridge=bridge,
                      copies=copies, features=tuple(features),
-                     teacher_points={n: tuple(sorted(p)) for n, p in teacher_points.items()})
+                     teacher_points={n: tuple(sorted(p)) for n, p in teacher_points.items()},
+                     store=stored)
+
+
+def _store_problems(recipe: Recipe, stage: StageConfig, store: TeacherStore,
+                    nodes: Mapping[str, tuple[str, int]], model: FlexibleBackbone, path: str) -> list[str]:
+    """Why stage ``stage`` cannot learn from ``store``: what the store cannot replay, a graph node
+    it does not hold, another class count, or a recipe that differs from it on a dependency."""
+    where = f"{path}.teacher_store"
+    problems = recipe_problems(recipe, stage, path)
+    for node, key in nodes.items():
+        if not store.holds(*key):
+            problems.append(f"graph node {node!r} is not in teacher store {stage.teacher_store} (it holds "
+                            f"{', '.join(store.outputs_held())}) @ {where}")
+    if output_classes(model) != store.classes:
+        problems.append(f"teacher store {stage.teacher_store} holds {store.classes} classes but this stage "
+                        f"predicts {output_classes(model)} @ {where}")
+    actual: dict[str, Any] = {}
+    names = [s.name for s in recipe.stages]
+    for name in store.stages:
+        if name not in names:
+            problems.append(f"teacher store {stage.teacher_store} holds stage {name!r}, which this recipe "
+                            f"lacks @ {where}")
+            continue
+        teacher = recipe.stage(name)
+        try:
+            actual.update(teacher_depends(teacher, recipe.stage_train(teacher),
+                                          stage_path(teacher, names.index(name))))
+        except UserError as exc:
+            problems += exc.problems
+    try:
+        actual.update(run_depends(recipe, stage.name))
+    except UserError as exc:
+        problems += exc.problems
+    return problems + store.differences(actual, where)
 
 
 def _feature_edges(spec: FeatureLossSpec, entry: int, model: FlexibleBackbone, graph: TeacherGraph,
@@ -354,12 +419,16 @@ def _bridge(spec: PluginSpec, model: FlexibleBackbone, path: str,
     return bridge
 
 
-def _node(node: str, plans: Mapping[str, StagePlan], path: str) -> tuple[str, int]:
+def _node(node: str, plans: Mapping[str, StagePlan], path: str,
+          store: TeacherStore | None = None) -> tuple[str, int]:
     stage, label = parse_external_node(node)
-    if stage not in plans:
+    if store is not None and stage in store.stages:
+        labels = list(store.stages[stage])
+    elif stage not in plans:
         raise UserError([f"external teacher {node!r} of the graph names no earlier stage; earlier "
                          f"stages: {', '.join(plans) or 'none'} @ {path}"])
-    labels = list(plans[stage].model.submodel_labels)
+    else:
+        labels = list(plans[stage].model.submodel_labels)
     if label is None:
         return stage, len(labels) - 1
     if label not in labels:
@@ -447,6 +516,8 @@ def static_problems(recipe: Recipe) -> list[str]:
         path = stage_path(stage, index)
         if stage.init is not None and not Path(stage.init).expanduser().is_file():
             problems.append(f"checkpoint {stage.init} does not exist @ {path}.init")
+        if stage.teacher_store is not None:
+            problems += recipe_problems(recipe, stage, path)
         try:  # needs no data: built in full, so that its range checks run too
             build_divergence(stage.divergence, f"{path}.divergence")
         except UserError as exc:

@@ -23,6 +23,7 @@ from kdreg.engine.trainer import StageTrainer, eval_loader
 from kdreg.errors import OptionError, RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 from kdreg.stages import freeze
+from kdreg.store.replay import data_problems
 from kdreg.streams import batch_seed, train_seed
 
 RECIPE_FILE = "recipe.toml"
@@ -168,6 +169,10 @@ class Run:
             plans = assemble(recipe, DataShape.of(splits), seed=recipe.seed)
         except RecipeError as exc:
             raise RecipeError([f"{self.source}: {p}" for p in exc.problems]) from None
+        problems = [p for plan in plans if plan.store is not None
+                    for p in data_problems(plan.store, recipe.data.dataset, splits)]
+        if problems:     # a store built from other data: refused before anything is written
+            raise RecipeError([f"{self.source}: {p}" for p in problems])
         self.plans = [plan.to(self.device) for plan in plans]
         main = distributed.is_main()
         if main and not (self.directory / RECIPE_FILE).is_file():  # once the data and models are there
@@ -292,6 +297,7 @@ class Run:
             seed=batch_seed(recipe.seed, plan.index), batch_size=recipe.data.batch_size,
             eval_batch_size=recipe.data.eval_batch_size, directory=self.directory, notify=self._notify,
             progress=self.progress, teachers=plan.frozen,   # frozen when they finished
+            store=plan.store,
         )
 
     def _train_stage(self, trainer: StageTrainer, plan: StagePlan) -> dict[str, Any]:
@@ -322,6 +328,9 @@ class Run:
         }
         if plan.config.bridge is not None:
             result["bridge"] = plan.config.bridge.name
+        if plan.store is not None:
+            result["teachers"] = sorted(plan.store.store.stages)
+            result["teacher_store"] = plan.config.teacher_store
         if plan.config.feature_losses:
             result["feature_losses"] = [f.name for f in plan.config.feature_losses]
         if plan.config.init is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -255,12 +256,26 @@ def feature_term(edges: Sequence[FeatureEdge], own: Mapping[str, Tensor],
     return total
 
 
+class TeacherOutputs(Protocol):
+    """What a step reads its teachers' outputs from: :class:`Teachers` (the frozen models) or a
+    batch of a teacher store (:class:`kdreg.store.replay.StoredOutputs`)."""
+
+    @property
+    def nodes(self) -> Mapping[str, tuple[str, int]]: ...
+
+    @property
+    def bridge_output(self) -> tuple[str, int] | None: ...
+
+    def outputs(self, x: Tensor, dtype: torch.dtype | None
+                ) -> tuple[dict[tuple[str, int], Tensor], dict[tuple[str, int], dict[str, Tensor]]]: ...
+
+
 def stage_backward(
     model: FlexibleBackbone | Runner,
     x: Tensor,
     y: Tensor,
     loss: LossSettings,
-    teachers: Teachers | None = None,
+    teachers: TeacherOutputs | None = None,
     indices: Tensor | None = None,
 ) -> StepOutput:
     """A stage's forward and backward: frozen teachers' outputs first (once, on this batch, their

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from kdreg.backbone import FlexibleBackbone
 from kdreg.data.batches import BatchLoader
 from kdreg.data.loading import batches
-from kdreg.data.splits import Splits
+from kdreg.data.splits import Splits, TensorSet
 from kdreg.data.streaming import StreamLoader
 from kdreg.engine import checkpoint, distributed, preempt
 from kdreg.engine.evaluate import evaluate
@@ -27,6 +27,7 @@ from kdreg.engine.step import LossSettings, Teachers, stage_backward
 from kdreg.errors import CheckpointError, KdregError
 from kdreg.pointwise import guard_convs
 from kdreg.recipe import TrainConfig, checkpoint_interval
+from kdreg.store.replay import StoredTeachers
 from kdreg.streams import stream_seed
 
 
@@ -60,6 +61,7 @@ class StageTrainer:
     notify: Callable[[dict[str, Any]], None]     # run events (after the checkpoint)
     progress: bool = True                        # a progress bar, when stderr is a terminal
     teachers: Teachers | None = None             # frozen earlier stages this stage learns from
+    store: StoredTeachers | None = None          # a teacher store in their place (teacher_store)
 
     def __attrs_post_init__(self) -> None:
         s, cfg = self.splits, self.train_cfg
@@ -75,8 +77,15 @@ class StageTrainer:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
         world = distributed.world_size()
-        self.train_loader = batches(s, "train", batch_size=self.batch_size // world, device=self.device,
-                                    train=True, seed=self.seed, rank=distributed.rank(), world_size=world)
+        self.train_loader: BatchLoader | StreamLoader
+        if self.store is not None:    # every image at a stored view (the in-memory path, checked)
+            assert isinstance(s.train, TensorSet)
+            self.train_loader = self.store.loader(s.train.images, s.train.labels,
+                                                  batch_size=self.batch_size // world, device=self.device,
+                                                  seed=self.seed, rank=distributed.rank(), world_size=world)
+        else:
+            self.train_loader = batches(s, "train", batch_size=self.batch_size // world, device=self.device,
+                                        train=True, seed=self.seed, rank=distributed.rank(), world_size=world)
         if len(self.train_loader) == 0:
             raise TrainingFailed(f"stage {self.name}: no full training batch of {self.batch_size} images")
         self.train_loader.with_indices = self.loss.needs_indices
@@ -196,13 +205,14 @@ class StageTrainer:
         lr = base_lr
         loss = attrs.evolve(self.loss, epoch=epoch + 1)   # the epoch reaches warm-ups (DKD's)
         for step, (x, y, *indices) in enumerate(loader, start=first):
+            teachers = self.teachers if self.store is None else self.store.at(indices.pop())
             lr = base_lr * lr_factor(self.train_cfg.schedule, epoch + step / steps, epochs)
             set_lr(opt, lr)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
             model.begin_step(stream_seed(self.seed, epoch, "submodels", step))  # the same on every process
-            out = stage_backward(self.runner, x, y, loss, self.teachers, indices[0] if indices else None)
+            out = stage_backward(self.runner, x, y, loss, teachers, indices[0] if indices else None)
             if self.loss.scaler is not None:
                 self.loss.scaler.step(opt)
                 self.loss.scaler.update()

@@ -1,0 +1,387 @@
+"""Teacher stores (kdreg teach, teacher_store): the stored views rebuilt through the live teacher
+give the stored outputs; a KD run from a float32 store is the live-teacher run on the same views
+bit for bit; resume and two processes; the top-k target; every refusal, and a teach that fails
+leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdreg.cli import main
+from kdreg.data.loading import load_data
+from kdreg.engine import preempt
+from kdreg.engine.assemble import DataShape, assemble
+from kdreg.engine.run import Run
+from kdreg.engine.step import Teachers
+from kdreg.errors import Checkpointed
+from kdreg.normalise import normalise
+from kdreg.recipe import load_recipe
+from kdreg.stages import freeze
+from kdreg.store.format import MANIFEST, full_logits, open_store, topk_row
+from kdreg.store.replay import StoredOutputs, StoredTeachers
+from kdreg.store.teach import teach
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).resolve().parent / "ddp_driver.py"
+
+RECIPE = """
+name = "store"
+seed = 0
+[data]
+dataset = "synthetic"
+batch_size = 16
+val_split = 16
+options = {{ train_size = 80, test_size = 16, num_classes = 4, image_size = 8 }}
+[train]
+epochs = 2
+optimizer = {{ lr = 0.05 }}
+log_interval = 1
+[[stages]]
+name = "teacher"
+backbone = {{ name = "tiny_slimmable", widths = [1.0], channels = 12 }}
+init = "{init}"
+epochs = 0
+[[stages]]
+name = "student"
+backbone = {{ name = "tiny_slimmable", widths = [0.5, 1.0], channels = 4 }}
+graph = {{ name = "kd", teacher = "teacher" }}
+lam = 0.8
+tau = 2.0
+{store}
+"""
+
+
+class World:
+    """A teacher checkpoint, the recipe and stores built from it, in one folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.init = root / "teacher.pt"
+        torch.manual_seed(123)
+        from kdreg.create import create
+
+        teacher = create("backbone", "tiny_slimmable", {"widths": [1.0], "channels": 12},
+                         provided={"num_classes": 4, "in_chans": 3, "input_size": (8, 8)}, path="t")
+        torch.save(teacher.state_dict(), self.init)
+        self.stores: dict[str, Path] = {}
+
+    def recipe(self, store: Path | None = None, name: str = "recipe.toml", extra: str = "") -> Path:
+        path = self.root / name
+        line = f'teacher_store = "{store}"' if store is not None else ""
+        path.write_text(RECIPE.format(init=self.init, store=line) + extra)
+        return path
+
+    def store(self, kind: str) -> Path:
+        """``f32`` (float32 full, the teachers' batch the run's), ``f16`` or ``top2``."""
+        if kind not in self.stores:
+            out = self.root / f"store-{kind}"
+            teach(load_recipe(self.recipe()), "student", 3, out, topk=2 if kind == "top2" else 0,
+                  dtype="float32" if kind == "f32" else "float16", progress=False)
+            self.stores[kind] = out
+        return self.stores[kind]
+
+    def teacher(self) -> torch.nn.Module:
+        """The live teacher as a run builds it (its weights, its input statistics), frozen."""
+        recipe = load_recipe(self.recipe())
+        plans = assemble(recipe, DataShape.of(load_data(recipe.data)), seed=recipe.seed)
+        return freeze(plans[0].model)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return World(tmp_path_factory.mktemp("store"))
+
+
+def rebuilt(images: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
+    """Each image's view from its stored (row, col, flip), independently of the loader: reflect
+    padding, the crop, the flip; float in [0, 1]."""
+    h, w = images.shape[2:]
+    padded = F.pad(images.float(), (padding,) * 4, mode="reflect")
+    out = torch.stack([padded[n, :, r:r + h, c:c + w] for n, (r, c, _) in enumerate(params.tolist())])
+    flip = params[:, 2].bool()
+    out[flip] = out[flip].flip(-1)
+    return out / 255.0
+
+
+@pytest.mark.parametrize("kind", ["f16", "top2"])
+def test_stored_views_through_the_live_teacher_give_the_stored_outputs(world: World, kind: str) -> None:
+    store = open_store(world.store(kind), "test")
+    recipe = load_recipe(world.recipe())
+    train = load_data(recipe.data).train
+    n, k = store.images, store.views
+    assert (n, k, store.classes) == (64, 3, 4) and store.stages == {"teacher": ("x1.0",)}
+    params = torch.from_numpy(store.params.astype("int64")).view(n * k, 3)
+    assert params[:, :2].min() == 0 and params[:, :2].max() == 8 and 0 < params[:, 2].float().mean() < 1
+    x = rebuilt(train.images.repeat_interleave(k, dim=0), params, store.padding)
+    teacher = world.teacher()
+    with torch.no_grad():
+        live = teacher.forward_submodel(normalise(teacher, x), 0)   # as a step feeds it
+    stored = store.outputs(torch.arange(n * k).numpy())[("teacher", 0)]
+    if kind == "f16":
+        assert stored.abs().max() > 0.01
+        torch.testing.assert_close(stored, live, rtol=1e-3, atol=1e-3)   # fp16 rounding
+        assert torch.equal(stored, live.half().float())
+    else:   # the two largest logits at their classes, every other class at the rest value
+        top = live.topk(2, dim=1)
+        rest = torch.logsumexp(live.scatter(1, top.indices, -math.inf), 1) - math.log(2)
+        assert torch.equal(stored.topk(2, dim=1).indices.sort(1).values, top.indices.sort(1).values)
+        torch.testing.assert_close(stored.gather(1, top.indices), top.values, rtol=1e-3, atol=1e-3)
+        others = torch.ones_like(live, dtype=torch.bool).scatter(1, top.indices, False)
+        torch.testing.assert_close(stored[others].view(-1, 2), rest[:, None].expand(-1, 2), rtol=1e-3, atol=1e-3)
+
+
+def test_the_top_k_target_is_the_teachers_top_k_probabilities_with_the_rest_spread_evenly() -> None:
+    """FKD's soft label at temperature 1: the k largest probabilities exact, the remaining mass
+    split evenly over the other classes."""
+    z = torch.tensor([[3.0, -1.0, 0.5, 2.0, -2.0, 0.0]], dtype=torch.float64)
+    values, indices = topk_row(z, 2)
+    assert indices.tolist() == [[0, 3]]
+    p = torch.softmax(z, 1)[0]
+    target = torch.softmax(full_logits(values, indices, 6), 1)[0]
+    assert torch.allclose(target[[0, 3]], p[[0, 3]], atol=1e-12)
+    rest = (1 - p[0] - p[3]) / 4
+    assert torch.allclose(target[[1, 2, 4, 5]], rest.expand(4), atol=1e-12)
+
+
+def test_each_epoch_shows_every_image_at_a_stored_view_chosen_by_its_streams(world: World) -> None:
+    path = world.store("f16")
+    store = open_store(path, "test")
+    recipe = load_recipe(world.recipe(path))
+    train = load_data(recipe.data).train
+    stored = StoredTeachers(store, {"teacher:x1.0": ("teacher", 0)})
+    loader = stored.loader(train.images, train.labels, batch_size=16, device=torch.device("cpu"),
+                           seed=7, rank=0, world_size=1)
+    chosen = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        x = torch.cat([b[0] for b in batches])
+        rows = torch.cat([b[2] for b in batches])
+        assert len(set(rows.tolist())) == 64 and set((rows // 3).tolist()) == set(range(64))
+        assert torch.equal(rows % 3, store.views_of(7, epoch)[rows // 3])
+        params = torch.from_numpy(store.params.astype("int64")).view(-1, 3)[rows]
+        assert torch.equal(x, rebuilt(train.images[rows // 3], params, store.padding))
+        chosen.append(store.views_of(7, epoch))
+        loader.set_epoch(epoch, skip=2)      # a resumed epoch: the same rows from its third batch
+        assert torch.equal(torch.cat([b[2] for b in loader]), rows[32:])
+    assert not torch.equal(chosen[0], chosen[1]) and set(chosen[0].tolist()) == {0, 1, 2}
+    assert torch.equal(store.views_of(7, 1), chosen[1])
+
+
+def _same_runs(a: Path, b: Path) -> None:
+    left = torch.load(a / "checkpoints" / "student" / "last.pt", weights_only=False)
+    right = torch.load(b / "checkpoints" / "student" / "last.pt", weights_only=False)
+    for key, value in left["model"].items():
+        assert torch.equal(value, right["model"][key]), key
+    ra, rb = (json.loads((d / "results.json").read_text())["stages"] for d in (a, b))
+    assert [s["test_accuracy"] for s in ra] == [s["test_accuracy"] for s in rb]
+    assert [s["val_accuracy"] for s in ra] == [s["val_accuracy"] for s in rb]
+    ma, mb = ([{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_second")}
+               for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+    assert ma == mb and len(ma) == 2
+
+
+@pytest.fixture(scope="module")
+def store_run(world: World) -> Path:
+    out = world.root / "from-store"
+    Run.start(world.recipe(world.store("f32"), "f32.toml"), out, progress=False).execute()
+    return out
+
+
+def test_a_kd_run_from_a_float32_store_is_the_live_teacher_run_on_the_same_views_bit_for_bit(
+        world: World, store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = json.loads((store_run / "results.json").read_text())
+    assert [s["name"] for s in results["stages"]] == ["student"]      # the teacher is not built
+    assert results["stages"][0]["teachers"] == ["teacher"]
+    teacher = world.teacher()
+    calls = []
+
+    def live(self: StoredTeachers, rows: torch.Tensor) -> Teachers:   # the live teacher instead
+        calls.append(len(rows))
+        return Teachers({"teacher": teacher}, self.nodes)
+
+    monkeypatch.setattr(StoredTeachers, "at", live)
+    out = world.root / "live"
+    Run.start(world.recipe(world.store("f32"), "live.toml"), out, progress=False).execute()
+    assert calls == [16] * 8
+    _same_runs(store_run, out)
+    # and the store's outputs matter: a live run on other views (the plain loader) differs
+    monkeypatch.undo()
+    plain = world.root / "plain"
+    Run.start(world.recipe(None, "plain.toml"), plain, progress=False).execute()
+    with pytest.raises(AssertionError):
+        _same_runs(store_run, plain)
+
+
+def test_a_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
+        world: World, store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = []
+    read = StoredOutputs.outputs
+
+    def signalling(self: StoredOutputs, x: torch.Tensor, dtype: torch.dtype | None) -> Any:
+        steps.append(1)
+        if len(steps) == 6:     # epoch 2, step 2: a checkpoint after it, then the stop
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return read(self, x, dtype)
+
+    monkeypatch.setattr(StoredOutputs, "outputs", signalling)
+    out = world.root / "cut"
+    run = Run.start(world.recipe(world.store("f32"), "cut.toml"), out, progress=False)
+    with preempt.handling([signal.SIGUSR1]), pytest.raises(Checkpointed):
+        run.execute()
+    state = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=False)["state"]
+    assert (state["epoch"], state["step"]) == (1, 2)
+    monkeypatch.undo()
+    Run.resume(out, progress=False).execute()
+    _same_runs(store_run, out)
+
+
+def test_two_processes_read_their_shards_of_the_store_and_give_the_combined_batchs_gradients(
+        world: World) -> None:
+    sys.path.insert(0, str(DRIVER.parent))
+    from ddp_driver import step_gradients
+
+    recipe = world.recipe(world.store("f32"), "ddp.toml")
+    out = world.root / "grads.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(DRIVER), "grads", str(recipe), str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(out, weights_only=False)
+    one, _ = step_gradients(str(recipe))
+    assert two["world"] == 2 and set(two["grads"]) == set(one)
+    for name, g in one.items():   # float32 sums of two halves: a rounding error of the tensor's scale
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=max(1e-7, 2e-6 * g.abs().max().item()),
+                                   msg=name)
+    rows = [torch.load(f"{out}.rows{r}", weights_only=False) for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 8 and not set(rows[0].tolist()) & set(rows[1].tolist())
+
+
+# ----------------------------------------------------------------------------- refusals
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    assert main(argv) == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+REFUSED_RUNS = {
+    "teacher weights": ("--set", "stages.teacher.init={other}",
+                        "was built for teachers.teacher.weights = \"sha256:"),
+    "teacher backbone": ("--set", "stages.teacher.backbone.channels=8",
+                         "was built for teachers.teacher.backbone = {\"name\": \"tiny_slimmable\", "
+                         "\"widths\": [1.0], \"channels\": 12}, this recipe has {\"name\": \"tiny_slimmable\", "
+                         "\"widths\": [1.0], \"channels\": 8}"),
+    "data": ("--set", "data.options.train_size=96", "was built for data.train_images = 64, this recipe has 80"),
+    "classes": ("--set", "data.options.num_classes=5", "holds 4 classes but this stage predicts 5"),
+    "auto_augment": ("--set", "data.augment.auto_augment=\"rand-m9\"", "@ recipe.data.augment.auto_augment"),
+    "color_jitter": ("--set", "data.augment.color_jitter=0.4", "@ recipe.data.augment.color_jitter"),
+    "re_prob": ("--set", "data.augment.re_prob=0.25", "@ recipe.data.augment.re_prob"),
+    "mixup": ("--set", "data.augment.mixup=0.2", "@ recipe.data.augment.mixup"),
+    "cutmix": ("--set", "data.augment.cutmix=1.0", "@ recipe.data.augment.cutmix"),
+    "streamed": ("--set", "data.in_memory=false", "@ recipe.data.in_memory"),
+    "feature losses": ("--set", "stages.student.feature_losses=[{name=\"at\", points=[\"stage1\"]}]",
+                       "holds its logits alone; drop teacher_store or the feature losses "
+                       "@ recipe.stages.student.feature_losses"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_RUNS))
+def test_a_run_that_the_store_cannot_serve_is_refused_in_one_line(
+        world: World, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    other = world.root / "other.pt"
+    if not other.exists():
+        state = torch.load(world.init, weights_only=False)
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    flag, value, expected = REFUSED_RUNS[case]
+    out = world.root / f"refused-{case.replace(' ', '-')}"
+    lines = _refused(["run", str(world.recipe(world.store("f16"))), "--out", str(out), "--no-progress",
+                      flag, value.replace("{other}", str(other))], capsys)
+    assert len(lines) == (2 if case == "data" else 1) and expected in lines[0], lines   # data: its hash too
+    assert all(line.startswith("error: ") and " @ " in line for line in lines)
+    assert not out.exists()
+
+
+def test_a_bridge_with_a_store_is_refused(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = 'bridge = { name = "stc", teacher = "teacher", student_split = "stage2", teacher_split = "stage2" }\n'
+    lines = _refused(["validate", str(world.recipe(world.store("f16"), "bridge.toml", extra))], capsys)
+    assert any("a teacher store holds its logits alone; drop teacher_store or the bridge "
+               "@ recipe.stages.student.bridge" in line for line in lines), lines
+
+
+def test_a_missing_incomplete_or_corrupt_store_is_refused(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    broken = world.root / "broken"
+    shutil.copytree(world.store("f16"), broken)
+    recipe = str(world.recipe(broken, "broken.toml"))
+    out = world.root / "never"
+    where = "@ recipe.stages.student.teacher_store"
+    data = broken / "out-0.f16"
+    data.write_bytes(data.read_bytes()[:-2])
+    lines = _refused(["run", recipe, "--out", str(out)], capsys)
+    assert lines == [f"error: {recipe}: teacher store {broken} is corrupt ({MANIFEST}: out-0.f16 holds 1534 "
+                     f"bytes, its manifest says 1536); build it again {where}"]
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    assert "it is not marked complete" in _refused(["run", recipe, "--out", str(out)], capsys)[0]
+    (broken / MANIFEST).unlink()
+    lines = _refused(["run", recipe, "--out", str(out)], capsys)
+    assert lines == [f"error: {recipe}: teacher store {broken} is incomplete: it has no {MANIFEST} (its kdreg "
+                     f"teach did not finish); build it again {where}"]
+    shutil.rmtree(broken)
+    assert "does not exist; build it with `kdreg teach" in _refused(["run", recipe, "--out", str(out)], capsys)[0]
+    assert not out.exists()
+
+
+def test_teach_refusals_write_nothing(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(world.recipe())
+    out = world.root / "not-written"
+    base = ["teach", recipe, "--stage", "student", "--views", "2", "--out", str(out), "--no-progress"]
+    assert _refused(base + ["--topk", "4"], capsys) == [
+        "error: --topk 4 keeps every one of the 4 classes; store full logits (--topk 0) instead @ --topk"]
+    lines = _refused(base + ["--set", "stages.teacher.epochs=1"], capsys)
+    assert lines == ["error: stage 'teacher' trains in this recipe (epochs = 1); a teacher store holds a frozen "
+                     "teacher's outputs: train it first, then give its best.pt as init with epochs = 0 "
+                     "@ recipe.stages.teacher.epochs"]
+    assert "@ recipe.data.augment.mixup" in _refused(base + ["--set", "data.augment.mixup=0.2"], capsys)[0]
+    assert _refused(["teach", recipe, "--stage", "teacher", "--views", "2", "--out", str(out)], capsys) == [
+        "error: stage 'teacher' learns from no frozen earlier stage (its graph 'none' names none): there is "
+        "nothing to store @ recipe.stages.teacher.graph"]
+    assert not out.exists()
+    existing = world.store("f16")
+    before = {p.name: p.stat().st_mtime_ns for p in existing.iterdir()}
+    assert _refused(["teach", recipe, "--stage", "student", "--views", "2", "--out", str(existing)], capsys) == [
+        f"error: {existing} exists; a store is never written over: choose another --out or remove it @ --out"]
+    assert {p.name: p.stat().st_mtime_ns for p in existing.iterdir()} == before
+
+
+def test_an_interrupted_teach_leaves_no_store(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    outputs = Teachers.outputs
+
+    def interrupted(self: Teachers, x: torch.Tensor, dtype: torch.dtype | None) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return outputs(self, x, dtype)
+
+    monkeypatch.setattr(Teachers, "outputs", interrupted)
+    parent = world.root / "interrupted"
+    parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        teach(load_recipe(world.recipe()), "student", 2, parent / "store", progress=False)
+    assert list(parent.iterdir()) == []
