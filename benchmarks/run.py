@@ -22,7 +22,10 @@ module's docstring defines its figures:
   ``loader_fraction_streamed`` (reported), the streamed ones measured by ``streaming.py``;
 * ``features.py``: ``feature_loss_cost_ratio``, ``crd_cost_ratio`` (reported);
 * ``checkpoints.py``: ``checkpoint_cost_ratio`` (an epoch with a step checkpoint every 50 steps
-  against one without).
+  against one without);
+* ``transformers.py``: ``vit_slimmable_overhead_ratio`` (a 4-width slimmable DeiT-Ti shape against
+  four plain ViTs of its widths' shapes), ``deit_token_kd_ratio`` (reported: DeiT's distillation
+  token step against the plain DeiT's).
 
 ``common.py`` holds what they share (``Settings``, ``Figure``, the models and the trainer they
 build), ``probes.py`` the instruments. To add a family: a module beside this one whose ``FAMILY``
@@ -68,6 +71,7 @@ FAMILY_MODULES = (
     "data",
     "features",
     "checkpoints",
+    "transformers",
 )
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(name).FAMILY for name in FAMILY_MODULES)
 #: figure -> (comparison, bound), of every family

@@ -27,7 +27,7 @@ from probes import (  # noqa: E402
 FIGURES = ("overhead_ratio", "width_cost_ratio", "slimmable_overhead_ratio", "distill_cost_ratio",
            "activation_memory_ratio", "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step",
            "peer_ratio", "stream_loader_ratio", "stream_memory_ratio", "feature_loss_cost_ratio",
-           "checkpoint_cost_ratio")
+           "checkpoint_cost_ratio", "vit_slimmable_overhead_ratio")
 #: the width figures reported with no target (the limit, the derived ResNet-18's three)
 WIDTH_REPORTED = ("width_cost_limit", "width_cost_ratio_resnet18", "width_cost_limit_resnet18",
                   "slimmable_overhead_ratio_resnet18")
@@ -188,6 +188,11 @@ def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     assert rows["depthwise conv"]["mac_ratio"] == pytest.approx(2.5)
     assert all(len(r["ms_per_width"]) == 4 and r["time_ratio"] > 1 for r in rows.values())
     assert "by kernel class" in proc.stdout
+    assert result["targets"]["vit_slimmable_overhead_ratio"] == "<= 1.05"   # the transformers
+    vit = result["details"]["vit_slimmable_overhead_ratio"]
+    assert set(vit["plain_step_s"]) == {"x0.25", "x0.5", "x0.75", "x1.0"} and vit["input_size"] == [64, 64]
+    assert result["vit_slimmable_overhead_ratio"] == pytest.approx(vit["ipkd-ta-m_step_s"] / vit["plain_sum_s"])
+    assert isinstance(result["deit_token_kd_ratio"], float) and "deit_token_kd_ratio" in proc.stdout
 
 
 def test_bad_flags_are_errors_with_a_line_each_and_nothing_written(tmp_path) -> None:
