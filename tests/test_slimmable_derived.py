@@ -48,9 +48,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "efficientnet": ("efficientnet_b0", None),
     "regnet": ("regnetx_002", None),
     "convnext": ("convnext_atto", None),
-    "ghostnet": ("ghostnet_050", ("blocks.0.0.ghost1", "concatenates channels")),
     "repvgg": ("repvgg_a0", None),
-    "densenet": ("densenet121", ("features.denseblock1.denselayer1", "concatenates channels")),
 }
 
 

@@ -292,7 +292,8 @@ def test_other_transformer_blocks_are_refused_naming_the_layer(family: str) -> N
 
 
 class _ChunkedTrunk(FlexibleBackbone):
-    """A convolution's output chunked in two (only a linear layer's chunks are sliced)."""
+    """A convolution's output split into its even and odd channels (ranges of channels are
+    sliced, tests/test_slimmable_concat.py; strided ones are not)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -300,15 +301,16 @@ class _ChunkedTrunk(FlexibleBackbone):
         self.fc = nn.Linear(8, C)
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
-        a, b = self.conv(x).chunk(2, dim=1)
+        h = self.conv(x)
+        a, b = h[:, ::2], h[:, 1::2]
         return [self.fc((a * b.sigmoid()).mean((2, 3)))]
 
 
-def test_a_split_of_channels_other_than_a_linear_layers_chunks_is_refused() -> None:
+def test_a_split_of_channels_other_than_into_ranges_is_refused() -> None:
     with pytest.raises(OptionError) as err:
         DerivedSlimmable(_ChunkedTrunk(), WIDTHS, name="chunked", input_size=SIZE)
-    assert str(err.value) == ("trunk chunked cannot be made slimmable: layer chunk splits channels "
-                              "(Tensor.chunk): their slices cannot stay consistent")
+    assert str(err.value) == ("trunk chunked cannot be made slimmable: layer getitem slices "
+                              "channels with step 2 (only a range of channels is sliced)")
 
 
 def test_a_gated_mlp_writes_the_first_channels_of_each_chunk() -> None:

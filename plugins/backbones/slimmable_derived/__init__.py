@@ -48,9 +48,21 @@ reduction over the channels). A group of ``C`` channels runs ``int(C * w)`` of t
 grouped convolution or GroupNorm (at least one group); a width that leaves the smallest group no
 channel is an error naming its layer and the narrowest width the trunk allows.
 
+**Channels kept as a set of indices** (:mod:`.indices`), where the first ones cannot serve: a
+concatenation along channels (DenseNet, DLA, GhostNet) is a group whose *parts* are its inputs'
+groups, and at a width it keeps each part's kept channels at that part's offset; a split of
+channels (a CSP stage's halves, MixNet's kernel groups) or a slice of a range of them (GhostNet's
+first ``out_chs``, ReXNet's partial residual) cuts its input's group into parts, each piece
+keeping its own first channels and the producer the union. Groups joined elementwise are aligned
+part by part. Convolutions, linear layers and BatchNorm reading or writing such channels take
+exactly those (:mod:`.indexed_layers`; the first channels stay plain slices), and the splits and
+slices become width-aware pieces; only a list of widths, not a width range, slices them. timm's
+``ConvMlp`` (VGG's head, kept whole) has its two convolutions sliced inside it.
+
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with
-the layer and the reason: concatenation along channels (DenseNet, GhostNet), splitting them
-other than a linear layer's output into equal chunks, slicing or indexing channels, reshapes that
+the layer and the reason: a grouped convolution (beyond depthwise), a LayerNorm, GroupNorm,
+attention or parameter over channels kept as a set of indices, strided slices or single channels
+picked by index, reshapes that
 mix channels with other dimensions (channel shuffle, Swin's window attention), matrix products of
 activations (attention other than timm's ``Attention`` and ``EvaAttention``), an attention layer
 with a forward of its own or q/k norms other than a LayerNorm or RmsNorm over one head, functional
@@ -74,7 +86,9 @@ trained weights into ``trunk = "teacher"``) reaches the slimmable model the same
 
 **Modules.** :mod:`.tracing` traces the trunk; :mod:`.nodes` reads traced nodes (shapes,
 operands, reshapes); :mod:`.channels` finds the channel groups and what is refused;
-:mod:`.layers` holds the sliced layers, :mod:`.attention` timm's attention sliced in whole heads,
+:mod:`.indices` the parts of concatenated and split channels; :mod:`.layers` holds the sliced
+layers, :mod:`.indexed_layers` those taking a set of indices, :mod:`.attention` timm's attention
+sliced in whole heads,
 and :mod:`.convert` swaps them into the graph; :mod:`.segments` cuts the graph at split points;
 :mod:`.model` is :class:`DerivedSlimmable`.
 

@@ -18,6 +18,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdreg.errors import OptionError
 from kdreg_plugins.backbones.slimmable_derived.attention import attention_refusal, attention_types
+from kdreg_plugins.backbones.slimmable_derived.indices import (
+    composite,
+    cut,
+    settle_fixed,
+    tile,
+    union_parts,
+)
 from kdreg_plugins.backbones.slimmable_derived.layers import is_conv2d_same
 from kdreg_plugins.backbones.slimmable_derived.nodes import (
     CONCAT,
@@ -49,6 +56,11 @@ class ChannelGroup:
     head_dim: int = 1
     members: list[str] = field(default_factory=list)
     sizes: tuple[int, ...] = ()
+    #: a concatenation of other groups' channels, in order (:mod:`.indices`): a width keeps each
+    #: part's kept channels at that part's offset; empty for a group of its own channels
+    parts: list[int] = field(default_factory=list)
+    #: per width slot, the kept channels' indices where they are not the first ones, else None
+    indices: tuple[tuple[int, ...] | None, ...] = ()
 
 
 class Refused(Exception):
@@ -84,6 +96,8 @@ class _Groups:
         ia, ib = self.info[a], self.info[b]
         if ia.size != ib.size:
             raise Refused(layer, f"joins tensors of {ia.size} and {ib.size} channels")
+        if ia.parts or ib.parts:
+            return union_parts(self, a, b, layer)
         if b < a:
             a, b, ia, ib = b, a, ib, ia
         self.parent[b] = a
@@ -95,6 +109,16 @@ class _Groups:
 
     def get(self, g: int) -> ChannelGroup:
         return self.info[self.find(g)]
+
+
+def is_conv_mlp(m: nn.Module) -> bool:
+    """timm's ``ConvMlp`` as timm writes it: two plain convolutions, the second 1x1."""
+    try:
+        from timm.models.vgg import ConvMlp
+    except ImportError:  # a timm without VGG
+        return False
+    return (type(m) is ConvMlp and all(type(getattr(m, n, None)) is nn.Conv2d
+                                       and getattr(m, n).groups == 1 for n in ("fc1", "fc2")))
 
 
 class ChannelAnalysis:
@@ -117,6 +141,11 @@ class ChannelAnalysis:
         self.chunks: dict[str, int] = {}
         #: reshape nodes whose fixed channel count becomes -1: node -> argument position
         self.reshapes: dict[fx.Node, int] = {}
+        #: splits and slices of channels (:mod:`.indices`): node -> (channel dim, the input's
+        #: tiles, each output's range of tiles; one range for a slice, which is not a tuple)
+        self.narrows: dict[fx.Node, tuple[int, list[int], list[tuple[int, int]], bool]] = {}
+        #: tuples of tensors (a split's pieces): node -> each piece's channel dim and group
+        self.items: dict[fx.Node, list[tuple[int, int]]] = {}
         #: (refusal, the groups it touches, whether it stands whatever they are)
         self.refusals: list[tuple[Refused, list[int], bool]] = []
         self.modules = dict(gm.named_modules())
@@ -124,6 +153,11 @@ class ChannelAnalysis:
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
+        self._run_nodes()
+        settle_fixed(self.groups)
+        self._refuse_indexed()
+
+    def _run_nodes(self) -> None:
         for node in self.gm.graph.nodes:
             try:
                 self._visit(node)
@@ -209,6 +243,8 @@ class ChannelAnalysis:
             self._norm(node, m, target)
         elif isinstance(m, attention_types()):
             self._attention(node, m, target)
+        elif is_conv_mlp(m):
+            self._conv_mlp(node, m, target)
         elif any(True for _ in itertools.chain(m.parameters(), m.buffers())):
             x, c = self._input(node)
             self.chan_like(node, c)
@@ -260,6 +296,20 @@ class ChannelAnalysis:
                                "widths are sliced")
         self._layer(target, gin, gout, node)
         self.chan[node] = (1, gout)
+
+    def _conv_mlp(self, node: fx.Node, m: Any, target: str) -> None:
+        """timm's ``ConvMlp`` (VGG's head, kept whole for its input-size check): its two
+        convolutions sliced as any, inside it."""
+        x, c = self._input(node)
+        if c is None:
+            c = (1, self._new(m.fc1.in_channels, target, "computed from no sliced channels"))
+        if c[0] != 1 or self.groups.get(c[1]).size != m.fc1.in_channels:
+            self._refuse(node, f"({type(m).__name__}) takes channels it cannot follow")
+        hidden = self._new(m.fc1.out_channels, f"{target}.fc1")
+        self._layer(f"{target}.fc1", c[1], hidden, node)
+        out = self._new(m.fc2.out_channels, f"{target}.fc2")
+        self._layer(f"{target}.fc2", hidden, out, node)
+        self.chan[node] = (1, out)
 
     def _linear(self, node: fx.Node, m: nn.Linear, target: str) -> None:
         from timm.layers import Linear as TimmLinear
@@ -359,7 +409,11 @@ class ChannelAnalysis:
         if t is getattr or (node.op == "call_function" and t is operator.getitem
                             and shape_of(node.args[0]) is None):
             if t is operator.getitem and isinstance(node.args[0], fx.Node):
-                self.chan_like(node, self.chan.get(node.args[0]))
+                items = self.items.get(node.args[0])
+                if items is not None and isinstance(node.args[1], int):
+                    self.chan[node] = items[node.args[1]]
+                else:
+                    self.chan_like(node, self.chan.get(node.args[0]))
             return
         if not tracked:
             return
@@ -402,8 +456,8 @@ class ChannelAnalysis:
         if node.target is torch.stack:
             self._refuse(node, "stacks tensors with channels into a new dimension")
         if d == cd:
-            self._refuse(node, f"concatenates channels ({op_name(node)} along dim {d}, as "
-                               "DenseNet and GhostNet do): their slices cannot stay consistent")
+            self._concat_channels(node, cd, rank)
+            return
         for a in tracked[1:]:
             if self.chan[a][0] != cd:
                 self._refuse(node, "concatenates tensors whose channels lie in different "
@@ -421,6 +475,84 @@ class ChannelAnalysis:
                 g = self._slice_attr(source, g, node)
         self.chan[node] = (cd, g)
 
+    def _concat_channels(self, node: fx.Node, cd: int, rank: int) -> None:
+        """A concatenation along the channels: a group whose parts are its inputs' groups."""
+        tensors: Any = node.args[0] if node.args else node.kwargs.get("tensors")
+        parts: list[int] = []
+        for a in tensors:
+            shape = shape_of(a)
+            if shape is None or len(shape) != rank:
+                self._refuse(node, f"concatenates channels ({op_name(node)}) of operands it "
+                                   "cannot follow")
+            assert shape is not None
+            if a in self.chan:
+                if self.chan[a][0] != cd:
+                    self._refuse(node, "concatenates tensors whose channels lie in different "
+                                       "dimensions")
+                parts.append(self.chan[a][1])
+            else:
+                parts.append(self._new(shape[cd], layer_of(node), "computed from no sliced "
+                                                                  "channels"))
+        self.chan[node] = (cd, composite(self.groups, parts, layer_of(node)))
+
+    def _split_channels(self, node: fx.Node, x: fx.Node, cd: int) -> None:
+        """A split of the channels into pieces: the group of ``x`` cut at the pieces'
+        boundaries (:func:`.indices.tile`), each piece the concatenation of its tiles."""
+        meta = node.meta.get("tensor_meta")
+        if (node.target in (torch.unbind, "unbind") or not isinstance(meta, (tuple, list))
+                or not all(hasattr(m, "shape") for m in meta)):
+            self._refuse(node, f"splits channels ({op_name(node)}) into pieces it cannot follow")
+        assert isinstance(meta, (tuple, list))
+        offsets = list(itertools.accumulate((m.shape[cd] for m in meta), initial=0))
+        layer = layer_of(node)
+        tiles = tile(self.groups, self.chan[x][1], set(offsets), layer)
+        starts = list(itertools.accumulate((self.groups.get(t).size for t in tiles), initial=0))
+        ranges = [(starts.index(a), starts.index(b)) for a, b in zip(offsets, offsets[1:])]
+        self.items[node] = [(cd, composite(self.groups, tiles[i:j], layer)) for i, j in ranges]
+        self.narrows[node] = (cd, tiles, ranges, True)
+
+    def _slice_channels(self, node: fx.Node, x: fx.Node, cd: int, it: slice,
+                        items: tuple[Any, ...]) -> None:
+        """``x[:, a:b]``: the channels ``a:b`` of ``x``'s group, a concatenation of its tiles."""
+        size = (shape_of(x) or ())[cd]
+        bounds = (it.start, it.stop, it.step)
+        whole = slice(None)
+        if (not all(b is None or isinstance(b, int) for b in bounds)
+                or any(i is None or (i is not Ellipsis and i != whole and i is not it)
+                       for i in items)):
+            self._refuse(node, "slices channels together with other dimensions")
+        start, stop, step = it.indices(size)
+        if step != 1 or stop <= start:
+            self._refuse(node, f"slices channels with step {step} (only a range of channels "
+                               "is sliced)")
+        layer = layer_of(node)
+        tiles, i, j = cut(self.groups, self.chan[x][1], start, stop, layer)
+        self.chan[node] = (cd, composite(self.groups, tiles[i:j], layer))
+        self.narrows[node] = (cd, tiles, [(i, j)], False)
+
+    def _refuse_indexed(self) -> None:
+        """Layers that meet channels kept as a set of indices (:mod:`.indices`) and cannot take
+        them: any but convolutions (not grouped beyond depthwise), linear layers and BatchNorm."""
+        def indexed(g: int | None) -> bool:
+            info = None if g is None else self.groups.get(g)
+            return info is not None and info.fixed is None and bool(info.parts)
+
+        reason = ("takes channels kept as a set of indices (parts of a concatenation or a "
+                  "split), which only convolutions, linear layers and BatchNorm take")
+        for target, (gin, gout) in self.layers.items():
+            if not any(indexed(g) for g in (gin, gout, self.heads.get(target))):
+                continue
+            m = self.modules[target]
+            grouped = isinstance(m, nn.Conv2d) and m.in_channels // m.groups > 1 < m.groups
+            if (target in self.heads or target in self.chunks or grouped
+                    or not isinstance(m, (nn.Conv2d, nn.Linear, _BatchNorm))):
+                self.refusals.append((Refused(target, f"({type(m).__name__}) {reason}"), [],
+                                      True))
+        for attr, (_, g) in self.sliced.items():
+            if indexed(g):
+                self.refusals.append((Refused(str(attr.target), f"(a parameter) {reason}"), [],
+                                      True))
+
     def _split(self, node: fx.Node) -> None:
         x = node.args[0]
         assert isinstance(x, fx.Node)
@@ -430,16 +562,19 @@ class ChannelAnalysis:
         pos = 1 if node.target in (torch.unbind, "unbind") else 2
         d = self._dim(node, default, pos)
         if d is not None and d % rank == cd:
+            if not self._linear_chunks(node, x):
+                self._split_channels(node, x, cd)
+                return
             g = self._chunks_of_linear(node, x, cd)
         elif d is None:
             self._refuse(node, f"splits channels ({op_name(node)}): their slices cannot stay "
                                "consistent")
         self.chan[node] = (cd, g)
 
-    def _chunks_of_linear(self, node: fx.Node, x: fx.Node, cd: int) -> int:
-        """The group of each of the equal chunks that ``node`` cuts the output ``x`` of a linear
-        layer into (a gated MLP's value and gate), the layer then sliced chunk by chunk; refused
-        for any other split of channels."""
+    def _linear_chunks(self, node: fx.Node, x: fx.Node) -> int | None:
+        """The number of equal chunks ``node`` cuts the output ``x`` of a linear layer into (a
+        gated MLP's value and gate), when nothing else reads that output; else None."""
+        cd = self.chan[x][0]
         size = (shape_of(x) or ())[cd]
         args: Any = node.args
         n: Any = None
@@ -453,8 +588,16 @@ class ChannelAnalysis:
         layer = self.modules.get(target) if x.op == "call_module" else None
         if (not isinstance(n, int) or n < 2 or size % n or not isinstance(layer, nn.Linear)
                 or len(x.users) != 1 or self.groups.get(self.chan[x][1]).members != [target]):
-            self._refuse(node, f"splits channels ({op_name(node)}): their slices cannot stay "
-                               "consistent")
+            return None
+        return n
+
+    def _chunks_of_linear(self, node: fx.Node, x: fx.Node, cd: int) -> int:
+        """The group of each of the equal chunks that ``node`` cuts the output ``x`` of a linear
+        layer into, the layer then sliced chunk by chunk (the first channels of each)."""
+        size = (shape_of(x) or ())[cd]
+        n = self._linear_chunks(node, x)
+        assert n is not None
+        target = str(x.target)
         whole = self.groups.get(self.chan[x][1])
         whole.fixed = "sliced as its chunks"
         g = self._new(size // n, target)
@@ -484,8 +627,8 @@ class ChannelAnalysis:
                 if in_d == cd:
                     full = (it.start in (None, 0) and it.stop is None and it.step in (None, 1))
                     if not full:
-                        self._refuse(node, "slices channels (indexing along the channel "
-                                           "dimension)")
+                        self._slice_channels(node, x, cd, it, items)
+                        return
                     mapped = out_d
                 in_d += 1
                 out_d += 1

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdreg_plugins.backbones.slimmable_derived.attention import sliced_attention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis
+from kdreg_plugins.backbones.slimmable_derived.indexed_layers import indexed_layer, narrow_pieces
 from kdreg_plugins.backbones.slimmable_derived.layers import (
     DerivedConv2d,
     DerivedLinear,
@@ -41,6 +42,10 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
     def sizes(g: int | None) -> tuple[int, ...] | None:
         return None if g is None else groups.get(g).sizes
 
+    def indices(g: int | None) -> tuple[tuple[int, ...] | None, ...] | None:
+        found = () if g is None or groups.get(g).fixed is not None else groups.get(g).indices
+        return found if any(i is not None for i in found) else None
+
     for target, (gin, gout) in analysis.layers.items():
         m = gm.get_submodule(target)
         sin, sout = sizes(gin), sizes(gout)
@@ -48,7 +53,10 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
         if all(g is None or groups.get(g).fixed is not None for g in (gin, gout, gheads)):
             continue  # nothing of it is sliced: kept as it is
         new: nn.Module
-        if gheads is not None:
+        iin, iout = indices(gin), indices(gout)
+        if iin is not None or iout is not None:  # a set of indices at some width
+            new = indexed_layer(m, sin, sout, iin, iout)
+        elif gheads is not None:
             assert sin is not None and sout is not None
             new = sliced_attention(m, sin, groups.get(gheads).sizes, sout)
         elif isinstance(m, nn.Conv2d):
@@ -95,6 +103,7 @@ def convert(gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
             shape = list(shape[0])
         shape[pos] = -1
         node.args = (x, tuple(shape))
+    narrow_pieces(gm, analysis.narrows, groups.get)
     graph.lint()
     gm.recompile()
 

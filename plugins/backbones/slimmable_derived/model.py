@@ -18,7 +18,6 @@ from kdreg.errors import ExportError, OptionError
 from kdreg.feature_loss import tokens_of
 from kdreg_plugins.backbones.slimmable import (
     DEFAULT_WIDTHS,
-    ChannelRule,
     Channels,
     RangeBatchNorm2d,
     SlimmableBackbone,
@@ -29,6 +28,7 @@ from kdreg_plugins.backbones.slimmable import (
 from kdreg_plugins.backbones.slimmable_derived.attention import SlicedAttention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis, ChannelGroup
 from kdreg_plugins.backbones.slimmable_derived.convert import convert, set_module
+from kdreg_plugins.backbones.slimmable_derived.indices import IndexRule, rule_of_group
 from kdreg_plugins.backbones.slimmable_derived.layers import SwitchableNorm
 from kdreg_plugins.backbones.slimmable_derived.segments import cut_points, segment
 from kdreg_plugins.backbones.slimmable_derived.tracing import first_line, trace
@@ -160,10 +160,16 @@ class DerivedSlimmable(SlimmableBackbone):
             for info in sliced:
                 self._check_whole_heads(info)
         slots = self.slot_widths
-        for info in out.values():
-            info.sizes = Channels([ChannelRule(info.size, info.multiple, info.fixed is not None)
-                                   .at(w) for w in slots],
-                                  ChannelRule(info.size, info.multiple, info.fixed is not None))
+        for root, info in out.items():
+            rule = rule_of_group(analysis.groups, root)
+            info.sizes = Channels([rule.at(w) for w in slots], rule)
+            info.indices = tuple(rule.indices(w) if isinstance(rule, IndexRule) else None
+                                 for w in slots)
+            if self.width_range is not None and isinstance(rule, IndexRule):
+                raise OptionError(
+                    f"trunk {self.trunk_name} keeps the channels of layer {info.owner} as a set "
+                    "of indices (parts of a concatenation or a split), which a width range does "
+                    "not slice; give a list of widths", key="widths")
         return out
 
     def _check_whole_heads(self, info: ChannelGroup) -> None:
