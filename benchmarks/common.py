@@ -37,6 +37,7 @@ class Settings:
     memory_images: tuple[int, int] = (2_000, 8_000)
     stream_rounds: int = 5
     memory_repeats: int = 3            # stream_memory_ratio's runs of each size
+    vit_depth: int = 12                # the transformer figures' blocks (DeiT-Ti's 12)
     #: the trainer's ``train.channels_last`` (the trainer-based figures); None: the recipe default
     channels_last: bool | None = None
 

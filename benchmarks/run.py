@@ -228,7 +228,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return Settings(device=device, batch=args.batch or 16, steps=args.steps or 3, warmup=1,
                         images=2_000, loader_steps=3, data=args.data,
                         channels_last=layout, workers=args.workers, stream_images=64,
-                        memory_images=(32, 64), stream_rounds=1, memory_repeats=1)
+                        memory_images=(32, 64), stream_rounds=1, memory_repeats=1, vit_depth=2)
     return Settings(device=device, batch=args.batch or 128, steps=args.steps or 20,
                     loader_steps=args.loader_steps, data=args.data, channels_last=layout,
                     workers=args.workers)

@@ -2,7 +2,8 @@
 plain ViTs of their shapes, and what DeiT's distillation token costs against the plain DeiT.
 
 The ViT is a DeiT-Ti shape small enough for 2 cores: 64x64 inputs, patches of 8 (64 patches and
-the class token), 12 blocks, embedding 192, MLP ratio 4, CIFAR-10 classes, batch at most 64.
+the class token), 12 blocks, embedding 192, MLP ratio 4, CIFAR-10 classes, batch at most 64
+(``--quick``, a smoke test: 2 blocks).
 
 * ``vit_slimmable_overhead_ratio``: a 4-width IPKD-TA-M step of the slimmable ViT (``slimmable``
   over ``deit_tiny_patch16_224``, widths 0.25, 0.5, 0.75, 1.0) / the CE steps of four plain timm
@@ -53,10 +54,10 @@ EMBED = 192
 DEIT_RECIPE = """
 [[stages]]
 name = "teacher"
-backbone = {{ name = "timm", model = "deit_tiny_patch16_224", model_options = {{ patch_size = 8 }} }}
+backbone = {{ name = "timm", model = "deit_tiny_patch16_224", model_options = {{ patch_size = 8, depth = {depth} }} }}
 [[stages]]
 name = "student"
-backbone = {{ name = "timm", model = "{student}", {options}model_options = {{ patch_size = 8 }} }}
+backbone = {{ name = "timm", model = "{student}", {options}model_options = {{ patch_size = 8, depth = {depth} }} }}
 {graph}
 """
 
@@ -66,17 +67,17 @@ def slimmable_vit(s: Settings) -> kdreg.FlexibleBackbone:
     model = kdreg.build_backbone(
         "slimmable", num_classes=NUM_CLASSES, input_size=(SIZE, SIZE), widths=list(WIDTHS),
         trunk={"name": "timm", "model": "deit_tiny_patch16_224",
-               "model_options": {**DEIT_TI, "num_heads": SLIM_HEADS}})
+               "model_options": {**DEIT_TI, "depth": s.vit_depth, "num_heads": SLIM_HEADS}})
     return model.to(s.device).train()
 
 
-def plain_vits(model: kdreg.FlexibleBackbone, device: torch.device) -> list[torch.nn.Module]:
+def plain_vits(model: kdreg.FlexibleBackbone, s: Settings) -> list[torch.nn.Module]:
     """A plain timm ViT per width of ``model`` (embedding and heads scaled by the width), in
     training mode; each holds exactly the parameters its width uses, or AssertionError."""
     torch.manual_seed(0)
     nets = [timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
-                              img_size=SIZE, **DEIT_TI, embed_dim=int(EMBED * w),
-                              num_heads=int(SLIM_HEADS * w)).to(device).train() for w in WIDTHS]
+                              img_size=SIZE, **DEIT_TI, depth=s.vit_depth, embed_dim=int(EMBED * w),
+                              num_heads=int(SLIM_HEADS * w)).to(s.device).train() for w in WIDTHS]
     check_params(nets, model)
     return nets
 
@@ -86,7 +87,7 @@ def vit_widths(s: Settings) -> Figure:
     steps summed, in one alternation."""
     s = attrs.evolve(s, batch=min(s.batch, BATCH))
     model = slimmable_vit(s)
-    nets = plain_vits(model, s.device)
+    nets = plain_vits(model, s)
     x, y = batch(s, size=SIZE)
     opt = sgd(model)
     loss = ipkd_ta_m(model.num_submodels)
@@ -103,7 +104,8 @@ def vit_widths(s: Settings) -> Figure:
     return Figure(m["ipkd-ta-m"] / sum(plain.values()),
                   details={"ipkd-ta-m_step_s": m["ipkd-ta-m"], "plain_step_s": plain,
                            "plain_sum_s": sum(plain.values()), "batch": s.batch,
-                           "input_size": [SIZE, SIZE], "params": model.count_params()})
+                           "input_size": [SIZE, SIZE], "blocks": s.vit_depth,
+                           "params": model.count_params()})
 
 
 def deit_steps(s: Settings) -> dict[str, Callable[[], Any]]:
@@ -112,6 +114,7 @@ def deit_steps(s: Settings) -> dict[str, Callable[[], Any]]:
     shape = DataShape(NUM_CLASSES, input_size=(SIZE, SIZE))
     x, y = batch(s, size=SIZE)
     token = DEIT_RECIPE.format(student="deit_tiny_distilled_patch16_224", options="distilled = true, ",
+                               depth=s.vit_depth,
                                graph='graph = { name = "deit", teacher = "teacher" }\nlam = 1.0\n'
                                      'divergence = "hard"')
     teacher_plan, plan = assemble(parse_recipe(token), shape, seed=0)
@@ -127,7 +130,7 @@ def deit_steps(s: Settings) -> dict[str, Callable[[], Any]]:
 
     torch.manual_seed(0)
     plain = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
-                              img_size=SIZE, **DEIT_TI).to(s.device).train()
+                              img_size=SIZE, **DEIT_TI, depth=s.vit_depth).to(s.device).train()
     return {"token_kd": token_kd, "plain": ce_step(plain, sgd(plain), x, y)}
 
 
@@ -138,7 +141,7 @@ def deit_token(s: Settings) -> Figure:
     m = {k: median(v) for k, v in t.items()}
     return Figure(m["token_kd"] / m["plain"],
                   details={"token_kd_step_s": m["token_kd"], "plain_step_s": m["plain"],
-                           "batch": s.batch, "input_size": [SIZE, SIZE],
+                           "batch": s.batch, "input_size": [SIZE, SIZE], "blocks": s.vit_depth,
                            "setting": "deit_tiny_distilled (patch 8) taught by a frozen deit_tiny of "
                                       "the same shape, graph deit, hard, lam 1; teacher forward included"})
 
