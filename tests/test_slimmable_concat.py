@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from timm.models import cspnet, densenet, dla, efficientnet, vgg
+from timm.models import cspnet, densenet, dla, efficientnet, ghostnet, vgg
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from torch import Tensor, nn
 
@@ -64,6 +64,14 @@ def _mixnet() -> nn.Module:
                                      round_chs_fn=partial(round_channels, multiplier=0))
 
 
+def _ghostnet() -> nn.Module:
+    """ghostnet_100's GhostNet (ghost modules concatenating a convolution's channels with their
+    cheap depthwise copies, cut to the output's count), 6 of its blocks, width 0.5."""
+    cfgs = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 2]], [[3, 72, 24, 0, 1]],
+            [[5, 72, 40, 0.25, 2]], [[3, 240, 80, 0, 2]], [[5, 672, 160, 0.25, 2]]]
+    return ghostnet.GhostNet(cfgs, num_classes=C, width=0.5)
+
+
 #: family -> (the timm model, how the test builds it, the builder)
 FAMILIES: dict[str, tuple[str, str, Callable[[], nn.Module]]] = {
     "densenet": ("densenet121", "its DenseNet, blocks of 2 + 2 layers of growth 8",
@@ -71,10 +79,10 @@ FAMILIES: dict[str, tuple[str, str, Callable[[], nn.Module]]] = {
     "dla": ("dla34", "its DLA, levels 1-1-1-2-1-1, channels / 4", _dla),
     "cspresnet": ("cspresnet50", "its CspNet, one block a stage, channels / 8", _cspresnet),
     "mixnet": ("mixnet_s", "2 of its blocks, kernels 3-5-7 and split pointwise convs", _mixnet),
-    "ghostnet": ("ghostnet_050", "as it is",
-                 lambda: timm.create_model("ghostnet_050", num_classes=C)),
-    "rexnet": ("rexnet_100", "`width_mult = 0.5`",
-               lambda: timm.create_model("rexnet_100", num_classes=C, width_mult=0.5)),
+    "ghostnet": ("ghostnet_100", "its GhostNet, 6 of its blocks, width 0.5", _ghostnet),
+    "rexnet": ("rexnet_100", "`width_mult = 0.5, depth_mult = 0.34`",
+               lambda: timm.create_model("rexnet_100", num_classes=C, width_mult=0.5,
+                                         depth_mult=0.34)),
     "vgg": ("vgg11", "its VGG, channels / 8, ConvMlp head of 32 hidden channels",
             lambda: vgg.VGG([8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"],
                             num_classes=C, mlp_ratio=1 / 128)),
@@ -160,10 +168,35 @@ def test_a_narrow_densenet_or_dla_is_the_plain_timm_network_of_its_channels(
         with torch.no_grad():
             torch.testing.assert_close(model.forward_submodel(x, index), plain(x))
     if family == "densenet":  # layer 2 reads the stem's 16 channels and layer 1's 8
-        norm = model.net.get_submodule("features.denseblock1.denselayer2.norm1")
-        assert isinstance(norm, IndexedNorm)
-        assert norm.indices[1] == (*range(8), *range(16, 20))
+        path = "features.denseblock1.denselayer2"
+        norm, conv = (model.net.get_submodule(f"{path}.{n}") for n in ("norm1", "conv1"))
+        assert isinstance(norm, IndexedNorm) and isinstance(conv, IndexedConv2d)
+        kept = (*range(8), *range(16, 20))
+        assert norm.indices[1] == conv.picks_in.indices[1] == kept
         assert norm.indices[3] is None  # all of them: the first ones
+        trunk = trunk_of(family).net.get_submodule(path)
+        exported = model.export_submodel(1).graph.get_submodule(path)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(exported.norm1, name),
+                               getattr(trunk.norm1, name)[list(kept)]), name
+        assert torch.equal(exported.conv1.weight, trunk.conv1.weight[:16][:, list(kept)])
+
+
+@pytest.mark.parametrize("family", ["densenet", "cspresnet"])
+def test_another_networks_weights_reach_every_width_at_its_kept_channels(family: str) -> None:
+    """``load_plain_state_dict`` fills each width's BatchNorm and weights from the kept
+    channels: a model built from other weights, given the trunk's, is the model of the trunk."""
+    trunk = trunk_of(family)
+    model = DerivedSlimmable(trunk, WIDTHS, name=family, input_size=SIZE).eval()
+    torch.manual_seed(3)
+    other = TimmBackbone(FAMILIES[family][2](), model_name=family, in_chans=3, input_size=SIZE)
+    again = DerivedSlimmable(other, WIDTHS, name=family, input_size=SIZE).eval()
+    again.load_plain_state_dict(trunk.state_dict())
+    x = batch()
+    with torch.no_grad():
+        for index in range(4):
+            torch.testing.assert_close(again.forward_submodel(x, index),
+                                       model.forward_submodel(x, index), rtol=0, atol=0)
 
 
 class _ChunkedTrunk(FlexibleBackbone):
@@ -200,7 +233,10 @@ def test_each_chunk_of_a_split_keeps_its_own_first_channels() -> None:
 # ------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_width_trains_one_ipkd_ta_m_step(family: str) -> None:
-    model = DerivedSlimmable(trunk_of(family), WIDTHS, name=family, input_size=SIZE)
+    trunk = trunk_of(family)
+    model = DerivedSlimmable(trunk, WIDTHS, name=family, input_size=SIZE)
+    macs = model.count_macs()
+    assert macs == sorted(macs) and len(set(macs)) == 4 and macs[-1] == trunk.count_macs()[0]
     graph = kdreg.get_teacher_graph("ipkd-ta-m", model.num_submodels)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
