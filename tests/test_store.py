@@ -385,3 +385,34 @@ def test_an_interrupted_teach_leaves_no_store(world: World, monkeypatch: pytest.
     with pytest.raises(KeyboardInterrupt):
         teach(load_recipe(world.recipe()), "student", 2, parent / "store", progress=False)
     assert list(parent.iterdir()) == []
+
+
+def test_a_sweep_builds_a_missing_store_once_and_every_point_reads_it(
+        world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdreg.store import teach as teach_module
+
+    built = []
+    real = teach_module.teach
+
+    def counting(*args: Any, **kw: Any) -> Path:
+        built.append((args[1], args[2], kw.get("topk")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(teach_module, "teach", counting)
+    store = world.root / "built-by-the-sweep"
+    recipe = world.recipe(store, "sweep.toml", "teacher_store_views = 2\nteacher_store_topk = 2\n")
+    out = world.root / "sweep"
+    assert main(["sweep", str(recipe), "--grid", "stages.student.lam=0.5,0.9", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert built == [("student", 2, 2)]
+    opened = open_store(store, "test")
+    assert (opened.views, opened.topk) == (2, 2)
+    for lam in ("0.5", "0.9"):
+        stages = json.loads((out / f"lam={lam}" / "seed-0" / "results.json").read_text())["stages"]
+        assert [(s["name"], s["teacher_store"]) for s in stages] == [("student", str(store))]
+    # a stage that asks for other views than the store holds is refused, the store kept
+    lines = _refused(["run", str(recipe), "--out", str(world.root / "no"), "--set",
+                      "stages.student.teacher_store_views=3"], capsys)
+    assert lines == [f"error: {recipe}: teacher store {store} holds 2 views, top-k 2; this stage asks for 3, "
+                     f"top-k 2; build the store again for it @ recipe.stages.student.teacher_store_views"]
+    assert built == [("student", 2, 2)] and not (world.root / "no").exists()

@@ -284,6 +284,12 @@ def _store_problems(recipe: Recipe, stage: StageConfig, store: TeacherStore,
     it does not hold, another class count, or a recipe that differs from it on a dependency."""
     where = f"{path}.teacher_store"
     problems = recipe_problems(recipe, stage, path)
+    if stage.teacher_store_views and (store.views, store.topk) != (stage.teacher_store_views,
+                                                                   stage.teacher_store_topk):
+        problems.append(f"teacher store {stage.teacher_store} holds {store.views} views, top-k "
+                        f"{store.topk or 'none (full)'}; this stage asks for {stage.teacher_store_views}, "
+                        f"top-k {stage.teacher_store_topk or 'none (full)'}; build the store again for it "
+                        f"@ {path}.teacher_store_views")
     for node, key in nodes.items():
         if not store.holds(*key):
             problems.append(f"graph node {node!r} is not in teacher store {stage.teacher_store} (it holds "
@@ -518,6 +524,10 @@ def static_problems(recipe: Recipe) -> list[str]:
             problems.append(f"checkpoint {stage.init} does not exist @ {path}.init")
         if stage.teacher_store is not None:
             problems += recipe_problems(recipe, stage, path)
+        elif stage.teacher_store_views or stage.teacher_store_topk:
+            key = "teacher_store_views" if stage.teacher_store_views else "teacher_store_topk"
+            problems.append(f"{key} builds the store teacher_store names, and this stage names none "
+                            f"@ {path}.{key}")
         try:  # needs no data: built in full, so that its range checks run too
             build_divergence(stage.divergence, f"{path}.divergence")
         except UserError as exc:

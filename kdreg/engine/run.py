@@ -24,6 +24,7 @@ from kdreg.errors import OptionError, RecipeError, UserError
 from kdreg.recipe import Recipe, dump_recipe, load_recipe
 from kdreg.stages import freeze
 from kdreg.store.replay import data_problems
+from kdreg.store.teach import build_missing_stores
 from kdreg.streams import batch_seed, train_seed
 
 RECIPE_FILE = "recipe.toml"
@@ -164,6 +165,7 @@ class Run:
     # ------------------------------------------------------------------ execution
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
+        build_missing_stores(recipe, progress=self.progress)
         splits = load_data(recipe.data)
         try:
             plans = assemble(recipe, DataShape.of(splits), seed=recipe.seed)

@@ -12,8 +12,8 @@ A store is a directory:
   the view's pixels exactly.
 - per output ``j``: ``out-j.<dtype>`` ``[N * K, classes]`` (full logits), or top-k:
   ``out-j.values.<dtype>`` ``[N * K, k + 1]`` (the k largest logits and the rest's value, see
-  :func:`full_logits`) and ``out-j.indices.i32`` ``[N * K, k]``; row ``n * K + v`` is image ``n``'s
-  view ``v``.
+  :func:`full_logits`) and ``out-j.indices.i16`` ``[N * K, k]`` (``.i32`` beyond 32,767 classes);
+  row ``n * K + v`` is image ``n``'s view ``v``.
 
 Every array is raw little-endian memory, read through ``numpy.memmap`` a batch of rows at a time:
 a run never loads a store whole.

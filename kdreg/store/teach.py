@@ -141,9 +141,10 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
         width = topk + 1 if topk else classes
         o["values"] = f"out-{j}.values.{suffix}" if topk else f"out-{j}.{suffix}"
         files[o["values"]] = {"dtype": dtype, "shape": [n * k, width]}
-        if topk:
-            o["indices"] = f"out-{j}.indices.i32"
-            files[o["indices"]] = {"dtype": "int32", "shape": [n * k, topk]}
+        if topk:   # int16 class indices for up to 32,767 classes (ImageNet-21k's 21,841 included)
+            small = classes <= 2**15 - 1
+            o["indices"] = f"out-{j}.indices.{'i16' if small else 'i32'}"
+            files[o["indices"]] = {"dtype": "int16" if small else "int32", "shape": [n * k, topk]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -167,7 +168,7 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
                 z = logits[(o["stage"], o["index"])][: len(rows)].float().cpu()
                 if topk:
                     values, indices = topk_row(z, topk)
-                    arrays[o["indices"]][start:start + len(rows)] = indices.numpy().astype(np.int32)
+                    arrays[o["indices"]][start:start + len(rows)] = indices.numpy()
                     z = values
                 arrays[o["values"]][start:start + len(rows)] = z.numpy().astype(np_dtype)
             bar.update(len(rows))
@@ -192,3 +193,26 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
+
+def build_missing_stores(recipe: Recipe, progress: bool = True) -> list[Path]:
+    """Build every store a stage names in ``teacher_store`` with ``teacher_store_views > 0`` that
+    does not exist yet (rank 0 builds, the other processes wait): what ``kdreg run`` and every
+    point of ``kdreg sweep`` do first. Returns the stores built."""
+    from kdreg.engine import distributed
+
+    built = []
+    for stage in recipe.stages:
+        if stage.teacher_store is None or stage.teacher_store_views == 0:
+            continue
+        path = Path(stage.teacher_store).expanduser()
+        if path.exists():
+            continue
+        if distributed.is_main():
+            print(f"teacher store {stage.teacher_store}: building it ({stage.teacher_store_views} views of every "
+                  f"training image, stage {stage.name!r}'s teachers)", flush=True)
+            teach(recipe, stage.name, stage.teacher_store_views, path, topk=stage.teacher_store_topk,
+                  progress=progress)
+            built.append(path)
+        distributed.barrier()
+    return built
