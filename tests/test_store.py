@@ -123,7 +123,7 @@ def test_stored_views_through_the_live_teacher_give_the_stored_outputs(world: Wo
     train = load_data(recipe.data).train
     n, k = store.images, store.views
     assert (n, k, store.classes) == (64, 3, 4) and store.stages == {"teacher": ("x1.0",)}
-    params = torch.from_numpy(store.params.astype("int64")).view(n * k, 3)
+    params = torch.from_numpy(store.params.read(0, n).astype("int64")).view(n * k, 3)
     assert params[:, :2].min() == 0 and params[:, :2].max() == 8 and 0 < params[:, 2].float().mean() < 1
     x = rebuilt(train.images.repeat_interleave(k, dim=0), params, store.padding)
     teacher = world.teacher()
@@ -172,7 +172,7 @@ def test_each_epoch_shows_every_image_at_a_stored_view_chosen_by_its_streams(wor
         rows = torch.cat([b[2] for b in batches])
         assert len(set(rows.tolist())) == 64 and set((rows // 3).tolist()) == set(range(64))
         assert torch.equal(rows % 3, store.views_of(7, epoch)[rows // 3])
-        params = torch.from_numpy(store.params.astype("int64")).view(-1, 3)[rows]
+        params = torch.from_numpy(store.params.read(0, 64).astype("int64")).view(-1, 3)[rows]
         assert torch.equal(x, rebuilt(train.images[rows // 3], params, store.padding))
         chosen.append(store.views_of(7, epoch))
         loader.set_epoch(epoch, skip=2)      # a resumed epoch: the same rows from its third batch

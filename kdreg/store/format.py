@@ -15,8 +15,9 @@ A store is a directory:
   :func:`full_logits`) and ``out-j.indices.i16`` ``[N * K, k]`` (``.i32`` beyond 32,767 classes);
   row ``n * K + v`` is image ``n``'s view ``v``.
 
-Every array is raw little-endian memory, read through ``numpy.memmap`` a batch of rows at a time:
-a run never loads a store whole.
+Every array is raw little-endian memory (:class:`RawArray`), read with ``os.pread`` a batch of
+rows at a time (consecutive rows in one read), never mapped: a run never loads a store whole, and
+its resident memory does not grow with the store.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import numpy as np
@@ -130,6 +132,59 @@ def topk_row(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat([top.values, value], dim=1), top.indices
 
 
+class RawArray:
+    """A raw little-endian array file of ``dtype`` and ``shape``, read and written by rows with
+    ``os.pread`` / ``os.pwrite`` (a row: everything after the first axis)."""
+
+    def __init__(self, path: Path, dtype: str, shape: list[int]):
+        self.path, self.dtype, self.shape = path, _NUMPY[dtype], tuple(int(d) for d in shape)
+        self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._fd: int | None = None
+        self._pid = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * self.shape[0]
+
+    def _handle(self, write: bool = False) -> int:
+        if self._fd is None or self._pid != os.getpid():   # a forked process opens its own
+            self._fd = os.open(self.path, (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY, 0o644)
+            self._pid = os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``."""
+        size = (stop - start) * self.row_bytes
+        data = os.pread(self._handle(), size, start * self.row_bytes)
+        if len(data) != size:
+            raise OSError(f"{self.path} ends early: {len(data)} of {size} bytes at row {start}")
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (sorted ascending), each run of consecutive rows in one read."""
+        if len(index) == 0:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        cuts = np.flatnonzero(np.diff(index) != 1) + 1
+        return np.concatenate([self.read(int(run[0]), int(run[-1]) + 1) for run in np.split(index, cuts)])
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Rows ``start:start + len(values)``."""
+        data = np.ascontiguousarray(values, self.dtype).tobytes()
+        offset, fd = start * self.row_bytes, self._handle(write=True)
+        while data:
+            done = os.pwrite(fd, data, offset)
+            data, offset = data[done:], offset + done
+
+    def sync(self) -> None:
+        """Flush what was written to the disk."""
+        os.fsync(self._handle(write=True))
+
+
 @attrs.define(eq=False)
 class TeacherStore:
     """An open store (:func:`open_store`): its manifest and its arrays, memory-mapped."""
@@ -137,9 +192,9 @@ class TeacherStore:
     path: Path
     manifest: dict[str, Any]
     #: int16 ``[N, K, 3]``
-    params: np.ndarray
+    params: RawArray
     #: (stage, sub-model index) -> (logits or top-k values, top-k indices or None)
-    arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]
+    arrays: dict[tuple[str, int], tuple[RawArray, RawArray | None]]
 
     @property
     def views(self) -> int:
@@ -196,7 +251,11 @@ class TeacherStore:
     def view_params(self, views: Tensor) -> tuple[Tensor, Tensor]:
         """The crop offsets ``[N, 2]`` (int64) and flips ``[N]`` (bool) of view ``views[n]`` of
         every image ``n``."""
-        rows = np.asarray(self.params[np.arange(self.images), views.numpy()])
+        chosen, step = views.numpy(), 1 << 16
+        rows = np.concatenate([   # read in chunks of images: the whole file is never in memory
+            self.params.read(start, min(start + step, self.images))[
+                np.arange(min(step, self.images - start)), chosen[start:start + step]]
+            for start in range(0, self.images, step)]) if self.images else np.zeros((0, 3), np.int16)
         p = torch.from_numpy(rows.astype(np.int64))
         return p[:, :2].contiguous(), p[:, 2] != 0
 
@@ -208,10 +267,9 @@ class TeacherStore:
         wanted = rows[order]
         out = {}
         for key, (values, indices) in self.arrays.items():
-            v = torch.from_numpy(np.asarray(values[wanted]).astype(np.float32))
+            v = torch.from_numpy(values.rows(wanted).astype(np.float32))
             if indices is not None:
-                v = full_logits(v, torch.from_numpy(np.asarray(indices[wanted]).astype(np.int64)),
-                                self.classes)
+                v = full_logits(v, torch.from_numpy(indices.rows(wanted).astype(np.int64)), self.classes)
             out[key] = v[back]
         return out
 
@@ -219,16 +277,6 @@ class TeacherStore:
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def array_file(path: Path, dtype: str, shape: list[int], mode: Literal["r", "w+"] = "r") -> np.ndarray:
-    """The raw array file at ``path`` as a memory map (``mode`` ``w+`` creates it)."""
-    if mode == "w+" and math.prod(shape) == 0:
-        path.write_bytes(b"")
-        return np.zeros(shape, _NUMPY[dtype])
-    if math.prod(shape) == 0:
-        return np.zeros(shape, _NUMPY[dtype])
-    return np.memmap(path, dtype=_NUMPY[dtype], mode=mode, shape=tuple(shape))
 
 
 def open_store(path: str | Path, where: str) -> TeacherStore:
@@ -252,7 +300,7 @@ def open_store(path: str | Path, where: str) -> TeacherStore:
         if manifest.get("complete") is not True:
             raise ValueError("it is not marked complete")
         files = manifest["files"]
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, RawArray] = {}
         for name, spec in files.items():
             file = root / name
             size = file.stat().st_size if file.is_file() else None
@@ -260,8 +308,8 @@ def open_store(path: str | Path, where: str) -> TeacherStore:
             if size != need:
                 raise ValueError(f"{name} holds {'no file' if size is None else f'{size} bytes'}, its "
                                  f"manifest says {need}")
-            arrays[name] = array_file(file, spec["dtype"], spec["shape"])
-        held: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
+            arrays[name] = RawArray(file, spec["dtype"], spec["shape"])
+        held: dict[tuple[str, int], tuple[RawArray, RawArray | None]] = {}
         for out in manifest["outputs"]:
             held[(out["stage"], int(out["index"]))] = (arrays[out["values"]],
                                                       arrays[out["indices"]] if out.get("indices") else None)

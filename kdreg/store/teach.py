@@ -43,7 +43,7 @@ from kdreg.store.format import (
     PARAMS,
     PARAMS_FILE,
     VERSION,
-    array_file,
+    RawArray,
     data_depends,
     run_depends,
     teacher_depends,
@@ -149,10 +149,12 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    arrays: dict[str, RawArray] = {}
     try:
-        arrays = {name: array_file(tmp / name, spec["dtype"], spec["shape"], mode="w+")
-                  for name, spec in files.items()}
-        arrays[PARAMS_FILE][:] = params.numpy()
+        arrays.update({name: RawArray(tmp / name, spec["dtype"], spec["shape"]) for name, spec in files.items()})
+        for a in arrays.values():
+            a.write(0, np.zeros((0, *a.shape[1:])))    # every file exists, an empty one included
+        arrays[PARAMS_FILE].write(0, params.numpy())
         flat_offsets, flat_flips = offsets.view(n * k, 2), flips.view(n * k)
         bar = tqdm(total=n * k, desc=f"teach {stage}", unit="view", leave=False, file=sys.stderr,
                    dynamic_ncols=True, disable=not (progress and stderr_is_terminal()))
@@ -168,14 +170,14 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
                 z = logits[(o["stage"], o["index"])][: len(rows)].float().cpu()
                 if topk:
                     values, indices = topk_row(z, topk)
-                    arrays[o["indices"]][start:start + len(rows)] = indices.numpy()
+                    arrays[o["indices"]].write(start, indices.numpy())
                     z = values
-                arrays[o["values"]][start:start + len(rows)] = z.numpy().astype(np_dtype)
+                arrays[o["values"]].write(start, z.numpy().astype(np_dtype))
             bar.update(len(rows))
         bar.close()
         for a in arrays.values():
-            if isinstance(a, np.memmap):
-                a.flush()
+            a.sync()
+            a.close()
         manifest = {"format": FORMAT, "version": VERSION, "complete": True, "views": k, "images": n,
                     "classes": classes, "dtype": dtype, "topk": topk or None, "padding": loader.padding,
                     "params": list(PARAMS), "batch_size": batch,
@@ -190,6 +192,8 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
                             "store discarded @ --out")
         tmp.rename(out)
     finally:
+        for a in arrays.values():
+            a.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
