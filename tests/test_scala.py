@@ -113,6 +113,24 @@ def test_a_width_set_trains_its_ends_and_one_member_of_each_stratum_as_scala_doe
     assert r.initial_widths() == (0.25, 0.4375, 0.75, 1.0)   # the middle of each stratum
 
 
+def test_a_width_set_trains_a_hand_written_slimmable_cnn_with_calibrated_batchnorm() -> None:
+    from kdreg_plugins.backbones.slimmable import RangeBatchNorm2d
+    from kdreg_plugins.backbones.tiny import build_tiny_slimmable
+
+    model = build_tiny_slimmable(num_classes=C, channels=16, input_size=(8, 8),
+                                 widths={"set": [0.25, 0.5, 0.75, 1.0], "sampled": 1})
+    assert model.train_labels == ("min", "sampled1", "max") and model.needs_calibration()
+    assert any(isinstance(m, RangeBatchNorm2d) for m in model.modules())
+    model.train()
+    seen = set()
+    for seed in range(20):
+        model.begin_step(seed)
+        seen.add(model.train_widths)
+        logits = model(torch.randn(2, 3, 8, 8))
+        assert len(logits) == 3 and all(t.shape == (2, C) for t in logits)
+    assert seen == {(0.25, 0.5, 1.0), (0.25, 0.75, 1.0)}
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"set": [0.25, 0.5, 1.0], "min": 0.25}, "a width set gives its own smallest and largest width; "
                                              "drop min (or the set)"),
