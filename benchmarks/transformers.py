@@ -45,8 +45,8 @@ SIZE = 64
 BATCH = 64
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 #: a DeiT-Ti shape at 64 px: patches of 8, 12 blocks, embedding 192, MLP ratio 4 (timm's
-#: deit_tiny_patch16_224 with these options)
-DEIT_TI = {"patch_size": 8}
+#: deit_tiny_patch16_224 with this patch size)
+PATCH = 8
 #: the slimmable ViT's heads: 4 of 48 channels, whole at every width of WIDTHS
 SLIM_HEADS = 4
 EMBED = 192
@@ -54,10 +54,10 @@ EMBED = 192
 DEIT_RECIPE = """
 [[stages]]
 name = "teacher"
-backbone = {{ name = "timm", model = "deit_tiny_patch16_224", model_options = {{ patch_size = 8, depth = {depth} }} }}
+backbone = {{ name = "timm", model = "deit_tiny_patch16_224", model_options = {{ patch_size = {patch}, depth = {depth} }} }}
 [[stages]]
 name = "student"
-backbone = {{ name = "timm", model = "{student}", {options}model_options = {{ patch_size = 8, depth = {depth} }} }}
+backbone = {{ name = "timm", model = "{student}", {options}model_options = {{ patch_size = {patch}, depth = {depth} }} }}
 {graph}
 """
 
@@ -67,7 +67,7 @@ def slimmable_vit(s: Settings) -> kdreg.FlexibleBackbone:
     model = kdreg.build_backbone(
         "slimmable", num_classes=NUM_CLASSES, input_size=(SIZE, SIZE), widths=list(WIDTHS),
         trunk={"name": "timm", "model": "deit_tiny_patch16_224",
-               "model_options": {**DEIT_TI, "depth": s.vit_depth, "num_heads": SLIM_HEADS}})
+               "model_options": {"patch_size": PATCH, "depth": s.vit_depth, "num_heads": SLIM_HEADS}})
     return model.to(s.device).train()
 
 
@@ -76,7 +76,7 @@ def plain_vits(model: kdreg.FlexibleBackbone, s: Settings) -> list[torch.nn.Modu
     training mode; each holds exactly the parameters its width uses, or AssertionError."""
     torch.manual_seed(0)
     nets = [timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
-                              img_size=SIZE, **DEIT_TI, depth=s.vit_depth, embed_dim=int(EMBED * w),
+                              img_size=SIZE, patch_size=PATCH, depth=s.vit_depth, embed_dim=int(EMBED * w),
                               num_heads=int(SLIM_HEADS * w)).to(s.device).train() for w in WIDTHS]
     check_params(nets, model)
     return nets
@@ -114,7 +114,7 @@ def deit_steps(s: Settings) -> dict[str, Callable[[], Any]]:
     shape = DataShape(NUM_CLASSES, input_size=(SIZE, SIZE))
     x, y = batch(s, size=SIZE)
     token = DEIT_RECIPE.format(student="deit_tiny_distilled_patch16_224", options="distilled = true, ",
-                               depth=s.vit_depth,
+                               patch=PATCH, depth=s.vit_depth,
                                graph='graph = { name = "deit", teacher = "teacher" }\nlam = 1.0\n'
                                      'divergence = "hard"')
     teacher_plan, plan = assemble(parse_recipe(token), shape, seed=0)
@@ -130,7 +130,7 @@ def deit_steps(s: Settings) -> dict[str, Callable[[], Any]]:
 
     torch.manual_seed(0)
     plain = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
-                              img_size=SIZE, **DEIT_TI, depth=s.vit_depth).to(s.device).train()
+                              img_size=SIZE, patch_size=PATCH, depth=s.vit_depth).to(s.device).train()
     return {"token_kd": token_kd, "plain": ce_step(plain, sgd(plain), x, y)}
 
 
