@@ -4,6 +4,7 @@ set of channel indices where its first channels cannot serve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from functools import partial
@@ -27,7 +28,7 @@ from kdreg_plugins.backbones.slimmable_derived.indexed_layers import (
     IndexedConv2d,
     IndexedNorm,
 )
-from kdreg_plugins.backbones.slimmable_derived.layers import DerivedConv2d
+from kdreg_plugins.backbones.slimmable_derived.layers import DerivedConv2d, SwitchableNorm
 from kdreg_plugins.backbones.timm_adapter import TimmBackbone
 
 C = 5
@@ -120,6 +121,34 @@ def batch(n: int = 2) -> Tensor:
     return torch.randn(n, 3, *SIZE, generator=torch.Generator().manual_seed(0))
 
 
+def switched_off(model: DerivedSlimmable, trunk: FlexibleBackbone, index: int) -> nn.Module:
+    """The trunk's network with every channel that width ``index`` does not keep switched off
+    (its convolution's rows and its BatchNorm's affine entries zero), each kept BatchNorm
+    channel holding the width's own statistics: in eval mode, the width's logits."""
+    net = copy.deepcopy(trunk.net if isinstance(trunk, TimmBackbone) else trunk).eval()
+    with torch.no_grad():
+        for path, m in model.net.named_modules():
+            if isinstance(m, DerivedConv2d):
+                picks = m.picks_out.indices[index] if isinstance(m, IndexedConv2d) else None
+                kept, full = picks or range(m.out_list[index]), net.get_submodule(path)
+                off = torch.ones(m.out_channels, dtype=torch.bool)
+                off[list(kept)] = False
+                full.weight[off] = 0
+                if full.bias is not None:
+                    full.bias[off] = 0
+            elif isinstance(m, SwitchableNorm):
+                own = m.bn[index]
+                picks = m.indices[index] if isinstance(m, IndexedNorm) else None
+                kept = list(picks or range(own.num_features))
+                full = net.get_submodule(path)
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    t = getattr(full, name)
+                    if name in ("weight", "bias"):
+                        t.zero_()
+                    t[kept] = getattr(own, name)
+    return net
+
+
 # ------------------------------------------------------------------------------ correctness
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_full_width_is_the_trunk_and_a_narrow_width_is_its_exported_plain_network(
@@ -137,6 +166,9 @@ def test_full_width_is_the_trunk_and_a_narrow_width_is_its_exported_plain_networ
     with torch.no_grad():
         torch.testing.assert_close(model.forward_submodel(x, 3), trunk(x)[0], rtol=0, atol=0)
     for index in (0, 1):
+        with torch.no_grad():  # the trunk computes the width with the other channels off
+            torch.testing.assert_close(model.forward_submodel(x, index),
+                                       switched_off(model, trunk, index)(x))
         plain = model.export_submodel(index)
         assert not any(isinstance(m, SlimmableMixin) for m in plain.modules())
         assert sum(p.numel() for p in plain.parameters()) == params[index]
@@ -228,6 +260,40 @@ def test_each_chunk_of_a_split_keeps_its_own_first_channels() -> None:
                                 trunk.fc.bias)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_submodel(x, 1), want)
+
+
+class _AlignedTrunk(FlexibleBackbone):
+    """A convolution's output split into 8 + 3 channels, the 3 read by their own convolution,
+    and added to a concatenation of 8 channels with the image's 3 (never sliced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 11, 3, padding=1)
+        self.q = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(15, C)
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        b = self.b(x)
+        _, q = b.split([8, 3], 1)
+        h = torch.cat([self.a(x), x], 1) + b
+        return [self.fc(torch.cat([h, self.q(q)], 1).mean((2, 3)))]
+
+
+def test_channels_joined_elementwise_are_aligned_part_by_part() -> None:
+    """The split's second piece meets the image's channels: kept whole at every width, as its
+    convolution's last 3 output channels."""
+    torch.manual_seed(0)
+    trunk = _AlignedTrunk().eval()
+    model = DerivedSlimmable(trunk, WIDTHS, name="aligned", input_size=SIZE).eval()
+    assert model.layer_channels("q")[0] == (3, 3, 3, 3)
+    b = model.net.get_submodule("b")
+    assert isinstance(b, IndexedConv2d) and b.picks_out.indices[0] == (0, 1, 8, 9, 10)
+    x = batch()
+    with torch.no_grad():
+        for index in range(3):
+            torch.testing.assert_close(model.forward_submodel(x, index),
+                                       switched_off(model, trunk, index)(x)[0])
 
 
 # ------------------------------------------------------------------------------ training
