@@ -107,6 +107,11 @@ class DerivedSlimmable(SlimmableBackbone):
 
     # ------------------------------------------------------------------ isolated activation
     def _check_isolated(self) -> None:
+        for info in self.channel_groups.values():
+            if any(ix is not None for ix in getattr(info, "indices", ())):
+                raise OptionError(
+                    f"isolated activation slices the first or last channels; layer {info.owner} "
+                    f"of trunk {self.trunk_name} keeps a set of channel indices", key="isolated")
         for path, m in self.net.named_modules():
             if isinstance(m, (SwitchableNorm, RangeBatchNorm2d)):
                 raise OptionError(
