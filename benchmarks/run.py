@@ -25,7 +25,10 @@ module's docstring defines its figures:
   against one without);
 * ``transformers.py``: ``vit_slimmable_overhead_ratio`` (a 4-width slimmable DeiT-Ti shape against
   four plain ViTs of its widths' shapes), ``deit_token_kd_ratio`` (reported: DeiT's distillation
-  token step against the plain DeiT's).
+  token step against the plain DeiT's);
+* ``store.py``: ``stored_kd_cost_ratio`` (a KD step from a teacher store against a CE step),
+  ``live_kd_cost_ratio`` (reported: the live teacher's KD step), ``store_bytes_per_view`` and
+  ``store_bytes_per_view_topk`` (reported), ``store_memory_ratio``.
 
 ``common.py`` holds what they share (``Settings``, ``Figure``, the models and the trainer they
 build), ``probes.py`` the instruments. To add a family: a module beside this one whose ``FAMILY``
@@ -72,6 +75,7 @@ FAMILY_MODULES = (
     "features",
     "checkpoints",
     "transformers",
+    "store",
 )
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(name).FAMILY for name in FAMILY_MODULES)
 #: figure -> (comparison, bound), of every family

@@ -27,7 +27,8 @@ from probes import (  # noqa: E402
 FIGURES = ("overhead_ratio", "width_cost_ratio", "slimmable_overhead_ratio", "distill_cost_ratio",
            "activation_memory_ratio", "teacher_saved_bytes", "loader_fraction", "host_syncs_per_step",
            "peer_ratio", "stream_loader_ratio", "stream_memory_ratio", "feature_loss_cost_ratio",
-           "checkpoint_cost_ratio", "vit_slimmable_overhead_ratio")
+           "checkpoint_cost_ratio", "vit_slimmable_overhead_ratio", "stored_kd_cost_ratio",
+           "store_memory_ratio")
 #: the width figures reported with no target (the limit, the derived ResNet-18's three)
 WIDTH_REPORTED = ("width_cost_limit", "width_cost_ratio_resnet18", "width_cost_limit_resnet18",
                   "slimmable_overhead_ratio_resnet18")
