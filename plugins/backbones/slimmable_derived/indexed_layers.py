@@ -19,7 +19,6 @@ from kdreg_plugins.backbones.slimmable_derived.layers import (
     DerivedConv2d,
     DerivedLinear,
     SwitchableNorm,
-    _conv,
 )
 
 if TYPE_CHECKING:
@@ -74,28 +73,6 @@ class IndexedConv2d(DerivedConv2d):
             weight = _pick(weight, 1, self.picks_in.at(i, dev), cin)
         bias = None if self.bias is None else _pick(self.bias, 0, rows, cout)
         return weight, bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        i = self.width_index
-        cin, _, groups = self._active(i)
-        if x.shape[1] != cin:
-            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
-                             f"channels, got {x.shape[1]}")
-        weight, bias = self._weights(i)
-        if self.same:
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return _conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
-
-    def plain(self, index: int) -> nn.Conv2d:
-        conv = super().plain(index)
-        weight, bias = self._weights(self.check_width(index))
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None and conv.bias is not None:
-                conv.bias.copy_(bias)
-        return conv
 
 
 class IndexedLinear(DerivedLinear):

@@ -54,16 +54,21 @@ class DerivedConv2d(SlimmableConv2d):
         cin, cout = self.in_list[i], self.out_list[i]
         return cin, cout, (cin // self.group_width if self.groups > 1 else 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        i = self.width_index
-        cin, cout, groups = self._active(i)
-        if x.shape[1] != cin:
-            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
-                             f"channels, got {x.shape[1]}")
+    def _weights(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias width ``i`` runs with."""
+        cin, cout, _ = self._active(i)
         t = self.from_end(i)
         weight = (corner(self.weight, cout, tail=t) if self.groups > 1
                   else corner(self.weight, cout, cin, tail=t))
-        bias = corner(self.bias, cout, tail=t) if self.bias is not None else None
+        return weight, corner(self.bias, cout, tail=t) if self.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        i = self.width_index
+        cin, _, groups = self._active(i)
+        if x.shape[1] != cin:
+            raise ValueError(f"{type(self).__name__} at width index {i} expects {cin} input "
+                             f"channels, got {x.shape[1]}")
+        weight, bias = self._weights(i)
         if self.same:
             from timm.layers.padding import pad_same
 
@@ -82,12 +87,11 @@ class DerivedConv2d(SlimmableConv2d):
         kind = Conv2dSame if self.same else nn.Conv2d
         conv = kind(cin, cout, self.kernel_size, self.stride, self.padding, self.dilation, groups,
                     bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
-        t = self.from_end(index)
         with torch.no_grad():
-            conv.weight.copy_(corner(self.weight, cout, tail=t) if self.groups > 1
-                              else corner(self.weight, cout, cin, tail=t))
-            if self.bias is not None and conv.bias is not None:
-                conv.bias.copy_(corner(self.bias, cout, tail=t))
+            weight, bias = self._weights(index)
+            conv.weight.copy_(weight)
+            if bias is not None and conv.bias is not None:
+                conv.bias.copy_(bias)
         return conv
 
 
