@@ -401,6 +401,8 @@ def test_a_sweep_builds_a_missing_store_once_and_every_point_reads_it(
     monkeypatch.setattr(teach_module, "teach", counting)
     store = world.root / "built-by-the-sweep"
     recipe = world.recipe(store, "sweep.toml", "teacher_store_views = 2\nteacher_store_topk = 2\n")
+    assert main(["validate", str(recipe)]) == 0       # a store its run will build: checked, not built
+    assert built == [] and not store.exists()
     out = world.root / "sweep"
     assert main(["sweep", str(recipe), "--grid", "stages.student.lam=0.5,0.9", "--out", str(out),
                  "--no-progress"]) == 0

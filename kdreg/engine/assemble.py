@@ -153,7 +153,8 @@ def assemble(recipe: Recipe, shape: DataShape, *, seed: int | None = None,
     names = [s.name for s in recipe.stages]
     stores: dict[str, TeacherStore] = {}
     for index, stage in enumerate(recipe.stages):
-        if stage.teacher_store is not None:
+        if stage.teacher_store is not None and not (stage.teacher_store_views and not
+                                                    Path(stage.teacher_store).expanduser().exists()):
             try:
                 stores[stage.name] = open_store(stage.teacher_store, f"{stage_path(stage, index)}.teacher_store")
             except UserError as exc:
@@ -249,6 +250,8 @@ def _plan(recipe: Recipe, stage: StageConfig, index: int, shape: DataShape,
             except UserError as exc:
                 problems += exc.problems
     stored = None
+    if stage.teacher_store is not None and store is None:   # a store its run builds first
+        problems += recipe_problems(recipe, stage, path)
     if store is not None:
         problems += _store_problems(recipe, stage, store, nodes, model, path)
         stored = StoredTeachers(store, nodes, f"{path}.teacher_store")
