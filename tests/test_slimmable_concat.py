@@ -19,14 +19,20 @@ from torch import Tensor, nn
 
 import kdreg
 from kdreg.backbone import FlexibleBackbone
+from kdreg.calibrate import calibrate
 from kdreg.engine.step import LossSettings, backward
 from kdreg.errors import OptionError
-from kdreg_plugins.backbones.slimmable import SlimmableMixin, SwitchableBatchNorm2d
+from kdreg_plugins.backbones.slimmable import (
+    RangeBatchNorm2d,
+    SlimmableMixin,
+    SwitchableBatchNorm2d,
+)
 from kdreg_plugins.backbones.slimmable_derived import DerivedSlimmable
 from kdreg_plugins.backbones.slimmable_derived.indexed_layers import (
     ChannelPieces,
     IndexedConv2d,
     IndexedNorm,
+    IndexedRangeNorm,
 )
 from kdreg_plugins.backbones.slimmable_derived.layers import DerivedConv2d, SwitchableNorm
 from kdreg_plugins.backbones.timm_adapter import TimmBackbone
@@ -122,23 +128,25 @@ def batch(n: int = 2) -> Tensor:
 
 
 def switched_off(model: DerivedSlimmable, trunk: FlexibleBackbone, index: int) -> nn.Module:
-    """The trunk's network with every channel that width ``index`` does not keep switched off
-    (its convolution's rows and its BatchNorm's affine entries zero), each kept BatchNorm
-    channel holding the width's own statistics: in eval mode, the width's logits."""
+    """The trunk's network with every channel that evaluated width ``index`` does not keep
+    switched off (its convolution's rows and its BatchNorm's affine entries zero), each kept
+    BatchNorm channel holding the width's own statistics: in eval mode, the width's logits."""
     net = copy.deepcopy(trunk.net if isinstance(trunk, TimmBackbone) else trunk).eval()
+    slot = model.eval_slot(index)
     with torch.no_grad():
         for path, m in model.net.named_modules():
             if isinstance(m, DerivedConv2d):
-                picks = m.picks_out.indices[index] if isinstance(m, IndexedConv2d) else None
-                kept, full = picks or range(m.out_list[index]), net.get_submodule(path)
+                picks = m.picks_out.indices[slot] if isinstance(m, IndexedConv2d) else None
+                kept, full = picks or range(m.out_list[slot]), net.get_submodule(path)
                 off = torch.ones(m.out_channels, dtype=torch.bool)
                 off[list(kept)] = False
                 full.weight[off] = 0
                 if full.bias is not None:
                     full.bias[off] = 0
-            elif isinstance(m, SwitchableNorm):
-                own = m.bn[index]
-                picks = m.indices[index] if isinstance(m, IndexedNorm) else None
+            elif isinstance(m, (SwitchableNorm, RangeBatchNorm2d)):
+                own = m.plain(slot)  # the width's own BatchNorm
+                picks = (m.indices[slot] if isinstance(m, IndexedNorm) else
+                         m.picks.indices[slot] if isinstance(m, IndexedRangeNorm) else None)
                 kept = list(picks or range(own.num_features))
                 full = net.get_submodule(path)
                 for name in ("weight", "bias", "running_mean", "running_var"):
@@ -321,15 +329,37 @@ def test_every_width_trains_one_ipkd_ta_m_step(family: str) -> None:
         assert any(n.startswith(f"{name}.bn.{i}.") for n in changed for name in norms), i
 
 
+@pytest.mark.parametrize("family", ["densenet", "cspresnet"])
+def test_a_width_range_trains_and_evaluates_channels_kept_as_indices(family: str) -> None:
+    """Universally slimmable (US-Nets): the step's drawn widths and the evaluated ones each
+    keep their own index sets; one BatchNorm per layer, its evaluated widths' statistics
+    calibrated at their kept channels."""
+    trunk = trunk_of(family)
+    model = DerivedSlimmable(trunk, {"min": 0.25, "max": 1.0, "sampled": 1,
+                                     "eval": [0.25, 0.6, 1.0]}, name=family, input_size=SIZE)
+    norms = [m for m in model.modules() if isinstance(m, IndexedRangeNorm)]
+    assert norms and not any(isinstance(m, SwitchableBatchNorm2d) for m in model.modules())
+    model.train()
+    model.begin_step(3)
+    sum(out.square().mean() for out in model(batch(4))).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in norms)
+    calibrate(model, [(torch.rand(8, 3, *SIZE, generator=torch.Generator().manual_seed(1)),)], 8)
+    model.eval()
+    if family == "densenet":  # at 0.6: int(16 x 0.6) = 9 of the stem's, int(8 x 0.6) = 4
+        norm = model.net.get_submodule("features.denseblock1.denselayer2.norm1")
+        assert isinstance(norm, IndexedRangeNorm)
+        assert norm.picks.indices[model.eval_slot(1)] == (*range(9), *range(16, 20))
+    x = batch()
+    for index in range(3):
+        plain = model.export_submodel(index)
+        assert sum(p.numel() for p in plain.parameters()) == model.count_params()[index]
+        with torch.no_grad():
+            got = model.forward_submodel(x, index)
+            torch.testing.assert_close(got, switched_off(model, trunk, index)(x))
+            torch.testing.assert_close(got, plain(x))
+
+
 # ------------------------------------------------------------------------------ refusals
-def test_a_width_range_over_channels_kept_as_indices_is_refused_in_one_line() -> None:
-    with pytest.raises(OptionError) as err:
-        DerivedSlimmable(trunk_of("densenet"), {"min": 0.25, "max": 1.0}, name="densenet",
-                         input_size=SIZE)
-    assert err.value.key == "widths"
-    assert str(err.value).startswith("trunk densenet keeps the channels of layer ")
-    assert str(err.value).endswith("as a set of indices (parts of a concatenation or a split), "
-                                   "which a width range does not slice; give a list of widths")
 
 
 class _GroupedOverConcat(FlexibleBackbone):

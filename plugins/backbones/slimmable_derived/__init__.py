@@ -56,7 +56,8 @@ first ``out_chs``, ReXNet's partial residual) cuts its input's group into parts,
 keeping its own first channels and the producer the union. Groups joined elementwise are aligned
 part by part. Convolutions, linear layers and BatchNorm reading or writing such channels take
 exactly those (:mod:`.indexed_layers`; the first channels stay plain slices), and the splits and
-slices become width-aware pieces; only a list of widths, not a width range, slices them. timm's
+slices become width-aware pieces. With a width range, every drawn or evaluated width computes
+its own sets, and such a BatchNorm is one :class:`~.indexed_layers.IndexedRangeNorm`. timm's
 ``ConvMlp`` (VGG's head, kept whole) has its two convolutions sliced inside it.
 
 **Refused.** A network whose channels cannot be sliced consistently is refused when built, with

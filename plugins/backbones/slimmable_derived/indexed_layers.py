@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdreg_plugins.backbones.slimmable import SlimmableMixin, check_in_features
+from kdreg_plugins.backbones.slimmable import (
+    ChannelRule,
+    Channels,
+    RangeBatchNorm2d,
+    SlimmableMixin,
+    check_in_features,
+    rule_of,
+)
+from kdreg_plugins.backbones.slimmable_derived.indices import IndexRule
 from kdreg_plugins.backbones.slimmable_derived.layers import (
     DerivedConv2d,
     DerivedLinear,
@@ -48,6 +56,11 @@ class _Picks:
         return _Picks(self.indices)
 
 
+def indices_at(rule: ChannelRule, widths: Sequence[float]) -> tuple[tuple[int, ...] | None, ...]:
+    """The kept channels' indices under ``rule`` at each of ``widths`` (None: the first ones)."""
+    return tuple(rule.indices(w) if isinstance(rule, IndexRule) else None for w in widths)
+
+
 def _pick(t: Tensor, dim: int, idx: Tensor | None, count: int) -> Tensor:
     """``t``'s entries ``idx`` along ``dim``, or its first ``count`` where ``idx`` is None."""
     if idx is None:
@@ -63,6 +76,11 @@ class IndexedConv2d(DerivedConv2d):
                  in_index: Indices, out_index: Indices):
         super().__init__(conv, in_list, out_list)
         self.picks_in, self.picks_out = _Picks(in_index), _Picks(out_index)
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        super().set_slot_widths(widths)
+        self.picks_in = _Picks(indices_at(self.channel_rules["in_list"], widths))
+        self.picks_out = _Picks(indices_at(self.channel_rules["out_list"], widths))
 
     def _weights(self, i: int) -> tuple[Tensor, Tensor | None]:
         cin, cout, _ = self._active(i)
@@ -83,6 +101,11 @@ class IndexedLinear(DerivedLinear):
                  in_index: Indices, out_index: Indices):
         super().__init__(linear, in_list, out_list)
         self.picks_in, self.picks_out = _Picks(in_index), _Picks(out_index)
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        super().set_slot_widths(widths)
+        self.picks_in = _Picks(indices_at(self.channel_rules["in_list"], widths))
+        self.picks_out = _Picks(indices_at(self.channel_rules["out_list"], widths))
 
     def _weights(self, i: int) -> tuple[Tensor, Tensor | None]:
         cin, cout = self.in_list[i], self.out_list[i]
@@ -135,6 +158,13 @@ class IndexedNorm(SwitchableNorm):
                                 for idx, c in zip(self.indices, self.num_features_list))
         self._record_rules(num_features_list=sizes)
         self._init_widths(len(self.num_features_list))
+        self.template = [copy.deepcopy(norm)]  # a list: not a submodule of this one
+
+    def ranged(self, num_train: int) -> IndexedRangeNorm:
+        """This layer as one BatchNorm for a width range (:class:`IndexedRangeNorm`)."""
+        rule = self.channel_rules["num_features_list"]
+        return IndexedRangeNorm(self.template[0], Channels(self.num_features_list, rule),
+                                num_train)
 
     def load_plain(self, state: dict[str, Tensor], prefix: str) -> None:
         with torch.no_grad():
@@ -143,6 +173,58 @@ class IndexedNorm(SwitchableNorm):
                 for name, t in bn.state_dict(keep_vars=True).items():
                     src = state[prefix + name]
                     t.copy_(src[pick] if src.dim() == 1 and t.dim() == 1 else src)
+
+
+class IndexedRangeNorm(RangeBatchNorm2d):
+    """:class:`RangeBatchNorm2d` over all of a BatchNorm's channels whose width slot ``i`` takes
+    channels ``indices_at(rule, slot widths)[i]`` of its shared affine parameters and of its
+    evaluated widths' statistics (the first ones where None)."""
+
+    def __init__(self, norm: _BatchNorm, sizes: Sequence[int], num_train: int):
+        super().__init__(norm, sizes, num_train)
+        self.picks = _Picks((None,) * len(self.num_features_list))
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        super().set_slot_widths(widths)
+        self.picks = _Picks(indices_at(self.channel_rules["num_features_list"], widths))
+
+    def forward(self, x: Tensor) -> Tensor:
+        idx = self.picks.at(self.width_index, x.device)
+        if idx is None:
+            return super().forward(x)
+        j = self.width_index - self.num_train
+        w = None if self.weight is None else self.weight.index_select(0, idx)
+        b = None if self.bias is None else self.bias.index_select(0, idx)
+        if j < 0 or self.running_mean is None or self.running_var is None:
+            out = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        else:
+            mean, var = self.running_mean[j, idx], self.running_var[j, idx]  # copies
+            if self.training:
+                assert self.num_batches_tracked is not None
+                self.num_batches_tracked[j] += 1
+                factor = (1.0 / float(self.num_batches_tracked[j]) if self.momentum is None
+                          else self.momentum)
+                out = F.batch_norm(x, mean, var, w, b, True, factor, self.eps)
+                self.running_mean[j, idx], self.running_var[j, idx] = mean, var
+            else:
+                out = F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+        return out if self.post is None else self.post(out)
+
+    def plain(self, index: int) -> nn.Module:
+        out = super().plain(index)
+        idx = self.picks.indices[index]
+        if idx is None:
+            return out
+        j, pick = index - self.num_train, list(idx)
+        values = {"weight": self.weight, "bias": self.bias,
+                  "running_mean": None if self.running_mean is None else self.running_mean[j],
+                  "running_var": None if self.running_var is None else self.running_var[j]}
+        with torch.no_grad():
+            for name, value in values.items():
+                current = getattr(out, name, None)
+                if value is not None and current is not None:
+                    current.copy_(value.detach()[pick])
+        return out
 
 
 def indexed_layer(m: nn.Module, sin: Sequence[int] | None, sout: Sequence[int] | None,
@@ -184,11 +266,28 @@ class ChannelPieces(nn.Module, SlimmableMixin):
 
     width_index: int
 
-    def __init__(self, dim: int, spans: Sequence[Sequence[tuple[int, int]]], pieces: bool):
+    def __init__(self, dim: int, rules: Sequence[ChannelRule], ranges: Sequence[tuple[int, int]],
+                 pieces: bool, counts: Sequence[Sequence[int]]):
         super().__init__()
         self.dim, self.pieces = dim, pieces
-        self.spans = tuple(tuple(s) for s in spans)
+        #: each tile's rule, and each piece's range of tiles
+        self.rules, self.ranges = tuple(rules), tuple(ranges)
+        self.spans = self._spans(counts)
         SlimmableMixin._init_widths(self, len(self.spans))
+
+    def _spans(self, counts: Sequence[Sequence[int]]) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per width slot, each piece's (start, length) from each tile's count per slot."""
+        out = []
+        for i in range(len(counts[0])):
+            starts = [0]
+            for c in counts:
+                starts.append(starts[-1] + c[i])
+            out.append(tuple((starts[a], starts[b] - starts[a]) for a, b in self.ranges))
+        return tuple(out)
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        self.spans = self._spans([[rule.at(w) for w in widths] for rule in self.rules])
+        SlimmableMixin.set_slot_widths(self, widths)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         out = tuple(x.narrow(self.dim, a, k) for a, k in self.spans[self.width_index])
@@ -214,14 +313,9 @@ def narrow_pieces(gm: fx.GraphModule, narrows: dict[fx.Node, Any],
         counts = [group(t).sizes for t in tiles]
         if all(set(c) == {group(t).size} for c, t in zip(counts, tiles)):
             continue  # nothing of it is sliced: its fixed sizes hold at every width
-        spans = []
-        for i in range(len(counts[0])):
-            starts = [0]
-            for c in counts:
-                starts.append(starts[-1] + c[i])
-            spans.append([(starts[a], starts[b] - starts[a]) for a, b in ranges])
+        rules = [rule_of(c) for c in counts]
         target = f"kdreg_channels_{k}"
-        gm.add_submodule(target, ChannelPieces(dim, spans, pieces))
+        gm.add_submodule(target, ChannelPieces(dim, rules, ranges, pieces, counts))
         x = node.args[0]
         with gm.graph.inserting_after(node):
             call = gm.graph.call_module(target, (x,))

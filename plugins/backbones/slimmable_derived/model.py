@@ -28,6 +28,7 @@ from kdreg_plugins.backbones.slimmable import (
 from kdreg_plugins.backbones.slimmable_derived.attention import SlicedAttention
 from kdreg_plugins.backbones.slimmable_derived.channels import ChannelAnalysis, ChannelGroup
 from kdreg_plugins.backbones.slimmable_derived.convert import convert, set_module
+from kdreg_plugins.backbones.slimmable_derived.indexed_layers import IndexedNorm
 from kdreg_plugins.backbones.slimmable_derived.indices import IndexRule, rule_of_group
 from kdreg_plugins.backbones.slimmable_derived.layers import SwitchableNorm
 from kdreg_plugins.backbones.slimmable_derived.segments import cut_points, segment
@@ -128,6 +129,15 @@ class DerivedSlimmable(SlimmableBackbone):
         for layer in slimmable_layers(self):
             layer.tail_slots = tails
 
+    def finish_widths(self) -> None:
+        """A width range: each BatchNorm over channels kept as a set of indices becomes one
+        :class:`IndexedRangeNorm` first (the others become :class:`RangeBatchNorm2d`)."""
+        if self.width_range is not None:
+            for path, m in list(self.named_modules()):
+                if isinstance(m, IndexedNorm):
+                    set_module(self, path, m.ranged(len(self.train_widths)))
+        super().finish_widths()
+
     def _apply_slots(self) -> None:
         super()._apply_slots()
         if hasattr(self, "isolated"):   # finish_widths applies the slots before it is set
@@ -170,11 +180,6 @@ class DerivedSlimmable(SlimmableBackbone):
             info.sizes = Channels([rule.at(w) for w in slots], rule)
             info.indices = tuple(rule.indices(w) if isinstance(rule, IndexRule) else None
                                  for w in slots)
-            if self.width_range is not None and isinstance(rule, IndexRule):
-                raise OptionError(
-                    f"trunk {self.trunk_name} keeps the channels of layer {info.owner} as a set "
-                    "of indices (parts of a concatenation or a split), which a width range does "
-                    "not slice; give a list of widths", key="widths")
         return out
 
     def _check_whole_heads(self, info: ChannelGroup) -> None:
