@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from kdreg.cli import main
 from kdreg.create import create
+from kdreg.engine import checkpoint
 from kdreg.engine.assemble import DataShape, StagePlan, assemble
+from kdreg.engine.run import Run
 from kdreg.engine.step import stage_backward
 from kdreg.feature_loss import FeatureBatch, FeatureLoss, FeatureSetup, Tokens, tokens_of
 from kdreg.recipe import parse_recipe
@@ -253,6 +255,31 @@ def test_what_cannot_join_tokens_is_one_line_exit_2(tmp_path: Path, capsys: pyte
     assert main(["validate", str(path)]) == 2
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
     assert len(errors) == 1 and errors[0].endswith(line), errors
+
+
+def test_a_vit_trains_from_a_cnn_teacher_with_token_losses_end_to_end(tmp_path: Path) -> None:
+    """``kdreg run``'s engine: a CNN teacher trained, then a ViT taught by it through fitnet on
+    its pooled class token and CRD on its patch mean; the connector, embeddings and memory are
+    saved with the student's ``last.pt``, its ``best.pt`` holds the ViT alone."""
+    path = tmp_path / "vit.toml"
+    path.write_text(
+        '[data]\ndataset = "synthetic"\nbatch_size = 16\nval_split = 16\n'
+        "options = { train_size = 48, test_size = 16, num_classes = 5, image_size = 32 }\n"
+        "[train]\nepochs = 1\noptimizer = { lr = 0.01 }\nloggers = []\n"
+        + recipe(vit(), CNN, {"name": "fitnet", "student_points": ["blocks.1"], "teacher_points": ["layer4"],
+                             "tokens": "cls"}, lam=0.5).replace(
+            "feature_losses = [", 'feature_losses = [{ name = "crd", student_points = ["blocks.1"], '
+                                  'teacher_points = ["layer4"], tokens = "mean", negatives = 8, dim = 16 }, '))
+    results = Run.start(path, tmp_path / "run", progress=False).execute()
+    student = next(s for s in results["stages"] if s["name"] == "student")
+    assert student["feature_losses"] == ["crd", "fitnet"]
+    ckpt = tmp_path / "run" / "checkpoints" / "student"
+    crd, fit = checkpoint.load(ckpt / "last.pt")["feature_losses"]
+    assert crd["embed_s.linear.weight"].shape == (16, 48) and crd["memory_s"].shape == (32, 16)   # 48 - 16 held out
+    assert fit["regressors.0.weight"].shape == (96, 48)            # 48 token channels -> 96
+    plain = build_timm(num_classes=C, in_chans=3, input_size=SIZE, model="vit_tiny_patch16_224",
+                       model_options=VIT).state_dict()
+    assert set(checkpoint.load(ckpt / "best.pt")["model"]) == set(plain)
 
 
 # ------------------------------------------------------------------------------ inplace, between widths
