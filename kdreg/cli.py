@@ -320,10 +320,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _backbone_details(name: str) -> str:
+    import torch
+
     from kdreg.api import build_backbone
 
     try:
-        model = build_backbone(name, num_classes=10)
+        with torch.device("meta"):   # shapes alone: no weights drawn, no arithmetic done
+            model = build_backbone(name, num_classes=10)
     except UserError as exc:
         return f"{'':8}(needs options: {exc.problems[0]})"
     params, macs = model.count_params(), model.count_macs()
