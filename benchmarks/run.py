@@ -95,11 +95,13 @@ def measure(s: Settings) -> dict[str, Figure]:
         for job in (job for family in FAMILIES for job in family.jobs):
             keys = job.figures
             print(f"measuring {', '.join(keys)} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
             try:
                 out = job.measure(s, work)
             except Exception as exc:  # one broken figure must not hide the others
                 out = tuple(Figure(None, f"missing: the measurement failed ({type(exc).__name__}: {exc})")
                             for _ in keys)
+            print(f"    ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
             figures.update(zip(keys, out if isinstance(out, tuple) else (out,)))
     return figures
 
