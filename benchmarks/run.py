@@ -1,6 +1,6 @@
 """kdreg's performance figures, every one measured side by side in one process.
 
-    python benchmarks/run.py --json bench.json [--quick] [--data PATH] [--threads N] [--channels-last true|false]
+    python benchmarks/run.py --json bench.json [--quick] [--family NAME] [--data PATH] [--threads N] [--channels-last true|false]
 
 Prints a table (figure, value, target, pass/fail) and writes the JSON
 ``{figure: value, ..., "targets": {...}, "passed": {...}, "notes": {...}, "details": {...},
@@ -86,13 +86,13 @@ RELATIVE: dict[str, str] = {k: v for f in FAMILIES for k, v in f.relative.items(
 REPORTED = tuple(k for f in FAMILIES for k in f.figures if k not in TARGETS)
 
 
-def measure(s: Settings) -> dict[str, Figure]:
+def measure(s: Settings, families: tuple[Family, ...] = FAMILIES) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
     if s.device.type == "cpu":
         keep_freed_memory()  # as a CPU training stage does, for every figure alike
     with tempfile.TemporaryDirectory(prefix="kdreg-bench-") as tmp:
         work = Path(tmp)
-        for job in (job for family in FAMILIES for job in family.jobs):
+        for job in (job for family in families for job in family.jobs):
             keys = job.figures
             print(f"measuring {', '.join(keys)} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
@@ -151,14 +151,15 @@ def _cpu_name() -> str:
 
 def report(figures: dict[str, Figure], s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {k: _finite(f.value) for k, f in figures.items()}
-    out["targets"] = {k: f"{op} {bound:g}" + (f" x {RELATIVE[k]}" if k in RELATIVE else "")
-                      for k, (op, bound) in TARGETS.items()}
-    bounds = {k: bound_of(k, out) for k in TARGETS}
-    out["passed"] = {k: passed(k, out.get(k), bounds[k]) for k in TARGETS}
+    judged = [k for k in TARGETS if k in figures]   # the measured families' targets
+    out["targets"] = {k: f"{op} {TARGETS[k][1]:g}" + (f" x {RELATIVE[k]}" if k in RELATIVE else "")
+                      for k in judged for op in (TARGETS[k][0],)}
+    bounds = {k: bound_of(k, out) for k in judged}
+    out["passed"] = {k: passed(k, out.get(k), bounds[k]) for k in judged}
     out["notes"] = {k: f.note for k, f in figures.items() if f.note}
     out["details"] = {k: f.details for k, f in figures.items() if f.details}
     for k, against in RELATIVE.items():   # the judged bound, and the raw figure over its limit
-        if out.get(k) is not None and bounds[k] is not None:
+        if out.get(k) is not None and bounds.get(k) is not None:
             out["details"].setdefault(k, {}).update(bound=bounds[k], over_limit=out[k] / out[against])
     out["machine"] = machine(s)
     return out
@@ -172,8 +173,8 @@ def _finite(value: float | int | None) -> float | int | None:
 
 def table(result: dict[str, Any]) -> str:
     rows = [("figure", "value", "target", "result")]
-    order = [k for t in TARGETS for k in (t, RELATIVE.get(t)) if k]   # a limit below its figure
-    for key in (*order, *(k for k in REPORTED if k not in order)):
+    order = [k for t in result["targets"] for k in (t, RELATIVE.get(t)) if k]   # a limit below its figure
+    for key in (*order, *(k for k in REPORTED if k not in order and k in result)):
         value = result.get(key)
         shown = ("null" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
         if key in REPORTED:
@@ -244,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where the results go (JSON)")
     p.add_argument("--quick", action="store_true", help="few steps on small batches: a smoke test")
+    p.add_argument("--family", action="append", choices=FAMILY_MODULES,
+                   help="measure only this family's figures (repeatable; default: every family)")
     p.add_argument("--data", help="an image folder or archive instead of synthetic CIFAR-10-sized data")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = report(measure(s), s)
+    chosen = args.family or FAMILY_MODULES
+    result = report(measure(s, tuple(f for name, f in zip(FAMILY_MODULES, FAMILIES) if name in chosen)), s)
     print(table(result))
     if breakdown := breakdown_table(result):
         print(breakdown)

@@ -289,3 +289,18 @@ def test_width_cost_ratio_is_judged_against_its_limit() -> None:
     ok, shown = judged(2.3, 2.2)               # 2.3 > 1.02 x 2.2 = 2.244
     assert ok is False and "width_cost_ratio (raw)" in shown and "= 2.244" in shown
     assert judged(2.3, None)[0] is None        # no limit measured: not judged
+
+
+def test_a_family_alone_reports_and_judges_its_own_figures_only() -> None:
+    import run
+    from common import Figure, Settings
+
+    store = dict(zip(run.FAMILY_MODULES, run.FAMILIES))["store"]
+    figures = {k: Figure(1.0) for k in store.figures}
+    result = run.report(figures, Settings(device=torch.device("cpu")))
+    assert set(result["targets"]) == set(result["passed"]) == set(store.targets) != set()
+    assert all(result["passed"].values())
+    listed = {line.split()[0] for line in run.table(result).splitlines()[2:]}
+    assert listed == set(store.figures)
+    with pytest.raises(SystemExit):
+        run.parser().parse_args(["--json", "x.json", "--family", "nonesuch"])
