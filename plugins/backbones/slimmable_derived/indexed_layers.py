@@ -68,7 +68,21 @@ def _pick(t: Tensor, dim: int, idx: Tensor | None, count: int) -> Tensor:
     return t.index_select(dim, idx)
 
 
-class IndexedConv2d(DerivedConv2d):
+class _InOutPicks:
+    """The input and output index picks of a sliced layer, recomputed when its width slots are
+    redrawn (a width range)."""
+
+    picks_in: _Picks
+    picks_out: _Picks
+    channel_rules: dict[str, Any]
+
+    def set_slot_widths(self, widths: Sequence[float]) -> None:
+        super().set_slot_widths(widths)  # type: ignore[misc]
+        self.picks_in = _Picks(indices_at(self.channel_rules["in_list"], widths))
+        self.picks_out = _Picks(indices_at(self.channel_rules["out_list"], widths))
+
+
+class IndexedConv2d(_InOutPicks, DerivedConv2d):
     """:class:`DerivedConv2d` whose input and output channels at width ``i`` are ``in_index[i]``
     and ``out_index[i]`` of the full layer's (the first ones where None)."""
 
@@ -76,11 +90,6 @@ class IndexedConv2d(DerivedConv2d):
                  in_index: Indices, out_index: Indices):
         super().__init__(conv, in_list, out_list)
         self.picks_in, self.picks_out = _Picks(in_index), _Picks(out_index)
-
-    def set_slot_widths(self, widths: Sequence[float]) -> None:
-        super().set_slot_widths(widths)
-        self.picks_in = _Picks(indices_at(self.channel_rules["in_list"], widths))
-        self.picks_out = _Picks(indices_at(self.channel_rules["out_list"], widths))
 
     def _weights(self, i: int) -> tuple[Tensor, Tensor | None]:
         cin, cout, _ = self._active(i)
@@ -93,7 +102,7 @@ class IndexedConv2d(DerivedConv2d):
         return weight, bias
 
 
-class IndexedLinear(DerivedLinear):
+class IndexedLinear(_InOutPicks, DerivedLinear):
     """:class:`DerivedLinear` (one chunk) whose input and output features at width ``i`` are
     ``in_index[i]`` and ``out_index[i]`` of the full layer's (the first ones where None)."""
 
@@ -101,11 +110,6 @@ class IndexedLinear(DerivedLinear):
                  in_index: Indices, out_index: Indices):
         super().__init__(linear, in_list, out_list)
         self.picks_in, self.picks_out = _Picks(in_index), _Picks(out_index)
-
-    def set_slot_widths(self, widths: Sequence[float]) -> None:
-        super().set_slot_widths(widths)
-        self.picks_in = _Picks(indices_at(self.channel_rules["in_list"], widths))
-        self.picks_out = _Picks(indices_at(self.channel_rules["out_list"], widths))
 
     def _weights(self, i: int) -> tuple[Tensor, Tensor | None]:
         cin, cout = self.in_list[i], self.out_list[i]
