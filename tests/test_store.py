@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,7 +293,8 @@ REFUSED_RUNS = {
     "re_prob": ("--set", "data.augment.re_prob=0.25", "@ recipe.data.augment.re_prob"),
     "mixup": ("--set", "data.augment.mixup=0.2", "@ recipe.data.augment.mixup"),
     "cutmix": ("--set", "data.augment.cutmix=1.0", "@ recipe.data.augment.cutmix"),
-    "streamed": ("--set", "data.in_memory=false", "@ recipe.data.in_memory"),
+    "streamed": ("--set", "data.in_memory=false", "are not files on disk (image 0); a teacher store on the "
+                 "streamed path identifies them by their files' names and sizes @ recipe.data.in_memory"),
     "feature losses": ("--set", "stages.student.feature_losses=[{name=\"at\", points=[\"stage1\"]}]",
                        "holds its logits alone; drop teacher_store or the feature losses "
                        "@ recipe.stages.student.feature_losses"),
@@ -418,3 +420,170 @@ def test_a_sweep_builds_a_missing_store_once_and_every_point_reads_it(
     assert lines == [f"error: {recipe}: teacher store {store} holds 2 views, top-k 2; this stage asks for 3, "
                      f"top-k 2; build the store again for it @ recipe.stages.student.teacher_store_views"]
     assert built == [("student", 2, 2)] and not (world.root / "no").exists()
+
+
+# ----------------------------------------------------------------------------- the streamed path
+STREAM_RECIPE = """
+name = "streamed-store"
+seed = 0
+[data]
+dataset = "imagefolder"
+root = "{root}"
+batch_size = 8
+val_split = 8
+in_memory = false
+image_size = 16
+workers = 1
+""" + RECIPE[RECIPE.index("[train]"):]     # the in-memory test's stages
+
+
+def image_folder(root: Path) -> Path:
+    """4 classes of PNG images of 16 to 32 pixels a side (their sizes differ: the streamed path):
+    6 training images each (8 of the 24 drawn for validation), 2 test images each."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(5)
+    for split, count in (("train", 6), ("test", 2)):
+        for c in range(4):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                h, w = torch.randint(16, 33, (2,), generator=rng).tolist()
+                pixels = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8)
+                pixels[..., c % 3] //= 2         # a little of the class in the pixels
+                Image.fromarray(pixels.numpy()).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+class StreamWorld:
+    """An image folder, a teacher for it and its float32 store of 2 views."""
+
+    def __init__(self, root: Path):
+        from kdreg.create import create
+
+        self.root, self.folder = root, image_folder(root / "images")
+        self.init = root / "teacher.pt"
+        torch.manual_seed(321)
+        teacher = create("backbone", "tiny_slimmable", {"widths": [1.0], "channels": 12},
+                         provided={"num_classes": 4, "in_chans": 3, "input_size": (16, 16)}, path="t")
+        torch.save(teacher.state_dict(), self.init)
+        self.store = root / "store"
+        teach(load_recipe(self.recipe()), "student", 2, self.store, dtype="float32", progress=False)
+
+    def recipe(self, store: Path | None = None, name: str = "recipe.toml", folder: Path | None = None) -> Path:
+        path = self.root / name
+        line = f'teacher_store = "{store}"' if store is not None else ""
+        path.write_text(STREAM_RECIPE.format(root=folder or self.folder, init=self.init, store=line))
+        return path
+
+    def teacher(self) -> torch.nn.Module:
+        recipe = load_recipe(self.recipe())
+        return freeze(assemble(recipe, DataShape.of(load_data(recipe.data)), seed=recipe.seed)[0].model)
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory: pytest.TempPathFactory) -> StreamWorld:
+    return StreamWorld(tmp_path_factory.mktemp("streamed-store"))
+
+
+def test_streamed_stored_boxes_are_the_live_draws_and_give_the_stored_outputs_through_the_live_teacher(
+        streamed: StreamWorld) -> None:
+    from PIL import Image
+
+    from kdreg.data.streaming import open_image
+    from kdreg.data.transforms import seeded
+    from kdreg.store.format import CROPS_FILE
+    from kdreg.streams import stream_seed
+
+    store = open_store(streamed.store, "test")
+    recipe = load_recipe(streamed.recipe())
+    splits = load_data(recipe.data)
+    train = splits.train
+    assert splits.streaming is not None and store.manifest["params_file"] == CROPS_FILE
+    n, k = store.images, store.views
+    assert (n, k, store.classes) == (16, 2, 4)
+    crops = torch.from_numpy(store.params.read(0, n).astype("int64")).view(n * k, 5)
+    seeds = torch.randint(0, 2**62, (n, k), generator=torch.Generator().manual_seed(
+        stream_seed(recipe.seed, "store", "views"))).view(-1).tolist()
+    views = []
+    for row, (i, j, h, w, flip) in enumerate(crops.tolist()):
+        index = int(train.index[row // k])
+        with Image.open(train.reader.filename(index, absolute=True)) as image:
+            full = image.convert("RGB")
+        assert min(i, j) >= 0 and min(h, w) > 0 and i + h <= full.height and j + w <= full.width
+        view = full.resize((16, 16), Image.Resampling.BILINEAR, box=(j, i, j + w, i + h))
+        if flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1)
+        with seeded(seeds[row]):   # the live streamed transform at the view's seed: the same pixels
+            live_view = splits.streaming.train_transform(open_image(train.reader[index][0]))
+        assert torch.equal(live_view, pixels), row
+        views.append(pixels)
+    assert 0 < crops[:, 4].float().mean() < 1 and len(set(map(tuple, crops[:, 2:4].tolist()))) > n
+    x = torch.stack(views).float() / 255.0
+    teacher = streamed.teacher()
+    with torch.no_grad():
+        live = torch.cat([teacher.forward_submodel(normalise(teacher, part), 0) for part in x.split(8)])
+    stored = store.outputs(torch.arange(n * k).numpy())[("teacher", 0)]
+    assert stored.abs().max() > 0.01     # float32: equal but for the last bits of another memory format
+    torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-6)
+
+
+
+def test_a_streamed_kd_run_from_a_float32_store_is_the_live_teacher_run_on_the_same_views_bit_for_bit(
+        streamed: StreamWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdreg.streams import batch_seed
+
+    store_run = streamed.root / "from-store"
+    Run.start(streamed.recipe(streamed.store, "f32.toml"), store_run, progress=False).execute()
+    results = json.loads((store_run / "results.json").read_text())
+    assert [s["name"] for s in results["stages"]] == ["student"] and results["data"]["path"] == "streamed"
+    teacher = streamed.teacher()
+    calls, loaders = [], []
+
+    def live(self: StoredTeachers, rows: torch.Tensor) -> Teachers:   # the live teacher instead
+        calls.append(rows.tolist())
+        return Teachers({"teacher": teacher}, self.nodes)
+
+    monkeypatch.setattr(StoredTeachers, "at", live)
+    made = StoredTeachers.stream_loader
+    monkeypatch.setattr(StoredTeachers, "stream_loader",
+                        lambda self, *a, **kw: loaders.append(1) or made(self, *a, **kw))
+    out = streamed.root / "live"
+    Run.start(streamed.recipe(streamed.store, "live.toml"), out, progress=False).execute()
+    assert loaders == [1] and [len(r) for r in calls] == [8] * 4
+    for epoch, rows in enumerate((calls[0] + calls[1], calls[2] + calls[3])):    # each image once, its view
+        rows_t = torch.tensor(rows)
+        assert sorted((rows_t // 2).tolist()) == list(range(16))
+        assert torch.equal(rows_t % 2, open_store(streamed.store, "t").views_of(
+            batch_seed(0, 1), epoch)[rows_t // 2])
+    _same_runs(store_run, out)
+    monkeypatch.undo()
+    plain = streamed.root / "plain"        # the live loader's own views: another run
+    Run.start(streamed.recipe(None, "plain.toml"), plain, progress=False).execute()
+    with pytest.raises(AssertionError):
+        _same_runs(store_run, plain)
+
+
+def test_a_streamed_store_refuses_a_changed_image_folder_in_one_line(
+        streamed: StreamWorld, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from PIL import Image
+
+    copy = streamed.root / "copied"
+    shutil.copytree(streamed.folder, copy)
+    recipe = streamed.recipe(streamed.store, "changed.toml", folder=copy)
+    from kdreg.store.replay import data_problems
+
+    stored = StoredTeachers(open_store(streamed.store, "t"), {}, "recipe.stages.student.teacher_store")
+    data = load_recipe(recipe).data
+    splits = load_data(data)
+    assert data_problems(stored, data.dataset, splits) == []    # the same files elsewhere
+    image = copy / splits.train.reader.filename(int(splits.train.index[5]))   # a training image
+    size = image.stat().st_size
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(image)
+    assert image.stat().st_size != size
+    out = streamed.root / "refused"
+    lines = _refused(["run", str(recipe), "--out", str(out), "--no-progress"], capsys)
+    assert len(lines) == 1 and "teacher store" in lines[0] and "was built for data.train_files = " in lines[0]
+    assert lines[0].endswith("@ recipe.stages.student.teacher_store") and not out.exists()

@@ -168,7 +168,7 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None, int]]):
         x, label, why = self._read(item)
         return x, label, why, position
 
-    def _read(self, item: tuple[int, int]) -> tuple[Tensor | None, int, str | None]:
+    def _read(self, item: tuple[int, Any]) -> tuple[Tensor | None, int, str | None]:
         position, seed = item
         i = self.index[position]
         log = os.environ.get(LOG_ENV)
@@ -179,8 +179,7 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None, int]]):
             opened = None
             try:
                 opened = open_image(image)
-                with seeded(seed):
-                    x = self.transform(opened)
+                x = self.apply(opened, seed)
             finally:
                 for handle in (opened, image):
                     close = getattr(handle, "close", None)
@@ -193,6 +192,12 @@ class StreamDataset(Dataset[tuple[Tensor | None, int, str | None, int]]):
             return None, self.labels[position], (f"cannot read {_name(self.reader, i)}: "
                                                  f"{type(exc).__name__}: {why[0] if why else ''}")
         return x, self.labels[position], None
+
+
+    def apply(self, image: Any, seed: Any) -> Tensor:
+        """The transform of an opened image, with the global RNGs seeded from its ``seed``."""
+        with seeded(seed):
+            return self.transform(image)
 
 
 def _log(folder: Path, name: str) -> None:
@@ -264,13 +269,12 @@ class StreamLoader(EpochBatches):
         self.train, self.seed = bool(train), int(seed)
         self.batch_size = int(batch_size)
         self.streaming = streaming
-        self.sampler = ShardSampler(len(data), train=train, seed=seed, rank=rank,
-                                    world_size=world_size)
+        self.sampler = self._sampler(len(data), train=train, seed=seed, rank=rank, world_size=world_size)
         self._init_epochs(len(self.sampler), drop_last)
         workers = streaming.workers
         transform = streaming.train_transform if train else streaming.eval_transform
         self.loader: DataLoader[Any] = DataLoader(
-            StreamDataset(data, transform, "RGB" if streaming.in_chans == 3 else "L"),
+            self._dataset(data, transform, "RGB" if streaming.in_chans == 3 else "L"),
             batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             persistent_workers=workers > 0,     # a loader's workers start once, not per epoch
@@ -282,6 +286,14 @@ class StreamLoader(EpochBatches):
         self.mix: BatchMix | None = None
         if train and streaming.mix is not None:
             self.mix = BatchMix(streaming.mix, num_classes, self.device)
+
+    def _sampler(self, n: int, *, train: bool, seed: int, rank: int, world_size: int) -> ShardSampler:
+        """The epochs' order and each image's draws (a teacher store's loader: its stored views)."""
+        return ShardSampler(n, train=train, seed=seed, rank=rank, world_size=world_size)
+
+    def _dataset(self, data: StreamSet, transform: Transform, mode: str) -> StreamDataset:
+        """What the workers make of each sampled item."""
+        return StreamDataset(data, transform, mode)
 
     @property
     def skipped(self) -> set[str]:

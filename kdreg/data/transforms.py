@@ -161,12 +161,23 @@ class DraftedResizedCrop:
         self._pil = F.pil_modes_mapping
 
     def __call__(self, image: Any) -> Any:
+        box, interpolation = self.draw(image)
+        return self.apply(image, box, interpolation)
+
+    def draw(self, image: Any) -> tuple[tuple[int, int, int, int], Any]:
+        """The crop box ``(top, left, height, width)`` in the image's pixels (its header's size)
+        and the interpolation, drawn from the global RNGs as timm's own call draws them."""
         crop = self.crop
         i, j, h, w = crop.get_params(image, crop.scale, crop.ratio)
         interpolation = crop.interpolation
         if isinstance(interpolation, tuple | list):
             interpolation = random.choice(interpolation)
-        out_h, out_w = crop.size
+        return (int(i), int(j), int(h), int(w)), interpolation
+
+    def apply(self, image: Any, box: tuple[int, int, int, int], interpolation: Any) -> Any:
+        """``image`` decoded at the scale ``box`` allows, the box resized to the output size."""
+        i, j, h, w = box
+        out_h, out_w = self.crop.size
         full_w, full_h = image.size
         image = decode(image, self.mode, reduction((w, h), (out_w, out_h)))
         sx, sy = image.width / full_w, image.height / full_h

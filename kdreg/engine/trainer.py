@@ -17,7 +17,7 @@ from kdreg.backbone import FlexibleBackbone
 from kdreg.data.batches import BatchLoader
 from kdreg.data.loading import batches
 from kdreg.data.splits import Splits, TensorSet
-from kdreg.data.streaming import StreamLoader
+from kdreg.data.streaming import StreamLoader, StreamSet
 from kdreg.engine import checkpoint, distributed, preempt
 from kdreg.engine.evaluate import evaluate
 from kdreg.engine.host_memory import keep_freed_memory
@@ -78,7 +78,12 @@ class StageTrainer:
         self.optimizer = build_optimizer(trained, cfg.optimizer, self.device)
         world = distributed.world_size()
         self.train_loader: BatchLoader | StreamLoader
-        if self.store is not None:    # every image at a stored view (the in-memory path, checked)
+        if self.store is not None and isinstance(s.train, StreamSet):   # every image at a stored view
+            assert s.streaming is not None
+            self.train_loader = self.store.stream_loader(
+                s.train, s.streaming, num_classes=s.num_classes, batch_size=self.batch_size // world,
+                device=self.device, seed=self.seed, rank=distributed.rank(), world_size=world)
+        elif self.store is not None:
             assert isinstance(s.train, TensorSet)
             self.train_loader = self.store.loader(s.train.images, s.train.labels,
                                                   batch_size=self.batch_size // world, device=self.device,

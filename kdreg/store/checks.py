@@ -23,18 +23,12 @@ _OFF = {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, "mixup": 0.0,
 
 def recipe_problems(recipe: Recipe, stage: StageConfig, path: str) -> list[str]:
     """Why stage ``stage`` (at recipe key ``path``) cannot learn from a teacher store: an
-    augmentation the store does not replay, the streamed path, feature losses, a bridge."""
+    augmentation the store does not replay, feature losses, a bridge (the streamed path's transform
+    is checked once the data is read: :class:`kdreg.store.streamed.ViewMaker`)."""
     augment: Any = recipe.data.augment
     problems = [f"data.augment.{key} = {getattr(augment, key)!r}: {why}; a teacher store refuses it "
                 f"({path}.teacher_store) @ recipe.data.augment.{key}"
                 for key, why in _NOT_REPLAYED.items() if getattr(augment, key) != _OFF[key]]
-    if augment.name == "imagenet":
-        problems.append(f"data.augment.name = 'imagenet' streams the images (RandomResizedCrop); a teacher "
-                        f"store replays the in-memory path's crop and flip ({path}.teacher_store) "
-                        "@ recipe.data.augment.name")
-    if recipe.data.in_memory is False:
-        problems.append(f"data.in_memory = false streams the images; a teacher store replays the in-memory "
-                        f"path's crop and flip ({path}.teacher_store) @ recipe.data.in_memory")
     if stage.feature_losses:
         problems.append(f"feature losses read the teacher's features, and a teacher store holds its "
                         f"logits alone; drop teacher_store or the feature losses @ {path}.feature_losses")
@@ -43,9 +37,3 @@ def recipe_problems(recipe: Recipe, stage: StageConfig, path: str) -> list[str]:
                         f"store holds its logits alone; drop teacher_store or the bridge @ {path}.bridge")
     return problems
 
-
-def streamed_problem(path: str) -> str:
-    """The line for a data set that takes the streamed path (found once the data is read)."""
-    return (f"the training images are streamed (too large to hold in memory, or of several sizes); a "
-            f"teacher store replays the in-memory path's crop and flip ({path}.teacher_store) "
-            "@ recipe.data.in_memory")

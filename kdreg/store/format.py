@@ -9,7 +9,9 @@ A store is a directory:
   written last: a directory without it is a store whose ``kdreg teach`` did not finish.
 - ``params.i16``: int16 ``[N, K, 3]``, each (image, view)'s crop offsets (row, column, in the
   reflect-padded image) and horizontal flip: the in-memory path's augmentation, enough to rebuild
-  the view's pixels exactly.
+  the view's pixels exactly; on the streamed path ``crops.i32``: int32 ``[N, K, 5]``, each
+  (image, view)'s RandomResizedCrop box (top, left, height, width, in the source image's pixels)
+  and flip (:mod:`kdreg.store.streamed`).
 - per output ``j``: ``out-j.<dtype>`` ``[N * K, classes]`` (full logits), or top-k:
   ``out-j.values.<dtype>`` ``[N * K, k + 1]`` (the k largest logits and the rest's value, see
   :func:`full_logits`) and ``out-j.indices.i16`` ``[N * K, k]`` (``.i32`` beyond 32,767 classes);
@@ -45,6 +47,10 @@ MANIFEST = "manifest.json"
 PARAMS_FILE = "params.i16"
 #: the columns of ``params.i16``
 PARAMS = ("row", "col", "flip")
+#: the streamed path's params: int32 ``[N, K, 5]``
+CROPS_FILE = "crops.i32"
+#: the columns of ``crops.i32``: the RandomResizedCrop box in the source image's pixels, the flip
+CROPS = ("top", "left", "height", "width", "flip")
 #: storage dtypes of the outputs, with their file suffixes
 DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {"float16": ("f16", np.dtype("<f2")),
                                                 "float32": ("f32", np.dtype("<f4"))}
@@ -248,15 +254,19 @@ class TeacherStore:
         gen = torch.Generator().manual_seed(stream_seed(seed, int(epoch), "views"))
         return torch.randint(0, self.views, (self.images,), generator=gen)
 
-    def view_params(self, views: Tensor) -> tuple[Tensor, Tensor]:
-        """The crop offsets ``[N, 2]`` (int64) and flips ``[N]`` (bool) of view ``views[n]`` of
-        every image ``n``."""
+    def view_rows(self, views: Tensor) -> Tensor:
+        """The stored parameters (int64 ``[N, columns]``) of view ``views[n]`` of every image ``n``."""
         chosen, step = views.numpy(), 1 << 16
         rows = np.concatenate([   # read in chunks of images: the whole file is never in memory
             self.params.read(start, min(start + step, self.images))[
                 np.arange(min(step, self.images - start)), chosen[start:start + step]]
-            for start in range(0, self.images, step)]) if self.images else np.zeros((0, 3), np.int16)
-        p = torch.from_numpy(rows.astype(np.int64))
+            for start in range(0, self.images, step)]) if self.images else np.zeros((0, self.params.shape[2]))
+        return torch.from_numpy(rows.astype(np.int64))
+
+    def view_params(self, views: Tensor) -> tuple[Tensor, Tensor]:
+        """The crop offsets ``[N, 2]`` (int64) and flips ``[N]`` (bool) of view ``views[n]`` of
+        every image ``n`` (the in-memory path's store)."""
+        p = self.view_rows(views)
         return p[:, :2].contiguous(), p[:, 2] != 0
 
     def outputs(self, rows: np.ndarray) -> dict[tuple[str, int], Tensor]:
@@ -313,7 +323,7 @@ def open_store(path: str | Path, where: str) -> TeacherStore:
         for out in manifest["outputs"]:
             held[(out["stage"], int(out["index"]))] = (arrays[out["values"]],
                                                       arrays[out["indices"]] if out.get("indices") else None)
-        params = arrays[PARAMS_FILE]
+        params = arrays[manifest.get("params_file", PARAMS_FILE)]
         for key in ("views", "images", "classes", "padding", "depends", "stages"):
             manifest[key]  # noqa: B018 - a missing key is a corrupt manifest
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -1,6 +1,6 @@
 """A student stage's training from a teacher store: every image of epoch ``e`` at one of its K
 stored views (chosen by :meth:`kdreg.store.format.TeacherStore.views_of`), rebuilt from the stored
-crop and flip, and the stored teacher outputs of that (image, view) in place of the teacher's
+crop and flip (in memory here, streamed by :mod:`kdreg.store.streamed`), and the stored teacher outputs of that (image, view) in place of the teacher's
 forward pass."""
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from torch import Tensor
 
 from kdreg.backbone import FlexibleBackbone
 from kdreg.data.batches import BatchLoader
-from kdreg.data.splits import Splits, TensorSet
+from kdreg.data.splits import Splits
+from kdreg.data.streaming import Streaming, StreamSet
+from kdreg.errors import UserError
 from kdreg.graph import external_node
 from kdreg.stages import TeacherStage
-from kdreg.store.checks import streamed_problem
 from kdreg.store.format import TeacherStore, data_depends
+from kdreg.store.streamed import StoredStreamLoader, ViewMaker, stream_depends
 
 
 class StoreLoader(BatchLoader):
@@ -88,6 +90,13 @@ class StoredTeachers:
         return StoreLoader(self.store, images, labels, batch_size=batch_size, device=device, seed=seed,
                            rank=rank, world_size=world_size)
 
+    def stream_loader(self, data: StreamSet, streaming: Streaming, *, num_classes: int, batch_size: int,
+                      device: torch.device, seed: int, rank: int, world_size: int) -> StoredStreamLoader:
+        """The streamed path's: every image rebuilt by the workers at its stored view."""
+        return StoredStreamLoader(self.store, ViewMaker.of(streaming, self.where), data, streaming,
+                                  batch_size=batch_size, device=device, seed=seed, num_classes=num_classes,
+                                  rank=rank, world_size=world_size)
+
     def at(self, rows: Tensor) -> StoredOutputs:
         return StoredOutputs(self.store, self.nodes, rows)
 
@@ -124,9 +133,15 @@ class StoredStage(TeacherStage):
 
 def data_problems(stored: StoredTeachers, dataset: str, splits: Splits) -> list[str]:
     """Why the run's training data is not what ``stored``'s store was built from (one line per
-    differing key), or is streamed."""
-    if splits.streaming is not None or not isinstance(splits.train, TensorSet):
-        return [streamed_problem(stored.where.removesuffix(".teacher_store"))]
+    differing key), or streamed with an augmentation the store does not replay."""
+    if splits.streaming is not None:
+        assert isinstance(splits.train, StreamSet)
+        try:
+            maker = ViewMaker.of(splits.streaming, stored.where)
+            actual = stream_depends(dataset, splits.train, splits.streaming, splits.num_classes, maker)
+        except UserError as exc:
+            return exc.problems
+        return stored.store.differences(actual, stored.where)
     train: Any = splits.train
     padding = BatchLoader(train.images[:1], train.labels[:1], batch_size=1, device="cpu", train=True,
                           seed=0).padding

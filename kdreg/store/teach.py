@@ -1,8 +1,10 @@
 """``kdreg teach``: a student stage's frozen teachers run once over K augmented views of every
 training image, their outputs written to a teacher store (:mod:`kdreg.store.format`).
 
-The views' crops and flips are drawn from ``stream_seed(seed, "store", "views")`` with the live
-loader's distribution (offsets uniform over the reflect-padded positions, flip with p = 0.5). The
+In memory, the views' crops and flips are drawn from ``stream_seed(seed, "store", "views")`` with
+the live loader's distribution (offsets uniform over the reflect-padded positions, flip with
+p = 0.5); streamed, that stream gives each (image, view) a seed at which the loader's workers draw
+its RandomResizedCrop box and flip as the live transform does (:mod:`kdreg.store.streamed`). The
 teachers run exactly as a live step runs them (eval mode, each with its own input statistics, at
 the student stage's precision, in its memory format) on batches of ``batch_size`` rows, the last
 one padded to that size: on a CPU a network's float32 output depends on the batch size and the
@@ -29,14 +31,16 @@ from tqdm import tqdm
 
 from kdreg.data.batches import BatchLoader
 from kdreg.data.loading import load_data
-from kdreg.data.splits import TensorSet
+from kdreg.data.splits import StreamSet, TensorSet
 from kdreg.engine.assemble import DataShape, assemble, stage_path
 from kdreg.engine.device import resolve_device, resolve_precision
 from kdreg.engine.trainer import stderr_is_terminal
 from kdreg.errors import RecipeError, UserError
 from kdreg.recipe import Recipe
-from kdreg.store.checks import recipe_problems, streamed_problem
+from kdreg.store.checks import recipe_problems
 from kdreg.store.format import (
+    CROPS,
+    CROPS_FILE,
     DTYPES,
     FORMAT,
     MANIFEST,
@@ -49,6 +53,7 @@ from kdreg.store.format import (
     teacher_depends,
     topk_row,
 )
+from kdreg.store.streamed import ViewMaker, stream_depends, teach_views
 from kdreg.streams import stream_seed
 
 
@@ -82,8 +87,9 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
     live = attrs.evolve(recipe, stages=tuple(attrs.evolve(s, teacher_store=None) if s.name == stage else s
                                              for s in recipe.stages))
     splits = load_data(live.data)
-    if splits.streaming is not None or not isinstance(splits.train, TensorSet):
-        raise UserError(streamed_problem(path))
+    maker = None
+    if splits.streaming is not None:     # refused before any teacher is built
+        maker = ViewMaker.of(splits.streaming, f"{path}.teacher_store")
     try:
         plans = assemble(live, DataShape.of(splits), seed=live.seed)
     except RecipeError as exc:
@@ -115,17 +121,49 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
     device = resolve_device(recipe.train.device)
     precision = resolve_precision(recipe.stage_train(config).precision, device)
     train_set = splits.train
-    loader = BatchLoader(train_set.images, train_set.labels, batch_size=1, device=device, train=True,
-                         seed=0)
-    depends.update(data_depends(recipe.data.dataset, train_set.images, train_set.labels, classes,
-                                loader.padding))
-    depends.update(run_depends(recipe, stage))
     n, k = len(train_set), int(views)
     gen = torch.Generator().manual_seed(stream_seed(recipe.seed if seed is None else seed, "store", "views"))
-    offsets = torch.randint(0, 2 * loader.padding + 1, (n, k, 2), generator=gen)
-    flips = torch.rand(n, k, generator=gen) < 0.5
-    params = torch.cat([offsets, flips[..., None].long()], dim=2).to(torch.int16)
     batch = int(batch_size or recipe.data.batch_size)
+    params_file, padding = PARAMS_FILE, 0
+    if maker is not None:   # each (image, view)'s seed; its box and flip drawn by the workers
+        assert isinstance(train_set, StreamSet) and splits.streaming is not None
+        depends.update(stream_depends(recipe.data.dataset, train_set, splits.streaming, classes, maker))
+        seeds = torch.randint(0, 2**62, (n, k), generator=gen)
+        params_file = CROPS_FILE
+    else:
+        assert isinstance(train_set, TensorSet)
+        loader = BatchLoader(train_set.images, train_set.labels, batch_size=1, device=device, train=True,
+                             seed=0)
+        padding = loader.padding
+        depends.update(data_depends(recipe.data.dataset, train_set.images, train_set.labels, classes, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (n, k, 2), generator=gen)
+        flips = torch.rand(n, k, generator=gen) < 0.5
+        params = torch.cat([offsets, flips[..., None].long()], dim=2).to(torch.int16)
+    depends.update(run_depends(recipe, stage))
+
+    def views_in_order() -> Any:
+        """``(first row, rows, float32 pixels padded to ``batch`` rows)`` in store row order."""
+        if maker is not None:
+            assert isinstance(train_set, StreamSet) and splits.streaming is not None
+            crops = RawArray(tmp / CROPS_FILE, "int32", [n * k, len(CROPS)])   # a row per (image, view)
+            start = 0
+            for x, drawn in teach_views(train_set, splits.streaming, maker, seeds, batch):
+                crops.write(start, drawn.numpy())
+                x = x.to(device).float().div_(255.0)
+                x = torch.cat([x, x.new_zeros(batch - len(x), *x.shape[1:])])
+                yield start, len(drawn), x
+                start += len(drawn)
+            crops.sync()
+            crops.close()
+            return
+        arrays[PARAMS_FILE].write(0, params.numpy())
+        flat_offsets, flat_flips = offsets.view(n * k, 2), flips.view(n * k)
+        for start in range(0, n * k, batch):
+            rows = torch.arange(start, min(start + batch, n * k))
+            padded = torch.cat([rows, rows.new_zeros(batch - len(rows))])  # one batch size throughout
+            yield start, len(rows), loader._augment((padded // k).to(device), flat_offsets[padded].to(device),
+                                                    flat_flips[padded].to(device))
+
     channels_last = recipe.stage_train(config).channels_last
     for m in frozen.models.values():
         m.to(device).eval()
@@ -136,7 +174,9 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
                     f"{name}:{stages[name][i]}")
         outputs.append({"node": node, "stage": name, "index": i, "label": stages[name][i]})
     suffix, np_dtype = DTYPES[dtype]
-    files: dict[str, dict[str, Any]] = {PARAMS_FILE: {"dtype": "int16", "shape": [n, k, 3]}}
+    files: dict[str, dict[str, Any]] = (
+        {CROPS_FILE: {"dtype": "int32", "shape": [n, k, len(CROPS)]}} if maker is not None else
+        {PARAMS_FILE: {"dtype": "int16", "shape": [n, k, 3]}})
     for j, o in enumerate(outputs):
         width = topk + 1 if topk else classes
         o["values"] = f"out-{j}.values.{suffix}" if topk else f"out-{j}.{suffix}"
@@ -154,33 +194,28 @@ def teach(recipe: Recipe, stage: str, views: int, out: str | Path, *, topk: int 
         arrays.update({name: RawArray(tmp / name, spec["dtype"], spec["shape"]) for name, spec in files.items()})
         for a in arrays.values():
             a.write(0, np.zeros((0, *a.shape[1:])))    # every file exists, an empty one included
-        arrays[PARAMS_FILE].write(0, params.numpy())
-        flat_offsets, flat_flips = offsets.view(n * k, 2), flips.view(n * k)
         bar = tqdm(total=n * k, desc=f"teach {stage}", unit="view", leave=False, file=sys.stderr,
                    dynamic_ncols=True, disable=not (progress and stderr_is_terminal()))
-        for start in range(0, n * k, batch):
-            rows = torch.arange(start, min(start + batch, n * k))
-            padded = torch.cat([rows, rows.new_zeros(batch - len(rows))])  # one batch size throughout
-            x = loader._augment((padded // k).to(device), flat_offsets[padded].to(device),
-                                flat_flips[padded].to(device))
+        for start, count, x in views_in_order():
             if channels_last:     # the memory format a step hands its teachers
                 x = x.contiguous(memory_format=torch.channels_last)
             logits, _ = frozen.outputs(x, precision)
             for o in outputs:
-                z = logits[(o["stage"], o["index"])][: len(rows)].float().cpu()
+                z = logits[(o["stage"], o["index"])][:count].float().cpu()
                 if topk:
                     values, indices = topk_row(z, topk)
                     arrays[o["indices"]].write(start, indices.numpy())
                     z = values
                 arrays[o["values"]].write(start, z.numpy().astype(np_dtype))
-            bar.update(len(rows))
+            bar.update(count)
         bar.close()
         for a in arrays.values():
             a.sync()
             a.close()
         manifest = {"format": FORMAT, "version": VERSION, "complete": True, "views": k, "images": n,
-                    "classes": classes, "dtype": dtype, "topk": topk or None, "padding": loader.padding,
-                    "params": list(PARAMS), "batch_size": batch,
+                    "classes": classes, "dtype": dtype, "topk": topk or None, "padding": padding,
+                    "path": "streamed" if maker is not None else "in memory", "params_file": params_file,
+                    "params": list(CROPS if maker is not None else PARAMS), "batch_size": batch,
                     "channels_last": channels_last, "seed": recipe.seed if seed is None else seed,
                     "stage": stage, "stages": stages, "outputs": outputs, "files": files, "depends": depends}
         with open(tmp / MANIFEST, "w") as f:
