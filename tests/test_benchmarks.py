@@ -138,11 +138,12 @@ def test_kernel_seconds_puts_each_op_in_its_class() -> None:
     assert kernel_class("aten::add_", [[8], [8]]) == "the rest"
 
 
+@pytest.mark.timeout(620)   # every family's jobs, seven of them starting processes of their own
 def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--json", str(out),
                            "--quick", "--batch", "8", "--steps", "2", "--threads", "2"],
-                          capture_output=True, text=True, timeout=280)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert set(FIGURES) <= set(result) and set(result["targets"]) == set(FIGURES)
