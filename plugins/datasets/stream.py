@@ -2,7 +2,7 @@
 
 The files of ``train/<class>/`` and ``test/<class>/`` (or ``val/<class>/``) are listed with their
 labels; images are opened one at a time by the loader's workers, through a timm dataset reader
-(:class:`FileReader`), so they may have any size and memory does not grow with the data set. A
+(:class:`~.readers.FileReader`), so they may have any size and memory does not grow with the data set. A
 folder whose images turn out small and of one size can still be decoded whole (the stream's
 ``decode``: kdreg's in-memory path, ``data.in_memory``); one decoded before (its decode cache) is
 returned decoded. A stream's statistics are those of :data:`STATS_IMAGES` of its training
@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
-from timm.data.readers.reader import Reader
 
 from kdreg import process
 from kdreg.data.loading import IN_MEMORY_LIMIT
@@ -34,7 +33,6 @@ from .folder import (
     cache_key,
     check_image_size,
     load_image_folder,
-    open_checked,
     resolve_root,
     scan,
 )
@@ -45,32 +43,6 @@ PROBES = 32
 STATS_IMAGES = 256
 
 T = TypeVar("T")
-
-
-class FileReader(Reader):
-    """timm's dataset reader interface over a list of ``(file, label)``: ``reader[i]`` is the
-    image opened lazily (a PIL image whose header is read, so that the transform may decode a JPEG
-    at a reduced scale) and its label; a file of more than ``max_pixels`` pixels is refused before
-    it is decoded."""
-
-    def __init__(self, root: Path, entries: list[Entry], max_pixels: int = MAX_IMAGE_PIXELS):
-        super().__init__()
-        self.root = root
-        self.samples = [(rel, label) for rel, label, *_ in entries]
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        rel, label = self.samples[index]
-        return open_checked(self.root / rel, self.max_pixels), label  # opened lazily, once
-
-    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        rel = self.samples[index][0]
-        if basename:
-            return Path(rel).name
-        return str(self.root / rel) if absolute else rel
 
 
 def one_size(folder: Path, entries: list[Entry],
@@ -167,6 +139,8 @@ def folder_stream(root: Path, *, mode: str = "RGB", use_cache: bool = True,
     size, mean, std = _looked_at(folder, train, mode, max_image_pixels, in_memory == "auto")
     if size is not None and len(train) * MODES[mode] * size[0] * size[1] <= IN_MEMORY_LIMIT:
         return decode()
+    from .readers import FileReader
+
     return ImageStream(train=FileReader(folder, train, max_image_pixels),
                        test=FileReader(folder, test, max_image_pixels), classes=classes,
                        train_labels=[e[1] for e in train], test_labels=[e[1] for e in test],

@@ -22,25 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import tarfile
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from timm.data.readers.reader import Reader
 
 from kdreg import process
 from kdreg.data.sources import ImageStream, cache_dir
 from kdreg.errors import DataError, OptionError
 
-from .folder import MAX_IMAGE_PIXELS, MODES, open_checked
+from .folder import MAX_IMAGE_PIXELS, MODES
 from .stream import STATS_IMAGES, pixel_stats, spread
+
+if TYPE_CHECKING:
+    from .readers import ShardReader
 
 #: The folder names (and shard name prefixes) of each split, in order of preference.
 SPLIT_NAMES = {"train": ("train",), "test": ("test", "val")}
@@ -295,50 +296,6 @@ def shard_index(shard: Path) -> list[Sample]:
 # Reading
 
 
-class ShardReader(Reader):
-    """timm's dataset reader interface over the samples of a list of shards: ``reader[i]`` is
-    sample ``i``'s image (read by seeking into its shard, opened lazily with its header checked
-    against the pixel limit) and its class; ``filename(i)`` is ``<shard>:<member>``."""
-
-    def __init__(self, shards: list[Path], indexes: list[list[Sample]],
-                 max_pixels: int = MAX_IMAGE_PIXELS):
-        super().__init__()
-        self.shards = [str(s) for s in shards]
-        self.max_pixels = max_pixels
-        # arrays rather than a list of tuples: no per-sample objects for the workers to copy
-        self.shard_of = np.concatenate([np.full(len(ix), k, dtype=np.int32)
-                                        for k, ix in enumerate(indexes)])
-        flat = [s for ix in indexes for s in ix]
-        self.members = np.array([s[0].encode() for s in flat], dtype=np.bytes_)
-        self.offsets = np.array([s[1] for s in flat], dtype=np.int64)
-        self.sizes = np.array([s[2] for s in flat], dtype=np.int64)
-        self.labels = np.array([s[3] for s in flat], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, index: int) -> bytes:
-        """The bytes of sample ``index``'s image."""
-        size = int(self.sizes[index])
-        with open(self.shards[self.shard_of[index]], "rb") as f:
-            f.seek(int(self.offsets[index]))
-            data = f.read(size)
-        if len(data) != size:
-            raise DataError(f"cannot read image {self._filename(index)}: the shard ends after "
-                            f"{len(data)} of its {size} bytes (changed since it was indexed?)")
-        return data
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = open_checked(io.BytesIO(self.read(index)), self.max_pixels, self._filename(index))
-        return image, int(self.labels[index])
-
-    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        member = self.members[index].decode()
-        if basename:
-            return PurePosixPath(member).name
-        return f"{self.shards[self.shard_of[index]]}:{member}"
-
-
 # --------------------------------------------------------------------------------------------
 # The source
 
@@ -381,6 +338,8 @@ def _source(folder: Path, mode: str, limit: int) -> ImageStream:
                                         f"'{key[0] if key else member}.cls' holds class {label}, "
                                         f"beyond the {len(names)} classes of "
                                         f"{folder / CLASSES_FILE}")
+        from .readers import ShardReader
+
         reader = ShardReader(shards, indexes, limit)
         if len(reader) == 0:
             raise DataError(f"the {split} shards of {folder} ({shards[0].name}, ...) hold no "
