@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                         "feature losses")
     ls.add_argument("kind", nargs="?", choices=["backbones", "graphs", "datasets", "bridges", "divergences",
                                                 "feature_losses"])
-    ls.add_argument("--details", action="store_true", help="backbones: sub-models, parameters and MACs")
+    ls.add_argument("--details", nargs="*", metavar="NAME",
+                    help="backbones: sub-models, parameters and MACs (of the NAMEs given, else of all)")
     ev = sub.add_parser("eval", help="test accuracy of a run's selected weights (data keys may be overridden)")
     ev.add_argument("directory")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -307,14 +308,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in ["backbone", "graph", "dataset", "bridge", "divergence", "feature_loss"]:
         if args.kind not in (None, plural[kind]):
             continue
-        entries = get_registry(kind).entries()
+        registry = get_registry(kind)
+        entries = registry.entries()
+        if args.details and kind == "backbone":   # the names asked for (unknown ones: an error)
+            entries = [registry.get(name) for name in dict.fromkeys(args.details)]
         print(f"{plural[kind]}:")
         if not entries:
             print("    (none registered)")
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             print(f"    {e.name.ljust(width)}  {e.description}")
-            if args.details and kind == "backbone":
+            if args.details is not None and kind == "backbone":
                 print(_backbone_details(e.name))
     return EXIT_OK
 
