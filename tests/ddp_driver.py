@@ -7,12 +7,14 @@
         the same with the trained modules in train mode (BatchNorm normalises each process's
         shard by the shard's own statistics); each rank also writes the shard it trained on to
         OUT_FILE.rank<r>
-    torchrun --nproc_per_node 2 tests/ddp_driver.py interrupt RECIPE RUN_DIR
-        a run stopped (as Ctrl-C would) after its first epoch
+    torchrun --nproc_per_node 2 tests/ddp_driver.py jobs JOBS_FILE
+        each ``[mode, recipe, out]`` of the JSON list in JOBS_FILE in turn, in the same two
+        processes (one process group; each job assembles its run afresh)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,13 +22,11 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from kdreg import plugins
 from kdreg.data import load_data
 from kdreg.engine import distributed
 from kdreg.engine.assemble import DataShape, assemble
 from kdreg.engine.run import Run
 from kdreg.engine.step import stage_backward
-from kdreg.hookspecs import hookimpl
 from kdreg.stages import freeze
 
 #: the trained modules of the last step (model, bridge, feature losses), for their buffers
@@ -85,13 +85,6 @@ def step(recipe_path: str, *, train_mode: bool = False, batch: tuple[torch.Tenso
     return grads, dict(reduced), (x.detach().cpu(), y.detach().cpu())
 
 
-class Interrupt:
-    @hookimpl
-    def kdreg_epoch_finished(self, run, stage, record):  # type: ignore[no-untyped-def]
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-
 def main(mode: str, recipe: str, out: str) -> None:
     if mode in ("grads", "grads-train"):
         grads, reduced, shard = step(recipe, train_mode=mode == "grads-train")
@@ -104,13 +97,21 @@ def main(mode: str, recipe: str, out: str) -> None:
             torch.save(ROWS[-1], f"{out}.rows{distributed.rank()}")
         if distributed.is_main():
             torch.save({"grads": grads, "reduced": reduced, "world": distributed.world_size()}, out)
-    elif mode == "interrupt":
-        plugins.reset(plugins.make_plugin_manager(extra=[Interrupt()]))
-        Run.start(recipe, out, progress=False).execute()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
 
+def jobs(path: str) -> None:
+    """Every job of the JSON list at ``path``, in turn (see the module's docstring)."""
+    for mode, recipe, out in json.loads(Path(path).read_text()):
+        STEPPED.clear()
+        ROWS.clear()
+        main(mode, recipe, out)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])     # a failure ends this process at once: torchrun then stops the others
+    if sys.argv[1] == "jobs":
+        jobs(sys.argv[2])
+    else:
+        main(*sys.argv[1:4])     # a failure ends this process at once: torchrun then stops the others
     distributed.shutdown()

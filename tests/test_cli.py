@@ -72,51 +72,61 @@ def test_run_of_a_bad_recipe_exits_2_without_traceback_and_writes_nothing(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_run_end_to_end_and_refuse_to_overwrite(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_end_to_end_and_refuse_to_overwrite(smoke_recipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    proc = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert "sub-model  params  MMACs  val acc  test acc" in proc.stdout
-    assert "student epoch 2/2" in proc.stdout
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2",
+                 "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "sub-model  params  MMACs  val acc  test acc" in stdout
+    assert "student epoch 2/2" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["stages"][0]["epochs"] == 2
-    again = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out))   # another recipe there
-    assert again.returncode == 2 and "holds a run of another recipe (train.epochs: 2 there, 1 here)" in again.stderr
-    assert "--resume" in again.stderr
-    same = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2")
-    assert same.returncode == 2 and "holds a finished run of this recipe" in same.stderr
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(out)]) == 2   # another recipe there
+    err = capsys.readouterr().err
+    assert "holds a run of another recipe (train.epochs: 2 there, 1 here)" in err and "--resume" in err
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(out), "--set", "train.epochs=2"]) == 2
+    assert "holds a finished run of this recipe" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text()) == results
-    resumed = kdreg("run", "--resume", str(out), "--no-progress")   # nothing left to do
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0   # nothing left to do
     assert json.loads((out / "results.json").read_text())["stages"] == results["stages"]
 
 
-def test_command_line_errors_exit_2(tmp_path: Path) -> None:
-    assert kdreg("run").returncode == 2
-    assert kdreg("frobnicate").returncode == 2
-    proc = kdreg("run", "--resume", str(tmp_path))
-    assert proc.returncode == 2 and "is not a kdreg run directory" in proc.stderr
-    proc = kdreg("run", str(tmp_path / "missing.toml"))
-    assert proc.returncode == 2 and "cannot read the recipe" in proc.stderr
-    proc = kdreg("run", str(ROOT / "recipes" / "quickstart.toml"), "--set", "train.epochs")
-    assert proc.returncode == 2 and "is not KEY=VALUE" in proc.stderr
+def test_command_line_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    assert "kdreg run needs a RECIPE (or --resume DIR)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:     # argparse's own usage error
+        main(["frobnicate"])
+    assert stop.value.code == 2
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "is not a kdreg run directory" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read the recipe" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "recipes" / "quickstart.toml"), "--set", "train.epochs"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
 
 
-def test_a_failing_run_exits_1_with_a_message(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    proc = kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(tmp_path / "nan"), "--no-progress",
-                 "--set", "train.optimizer.lr=1e30")
-    assert proc.returncode == 1, proc.stderr
-    assert "the loss became nan" in proc.stderr.lower() or "the loss became inf" in proc.stderr.lower()
-    assert "Traceback" not in proc.stderr
+def test_a_failing_run_exits_1_with_a_message(smoke_recipe, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(tmp_path / "nan"), "--no-progress",
+                 "--set", "train.optimizer.lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "the loss became nan" in err.lower() or "the loss became inf" in err.lower()
+    assert "Traceback" not in err
 
 
 def test_list_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "graphs"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("graphs:") and "ipkd-ta-m" in out and "(ipkd-ta eq. 7)" in out
-    assert main(["list", "backbones", "--details"]) == 0
-    out = capsys.readouterr().out
-    assert "slimmable_mobilenet_v1" in out and "x1.0: 3,223,178 params, 46.4 M MACs" in out
+    assert main(["list", "backbones", "--details", "slimmable_mobilenet_v1", "resnet8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "backbones:" and out[1].split()[0] == "slimmable_mobilenet_v1"
+    assert "        x1.0: 3,223,178 params, 46.4 M MACs" in out
+    assert [line.split()[0] for line in out if not line.startswith("        ")] == [
+        "backbones:", "slimmable_mobilenet_v1", "resnet8"]                     # those named alone
+    assert main(["list", "backbones", "--details", "resnet9"]) == 2
+    assert "unknown backbone 'resnet9' (did you mean" in capsys.readouterr().err
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "graphs  (kdreg 0.1.0)" in out and "graphs: cohort, deit, ipkd, ipkd-ta-1, ipkd-ta-m, kd, none, subset" in out and "bridges: stc" in out
@@ -144,13 +154,14 @@ def test_report_plots_a_run(smoke_recipe, tmp_path: Path, capsys: pytest.Capture
     assert "is not a kdreg run directory" in capsys.readouterr().err
 
 
-def test_a_missing_data_folder_exits_2_and_leaves_no_run_directory(tmp_path: Path) -> None:
+def test_a_missing_data_folder_exits_2_and_leaves_no_run_directory(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.toml"
     path.write_text(f'[data]\ndataset = "imagefolder"\nroot = "{tmp_path}/nowhere"\n'
                     + STAGE.format(graph='"ipkd"', lam="0.5"))
-    proc = kdreg("run", str(path), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2, proc.stderr
-    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -208,17 +219,22 @@ def test_a_terminal_gets_the_progress_bar(smoke_recipe, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["run", "validate"])
-def test_debug_after_the_command_shows_the_traceback(command: str, tmp_path: Path) -> None:
+def test_debug_after_the_command_shows_the_traceback(command: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from kdreg.errors import RecipeError
+
     path = tmp_path / "bad.toml"
     path.write_text(STAGE.format(graph='"ipkd"', lam="7"))
     args = [command, str(path), *(["--out", str(tmp_path / "out")] if command == "run" else [])]
-    plain = kdreg(*args)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert main(args) == 2 and "Traceback" not in capsys.readouterr().err
     for debug in ([command, "--debug", *args[1:]], [*args, "--debug"], ["--debug", *args]):
-        proc = kdreg(*debug)
-        assert proc.returncode == 1, (debug, proc.stderr)
-        assert "Traceback (most recent call last)" in proc.stderr, debug
-        assert "RecipeError" in proc.stderr and "lam must be in [0, 1], got 7" in proc.stderr, debug
+        with pytest.raises(RecipeError, match=r"lam must be in \[0, 1\], got 7"):   # raised, not one line
+            main(debug)
+    if command == "run":     # what a user sees: Python's traceback, exit 1
+        proc = kdreg(*args, "--debug")
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback (most recent call last)" in proc.stderr
+        assert "RecipeError" in proc.stderr and "lam must be in [0, 1], got 7" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -17,6 +17,7 @@ from kdreg.engine.launch import torchrun_command
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "ddp_driver.py"
 sys.path.insert(0, str(DRIVER.parent))
+from conftest import SMOKE  # noqa: E402
 from ddp_driver import step_gradients  # noqa: E402
 
 
@@ -85,22 +86,49 @@ feature_losses = [{ name = "fitnet", student_points = ["layer2"], teacher_points
 """
 
 
+CRD = FITNET.replace('[{ name = "fitnet", student_points = ["layer2"], teacher_points = ["layer3"] },\n'
+                     '                  { name = "at", points = ["layer1", "layer2"] }]',
+                     '[{ name = "crd", points = ["layer3"], negatives = 16 }]')
+
+
+def _step_recipe(folder: Path, backbone: str) -> Path:
+    """The one-epoch smoke recipe of ``backbone``: a slimmable or early-exit network under
+    IPKD-TA-M, or a ResNet-8 student of a frozen teacher stage (``stc``, ``fitnet``, ``crd``)."""
+    path = folder / f"{backbone}.toml"
+    graph = "ipkd-ta-m" if backbone.startswith("tiny") else "none"
+    text = SMOKE.format(epochs=1, backbone=backbone if backbone.startswith("tiny") else "resnet8", graph=graph)
+    if not backbone.startswith("tiny"):
+        text = text[:text.index("[[stages]]")] + {"stc": STC, "fitnet": FITNET, "crd": CRD}[backbone]
+    path.write_text(text)
+    return path
+
+
+#: the two-process steps the tests below compare: (driver mode, recipe)
+STEPS = [("grads", b) for b in ("tiny_slimmable", "tiny_exits", "stc", "fitnet", "crd")] + [
+    ("grads-train", b) for b in ("tiny_slimmable", "stc")]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Every step of :data:`STEPS` taken by the same two torchrun processes (one start, not one
+    per test): ``(mode, backbone) -> (recipe, output file)``."""
+    folder = tmp_path_factory.mktemp("ddp-steps")
+    made = {(mode, b): (_step_recipe(folder, b), folder / f"{mode}-{b}.pt") for mode, b in STEPS}
+    jobs = folder / "jobs.json"
+    jobs.write_text(json.dumps([[mode, str(r), str(out)] for (mode, _), (r, out) in made.items()]))
+    proc = _torchrun_step(str(DRIVER), "jobs", str(jobs))
+    assert proc.returncode == 0, _why(proc)
+    return made
+
+
 @pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits", "stc", "fitnet"])
-def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tmp_path: Path,
-                                                                backbone: str) -> None:  # type: ignore[no-untyped-def]
+def test_two_processes_give_the_gradients_of_the_combined_batch(two_processes, backbone: str) -> None:  # type: ignore[no-untyped-def]
     """Each process takes half of the global batch; after the step's all-reduce every gradient
     (every width's BatchNorm parameters included; an STC bridge's adapter and a FitNet
     regressor too) is the one-process gradient of the whole batch, and each gradient bucket was
     all-reduced once per step, not once per width."""
-    if backbone in ("stc", "fitnet"):   # through a frozen teacher's back part / its features
-        recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
-        text = recipe.read_text()
-        recipe.write_text(text[:text.index("[[stages]]")] + (STC if backbone == "stc" else FITNET))
-    else:
-        recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
-    proc = _torchrun_step(str(DRIVER), "grads", str(recipe), str(tmp_path / "grads.pt"))
-    assert proc.returncode == 0, _why(proc)
-    two = torch.load(tmp_path / "grads.pt", weights_only=False)
+    recipe, out = two_processes["grads", backbone]   # stc, fitnet: through a frozen teacher
+    two = torch.load(out, weights_only=False)
     one, reduced = step_gradients(str(recipe))
     assert two["world"] == 2 and reduced == {}
     assert set(two["grads"]) == set(one)
@@ -117,22 +145,12 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(smoke_recipe, tm
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
 
 
-CRD = FITNET.replace('[{ name = "fitnet", student_points = ["layer2"], teacher_points = ["layer3"] },\n'
-                     '                  { name = "at", points = ["layer1", "layer2"] }]',
-                     '[{ name = "crd", points = ["layer3"], negatives = 16 }]')
-
-
-def test_crds_memory_banks_take_every_process_batch(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_crds_memory_banks_take_every_process_batch(two_processes) -> None:  # type: ignore[no-untyped-def]
     """Under torchrun each process's CRD memory banks are updated with the whole global batch:
     the same in both processes, and the same rows as one process stepping on that batch."""
     from ddp_driver import STEPPED, step
 
-    recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
-    text = recipe.read_text()
-    recipe.write_text(text[:text.index("[[stages]]")] + CRD)
-    out = tmp_path / "grads.pt"
-    proc = _torchrun_step(str(DRIVER), "grads", str(recipe), str(out))
-    assert proc.returncode == 0, _why(proc)
+    recipe, out = two_processes["grads", "crd"]
     ranks = [torch.load(f"{out}.buffers{r}", weights_only=False) for r in range(2)]
     step(str(recipe))        # one process, the whole first batch (the same global batch)
     one = {name: b.detach() for name, b in STEPPED[-1].named_buffers()}
@@ -145,7 +163,7 @@ def test_crds_memory_banks_take_every_process_batch(smoke_recipe, tmp_path: Path
 
 @pytest.mark.parametrize("backbone", ["tiny_slimmable", "stc"])
 def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
-        smoke_recipe, tmp_path: Path, backbone: str) -> None:  # type: ignore[no-untyped-def]
+        two_processes, backbone: str) -> None:  # type: ignore[no-untyped-def]
     """BatchNorm in train mode normalises each process's shard by that shard's own statistics
     (no SyncBatchNorm on the CPU), so two processes do not compute the gradient of the combined
     batch. What they do compute, and what this asserts: after the all-reduce every gradient
@@ -153,15 +171,7 @@ def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
     of the two one-process gradients, each taken in train mode on one process's shard alone.
     The one-process gradient of the combined batch differs from it (BatchNorm's statistics
     depend on the batch), so the comparison would catch a combined-batch normalisation too."""
-    if backbone == "stc":
-        recipe = smoke_recipe(epochs=1, backbone="resnet8", graph="none")
-        text = recipe.read_text()
-        recipe.write_text(text[:text.index("[[stages]]")] + STC)
-    else:
-        recipe = smoke_recipe(epochs=1, backbone=backbone, graph="ipkd-ta-m")
-    out = tmp_path / "grads.pt"
-    proc = _torchrun_step(str(DRIVER), "grads-train", str(recipe), str(out))
-    assert proc.returncode == 0, _why(proc)
+    recipe, out = two_processes["grads-train", backbone]
     two = torch.load(out, weights_only=False)
     shards = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
     assert two["world"] == 2 and [len(y) for _, y in shards] == [16, 16]   # batch_size 32 in halves
@@ -190,7 +200,7 @@ def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
 
 
-def test_a_two_process_run_writes_one_set_of_files_and_resumes_under_torchrun(
+def test_a_two_process_run_writes_one_set_of_files_and_evaluates_its_shards(
         smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     recipe = smoke_recipe(epochs=2)
     text = recipe.read_text().replace("log_interval = 2", 'log_interval = 2\nloggers = ["jsonl", "csv"]')
@@ -213,20 +223,6 @@ def test_a_two_process_run_writes_one_set_of_files_and_resumes_under_torchrun(
                                                             results["stages"][0]["test_accuracy"]))
     assert accs in single.stdout, (accs, single.stdout)
     assert not all(a == 100.0 for a in results["stages"][0]["test_accuracy"])
-    # the same run stopped after its first epoch, then resumed under torchrun
-    cut = tmp_path / "cut"
-    stopped = _torchrun(str(DRIVER), "interrupt", str(recipe), str(cut))
-    assert stopped.returncode != 0
-    assert [json.loads(m)["epoch"] for m in (cut / "metrics.jsonl").read_text().splitlines()] == [1]
-    resumed = _kdreg("run", "--resume", str(cut), "--nproc", "2")
-    assert resumed.returncode == 0, _why(resumed)
-    assert [json.loads(m)["epoch"] for m in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    again = json.loads((cut / "results.json").read_text())
-    assert again["stages"][0]["test_accuracy"] == results["stages"][0]["test_accuracy"]
-    a = torch.load(full / "checkpoints" / "student" / "last.pt", weights_only=False)["model"]
-    b = torch.load(cut / "checkpoints" / "student" / "last.pt", weights_only=False)["model"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_nproc_checks_the_recipe_before_starting_processes(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
