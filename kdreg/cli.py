@@ -219,6 +219,10 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         recipe = load_recipe(args.recipe, overrides)
         problems = static_problems(recipe)
+        if args.nproc > 0 and recipe.data.batch_size % args.nproc:
+            problems.append(f"batch_size {recipe.data.batch_size} does not split over {args.nproc} processes "
+                            f"(it is the global batch; each process takes batch_size / {args.nproc}) "
+                            "@ recipe.data.batch_size")
         if problems:
             raise RecipeError([f"{args.recipe}: {p}" for p in problems])
         out = Path(args.out) if args.out else default_directory(recipe)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdreg.cli import main
 from kdreg.engine.launch import torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,20 +226,31 @@ def test_a_two_process_run_writes_one_set_of_files_and_evaluates_its_shards(
     assert not all(a == 100.0 for a in results["stages"][0]["test_accuracy"])
 
 
-def test_nproc_checks_the_recipe_before_starting_processes(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_nproc_checks_the_recipe_before_starting_processes(smoke_recipe, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     recipe = smoke_recipe(epochs=1)
-    proc = _kdreg("run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2", "--set", "stages.student.lam=7")
-    assert proc.returncode == 2 and "lam" in proc.stderr and not (tmp_path / "x").exists()
+    assert main(["run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2",
+                 "--set", "stages.student.lam=7"]) == 2
+    assert "lam" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_batch_size_is_global_and_must_split(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_batch_size_is_global_and_must_split(smoke_recipe, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Checked before torchrun starts any process (and by each process, against its world)."""
     recipe = smoke_recipe(epochs=1, extra="")
-    text = recipe.read_text().replace("batch_size = 32", "batch_size = 33")
-    recipe.write_text(text)
-    proc = _kdreg("run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2")
-    assert proc.returncode != 0
-    assert "batch_size 33 does not split over 2 processes" in proc.stderr
+    recipe.write_text(recipe.read_text().replace("batch_size = 32", "batch_size = 33"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "x"), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size 33 does not split over 2 processes" in err and "@ recipe.data.batch_size" in err
     assert not (tmp_path / "x").exists()
+    from kdreg.engine.run import check_processes  # each process, under the world torchrun made
+    from kdreg.errors import UserError
+    from kdreg.recipe import load_recipe
+
+    os.environ["WORLD_SIZE"] = "4"
+    try:
+        with pytest.raises(UserError, match="batch_size 33 does not split over 4 processes"):
+            check_processes(load_recipe(recipe))
+    finally:
+        del os.environ["WORLD_SIZE"]
 
 
 def test_torchrun_command() -> None:

@@ -30,8 +30,8 @@ name = "pipe"
 dataset = "cifar10-sample"
 batch_size = 64
 val_split = 100
-train_limit = 512
-test_limit = 200
+train_limit = 256
+test_limit = 100
 [train]
 epochs = {epochs}
 optimizer = {{ lr = 0.05 }}
@@ -283,7 +283,7 @@ def test_ekd_with_two_heads_end_to_end(tmp_path: Path) -> None:
     assert heads["test_accuracy"][-1] == teacher["test_accuracy"][0]
     # the frozen heads model runs once per student step (its trunk once for all heads), on the
     # student's own augmented batch, and not at all when the student is evaluated
-    steps = 512 // 64  # train_limit images (val_split is held out besides), full batches
+    steps = 256 // 64  # train_limit images (val_split is held out besides), full batches
     assert spy.calls == {"heads": steps, "trunk": steps, "student": steps}
     assert spy.mismatch == 0
 
@@ -471,8 +471,9 @@ def test_no_teacher_parameter_is_in_the_optimizer(tmp_path: Path) -> None:
 
 
 def test_stc_with_alpha_zero_is_exactly_plain_training(tmp_path: Path) -> None:
-    plain = write(tmp_path, STC.format(student=""), epochs=2, name="plain.toml")
-    stc = write(tmp_path, STC.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer3", alpha = 0.0 }'),
+    stages = STC.replace('backbone = "wrn16_2"\n', 'backbone = "wrn16_2"\nepochs = 1\n', 1)   # the student: 2
+    plain = write(tmp_path, stages.format(student=""), epochs=2, name="plain.toml")
+    stc = write(tmp_path, stages.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer3", alpha = 0.0 }'),
                 epochs=2, name="stc.toml")
     _, a = run(plain, tmp_path / "plain")
     _, b = run(stc, tmp_path / "stc")

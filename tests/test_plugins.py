@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 import kdreg
 from kdreg import plugins, registry
+from kdreg.cli import main
 from kdreg.errors import PluginError
 
 
@@ -145,18 +145,20 @@ def test_a_plugin_failing_inside_its_hook_is_reported(site: Path) -> None:
         registry.list_datasets()
 
 
-def test_cli_reports_a_broken_plugin_with_exit_2_and_no_traceback(site: Path) -> None:
+def test_cli_reports_a_broken_plugin_with_exit_2_and_no_traceback(site: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     install_plugin(site, "kdreg-broken", "kdreg_demo_broken", "raise ImportError('half installed')\n")
-    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "kdreg.cli", "plugins"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 2
-    assert "kdreg-broken" in proc.stderr and "half installed" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    ok = subprocess.run(cmd, capture_output=True, text=True, env={**env, "KDREG_DISABLE_PLUGINS": "kdreg_demo_broken"})
-    assert ok.returncode == 0, ok.stderr
-    assert "backbones  (kdreg " in ok.stdout and "slimmable_mobilenet_v1" in ok.stdout
-    assert "disabled by KDREG_DISABLE_PLUGINS: kdreg_demo_broken" in ok.stdout
+    monkeypatch.delenv("KDREG_DISABLE_PLUGINS", raising=False)
+    assert main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert "kdreg-broken" in err and "half installed" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("KDREG_DISABLE_PLUGINS", "kdreg_demo_broken")
+    plugins.reset()
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "backbones  (kdreg " in out and "slimmable_mobilenet_v1" in out
+    assert "disabled by KDREG_DISABLE_PLUGINS: kdreg_demo_broken" in out
 
 
 MISSPELLED = """

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,16 +58,14 @@ def test_a_single_pass_bf16_step_logs_the_fp32_loss_of_its_logits() -> None:
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
 
 
-def _kdreg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kdreg", *args], capture_output=True, text=True, timeout=300)
+def test_fp16_without_cuda_exits_2_and_writes_nothing(smoke_recipe, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from kdreg.cli import main
 
-
-def test_fp16_without_cuda_exits_2_and_writes_nothing(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    proc = _kdreg("run", str(smoke_recipe(epochs=1)), "--out", str(tmp_path / "run"),
-                  "--set", "train.precision=fp16", "--set", "train.device=cpu")
-    assert proc.returncode == 2, proc.stderr
-    assert "precision 'fp16' needs a CUDA device" in proc.stderr and "@ recipe.train.precision" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert main(["run", str(smoke_recipe(epochs=1)), "--out", str(tmp_path / "run"),
+                 "--set", "train.precision=fp16", "--set", "train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "precision 'fp16' needs a CUDA device" in err and "@ recipe.train.precision" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def test_a_bf16_cpu_run_trains_and_evaluates(smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

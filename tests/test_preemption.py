@@ -37,7 +37,7 @@ seed = 0
 dataset = "synthetic"
 batch_size = 16
 val_split = 32
-options = {{ train_size = 800, test_size = 32, num_classes = 4, image_size = 16 }}
+options = {{ train_size = 400, test_size = 32, num_classes = 4, image_size = 16 }}
 {data}
 [train]
 epochs = 2
@@ -58,6 +58,8 @@ STREAMED = 'in_memory = false\nimage_size = 16\nworkers = 1\naugment = { name = 
 DROPOUT = ('backbone = { name = "timm", model = "test_resnet", model_options = { drop_rate = 0.5 } }\n'
            'graph = "none"')
 TIMES = ("seconds", "images_per_second")
+#: training steps in an epoch of the recipe: (400 images - 32 held out) / 16
+STEPS = 23
 
 
 def recipe(tmp_path: Path, streamed: bool, name: str = "recipe.toml") -> Path:
@@ -115,7 +117,7 @@ def wait_for(path: Path, proc: subprocess.Popen[str], seconds: float = 300) -> N
     while not path.is_file():
         assert proc.poll() is None, f"the run ended before writing {path}: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < end, f"no {path} after {seconds} s"
-        time.sleep(0.01)   # the signal must land well before the epoch's 48th step
+        time.sleep(0.01)   # the signal must land well before the epoch's last step
 
 
 def stop_mid_epoch(cmd: list[str], out: Path, sig: signal.Signals,
@@ -158,28 +160,35 @@ def assert_same_run(a: Path, b: Path, stages: tuple[str, ...] = ("student",)) ->
 
 
 # ----------------------------------------------------------------------------- one process
-@pytest.mark.parametrize("streamed, sig", [(False, signal.SIGTERM), (True, signal.SIGUSR1)],
-                         ids=["in-memory-SIGTERM", "streamed-SIGUSR1"])
-def test_a_signal_mid_epoch_then_the_same_command_equals_an_uninterrupted_run(
-        tmp_path: Path, uninterrupted, streamed: bool, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]
-    path = recipe(tmp_path, streamed)
-    cut = tmp_path / "cut"
+def stopped_by(sig: signal.Signals, path: Path, cut: Path) -> None:
+    """Run ``path`` into ``cut``, stopped by ``sig`` mid-epoch: its checkpoint is inside the first
+    epoch and nothing else of the run is written yet."""
     stopped = stop_mid_epoch(command(path, cut), cut, sig)
     assert stopped.returncode == EXIT_RESUME, stopped.stderr[-2000:]
     assert f"on {sig.name}" in stopped.stderr and "run the same command again" in stopped.stderr
     state = last(cut)["state"]
-    assert state["epoch"] == 0 and 0 < state["step"] < 48, state    # inside the first epoch
+    assert state["epoch"] == 0 and 0 < state["step"] < STEPS, state    # inside the first epoch
     assert not (cut / "metrics.jsonl").exists() and not (cut / "results.json").exists()
+
+
+def test_a_signal_mid_epoch_then_the_same_command_equals_an_uninterrupted_run(
+        tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
+    """Streamed (loader workers, mixup, dropout), stopped by SIGUSR1; the in-memory path stopped
+    by SIGTERM is the next test's."""
+    path, cut = recipe(tmp_path, True), tmp_path / "cut"
+    stopped_by(signal.SIGUSR1, path, cut)
     again = kdreg_run(path, cut)                      # the same command: it resumes
     assert again.returncode == 0, again.stderr[-2000:]
-    assert_same_run(uninterrupted(streamed), cut)
+    assert_same_run(uninterrupted(True), cut)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_with_one_line(
         tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
+    """In memory, stopped by SIGTERM; the same command on a full disk fails to save and loses
+    nothing; the same command again resumes to the uninterrupted run."""
     path = recipe(tmp_path, False)
     full, cut = uninterrupted(False), tmp_path / "cut"
-    assert stop_mid_epoch(command(path, cut), cut, signal.SIGTERM).returncode == EXIT_RESUME
+    stopped_by(signal.SIGTERM, path, cut)
     checkpoint = cut / "checkpoints" / "student" / "last.pt"
     before = checkpoint.read_bytes()
     limit = len(before) // 2     # a real limit on the size of any file the process writes
@@ -316,7 +325,7 @@ def test_a_signal_outside_the_steps_stops_at_the_next_checkpoint(tmp_path: Path,
 def test_the_same_command_refuses_another_recipes_run_and_a_finished_one(tmp_path: Path, capsys,
                                                                          one_thread) -> None:  # type: ignore[no-untyped-def]
     path = recipe(tmp_path, False)
-    path.write_text(path.read_text().replace("epochs = 2", "epochs = 1").replace("train_size = 800",
+    path.write_text(path.read_text().replace("epochs = 2", "epochs = 1").replace("train_size = 400",
                                                                                  "train_size = 96"))
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
@@ -412,7 +421,7 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_run(
     assert stopped.returncode == EXIT_RESUME, stopped.stderr[-3000:]
     assert "stopped by SIGTERM: the processes saved their checkpoint" in stopped.stderr
     saved = last(cut)
-    assert 0 < saved["state"]["step"] < 48 and len(saved["ranks"]) == 2
+    assert 0 < saved["state"]["step"] < STEPS and len(saved["ranks"]) == 2
     assert all(r["partial"] is not None and r["buffers"] for r in saved["ranks"])
     again = subprocess.run([sys.executable, "-m", "kdreg", "run", "--resume", str(cut), "--nproc", "2",
                             "--no-progress"], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=400)

@@ -231,7 +231,7 @@ def test_every_kind_of_broken_reference_alone(kind: str, data: st.DataObject) ->
 def test_malformed_recipes_are_reported_one_line_per_problem(read: list[Any], refs: list[Any]) -> None:
     assume(read or refs)
     raw = copy.deepcopy(BASE)
-    for mutate, _ in read + refs:
+    for mutate, _ in refs + read:   # a read problem where a reference broke replaces it
         mutate(raw)
     # stage references are checked once the recipe reads
     expected = [where for _, where in read] if read else [where for _, where in refs]

@@ -216,4 +216,4 @@ def test_a_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_resu
         for key, tensor in checkpoint["model"].items():
             assert torch.equal(tensor, run_weights[name]["model"][key]), f"{name}: {key}"
     # the finished run is not submitted again
-    assert kdreg("submit", str(recipe), "--out", str(run), "--local", "--time", "10", env=env).returncode == 2
+    assert main(["submit", str(recipe), "--out", str(run), "--local", "--time", "10"]) == 2
