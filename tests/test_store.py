@@ -251,26 +251,31 @@ def test_a_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
 
 
 def test_two_processes_read_their_shards_of_the_store_and_give_the_combined_batchs_gradients(
-        world: World) -> None:
+        world: World, streamed: StreamWorld) -> None:
+    """In memory (batch 16) and streamed (loader workers rebuilding the stored views, batch 8),
+    both taken by the same two torchrun processes."""
     sys.path.insert(0, str(DRIVER.parent))
     from ddp_driver import step_gradients
 
-    recipe = world.recipe(world.store("f32"), "ddp.toml")
-    out = world.root / "grads.pt"
+    recipes = {"memory": (world.recipe(world.store("f32"), "ddp.toml"), world.root / "grads.pt", 8),
+               "streamed": (streamed.recipe(streamed.store, "ddp.toml"), streamed.root / "grads.pt", 4)}
+    jobs = world.root / "jobs.json"
+    jobs.write_text(json.dumps([["grads", str(recipe), str(out)] for recipe, out, _ in recipes.values()]))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(DRIVER), "grads", str(recipe), str(out)],
+                           "--nproc_per_node=2", str(DRIVER), "jobs", str(jobs)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = torch.load(out, weights_only=False)
-    one, _ = step_gradients(str(recipe))
-    assert two["world"] == 2 and set(two["grads"]) == set(one)
-    for name, g in one.items():   # float32 sums of two halves: a rounding error of the tensor's scale
-        torch.testing.assert_close(two["grads"][name], g, rtol=1e-5, atol=max(1e-7, 2e-6 * g.abs().max().item()),
-                                   msg=name)
-    rows = [torch.load(f"{out}.rows{r}", weights_only=False) for r in range(2)]
-    assert len(rows[0]) == len(rows[1]) == 8 and not set(rows[0].tolist()) & set(rows[1].tolist())
+    for kind, (recipe, out, half) in recipes.items():
+        two = torch.load(out, weights_only=False)
+        one, _ = step_gradients(str(recipe))
+        assert two["world"] == 2 and set(two["grads"]) == set(one), kind
+        for name, g in one.items():   # float32 sums of two halves: a rounding error of the tensor's scale
+            torch.testing.assert_close(two["grads"][name], g, rtol=1e-5,
+                                       atol=max(1e-7, 2e-6 * g.abs().max().item()), msg=f"{kind}: {name}")
+        rows = [torch.load(f"{out}.rows{r}", weights_only=False) for r in range(2)]
+        assert len(rows[0]) == len(rows[1]) == half and not set(rows[0].tolist()) & set(rows[1].tolist()), kind
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -529,12 +534,18 @@ def test_streamed_stored_boxes_are_the_live_draws_and_give_the_stored_outputs_th
 
 
 
+@pytest.fixture(scope="module")
+def streamed_store_run(streamed: StreamWorld) -> Path:
+    out = streamed.root / "from-store"
+    Run.start(streamed.recipe(streamed.store, "f32.toml"), out, progress=False).execute()
+    return out
+
+
 def test_a_streamed_kd_run_from_a_float32_store_is_the_live_teacher_run_on_the_same_views_bit_for_bit(
-        streamed: StreamWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+        streamed: StreamWorld, streamed_store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kdreg.streams import batch_seed
 
-    store_run = streamed.root / "from-store"
-    Run.start(streamed.recipe(streamed.store, "f32.toml"), store_run, progress=False).execute()
+    store_run = streamed_store_run
     results = json.loads((store_run / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == ["student"] and results["data"]["path"] == "streamed"
     teacher = streamed.teacher()
@@ -562,6 +573,32 @@ def test_a_streamed_kd_run_from_a_float32_store_is_the_live_teacher_run_on_the_s
     Run.start(streamed.recipe(None, "plain.toml"), plain, progress=False).execute()
     with pytest.raises(AssertionError):
         _same_runs(store_run, plain)
+
+
+def test_a_streamed_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
+        streamed: StreamWorld, streamed_store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after the second epoch's first step (the loader's worker had read ahead); the
+    resumed run's loader starts at the epoch's second batch, its rows and rebuilt views those of
+    the uninterrupted run."""
+    steps = []
+    read = StoredOutputs.outputs
+
+    def signalling(self: StoredOutputs, x: torch.Tensor, dtype: torch.dtype | None) -> Any:
+        steps.append(1)
+        if len(steps) == 3:     # epoch 2, step 1: a checkpoint after it, then the stop
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return read(self, x, dtype)
+
+    monkeypatch.setattr(StoredOutputs, "outputs", signalling)
+    out = streamed.root / "cut"
+    run = Run.start(streamed.recipe(streamed.store, "cut.toml"), out, progress=False)
+    with preempt.handling([signal.SIGUSR1]), pytest.raises(Checkpointed):
+        run.execute()
+    state = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=False)["state"]
+    assert (state["epoch"], state["step"]) == (1, 1)
+    monkeypatch.undo()
+    Run.resume(out, progress=False).execute()
+    _same_runs(streamed_store_run, out)
 
 
 def test_a_streamed_store_refuses_a_changed_image_folder_in_one_line(
