@@ -215,9 +215,70 @@ def plan_points(recipe_path: str | Path, overrides: Sequence[str], axes: Sequenc
             continue
         points.append(Point(name, texts, tuple(a.values[i] for a, i in zip(axes, combo)), point_overrides,
                             attrs.evolve(recipe, seeds=())))
+    problems += store_problems(points)
     if problems:
         raise UserError(problems)
     return points
+
+
+#: data keys a teacher store does not depend on: how batches are formed, read and evaluated
+STORE_FREE_DATA = frozenset({"batch_size", "eval_batch_size", "test_limit", "workers", "download",
+                             "skip_bad_images"})
+
+
+def store_inputs(recipe: Recipe, stage_name: str) -> dict[str, Any]:
+    """What the teacher store of stage ``stage_name`` depends on that the recipe itself says, as
+    dotted keys: the data (but for :data:`STORE_FREE_DATA`), each earlier stage the stage names
+    (its configuration and epochs), the precision and the store's views and top-k. The run
+    checks the rest against the store (the files' contents, the checkpoints' hashes)."""
+    from kdreg.store.format import run_depends
+
+    stage = recipe.stage(stage_name)
+    data = {k: v for k, v in converter.unstructure(recipe.data).items() if k not in STORE_FREE_DATA}
+    names = [s.name for s in recipe.stages]
+    named = _strings(converter.unstructure(stage))
+    out = _dotted("data", data)
+    for teacher in recipe.stages[:names.index(stage_name)]:
+        if teacher.name in named:
+            config = {k: v for k, v in converter.unstructure(teacher).items() if k != "name"}
+            out.update(_dotted(f"stages.{teacher.name}", config))
+            out[f"stages.{teacher.name}.epochs"] = recipe.stage_train(teacher).epochs
+    out["train.precision"] = run_depends(recipe, stage_name)["precision"]   # the stage's, resolved
+    out[f"stages.{stage_name}.teacher_store_views"] = stage.teacher_store_views
+    out[f"stages.{stage_name}.teacher_store_topk"] = stage.teacher_store_topk
+    return out
+
+
+def _dotted(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _dotted(f"{prefix}.{key}", item).items()}
+    return {prefix: value}
+
+
+def store_problems(points: Sequence[Point]) -> list[str]:
+    """One ``@ --grid`` line per teacher store and recipe key that differs between the points
+    sharing that store: a store holds one teacher's outputs on one data set's views, so the grid
+    must not vary what it depends on (or must give each value its own ``teacher_store``)."""
+    first: dict[str, tuple[str, dict[str, Any]]] = {}
+    problems: dict[tuple[str, str], str] = {}
+    for point in points:
+        for stage in point.recipe.stages:
+            if stage.teacher_store is None:
+                continue
+            path = str(Path(stage.teacher_store).expanduser())
+            inputs = store_inputs(point.recipe, stage.name)
+            if path not in first:
+                first[path] = (point.name, inputs)
+                continue
+            name, theirs = first[path]
+            for key in sorted(set(inputs) | set(theirs)):
+                a, b = theirs.get(key), inputs.get(key)
+                if _canonical(a) != _canonical(b) and (path, key) not in problems:
+                    problems[path, key] = (
+                        f"points {name} and {point.name} would share teacher store {stage.teacher_store}, "
+                        f"which depends on {key} ({_canonical(a)} there, {_canonical(b)} here): keep it fixed, "
+                        "or sweep each value apart with a teacher_store of its own @ --grid")
+    return list(problems.values())
 
 
 # ----------------------------------------------------------------------------- sharing

@@ -427,6 +427,32 @@ def test_a_sweep_builds_a_missing_store_once_and_every_point_reads_it(
     assert built == [("student", 2, 2)] and not (world.root / "no").exists()
 
 
+@pytest.mark.parametrize("axis", ["data.options.image_size=8,12", "stages.teacher.backbone.channels=12,16",
+                                  "train.precision=fp32,bf16", "stages.student.teacher_store_views=2,3"])
+def test_a_sweep_varying_what_its_store_depends_on_is_refused_before_anything_runs(
+        world: World, axis: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = world.root / "never-built"
+    recipe = world.recipe(store, "sweep-bad.toml", "teacher_store_views = 2\n")
+    out = world.root / "refused-sweep"
+    lines = _refused(["sweep", str(recipe), "--grid", axis, "--grid", "stages.student.lam=0.5,0.9",
+                      "--out", str(out), "--no-progress"], capsys)
+    key, values = axis.split("=")
+    first, second = values.split(",")
+    assert len(lines) == 1 and lines[0].endswith("@ --grid"), lines
+    assert f"would share teacher store {store}, which depends on {key} (" in lines[0]
+    assert f"points {key.rsplit('.', 1)[1]}={first},lam=0.5 and {key.rsplit('.', 1)[1]}={second},lam=0.5" in lines[0]
+    assert not out.exists() and not store.exists()
+    # what the store does not depend on may vary: the batch, how the data is read, the student
+    assert sweep_plan_ok(recipe, ["data.batch_size=8,16", "stages.student.tau=1,4", "stages.student.lam=0.1,0.5"])
+
+
+def sweep_plan_ok(recipe: Path, grid: list[str]) -> bool:
+    from kdreg.sweep import Sweep
+
+    Sweep.plan(recipe, grid, out=recipe.parent / "unused-sweep")
+    return True
+
+
 # ----------------------------------------------------------------------------- the streamed path
 STREAM_RECIPE = """
 name = "streamed-store"
