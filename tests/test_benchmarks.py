@@ -138,6 +138,7 @@ def test_kernel_seconds_puts_each_op_in_its_class() -> None:
     assert kernel_class("aten::add_", [[8], [8]]) == "the rest"
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(620)   # every family's jobs, seven of them starting processes of their own
 def test_quick_run_writes_every_figure_with_its_target(tmp_path) -> None:
     out = tmp_path / "bench.json"

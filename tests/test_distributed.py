@@ -122,6 +122,7 @@ def two_processes(tmp_path_factory):  # type: ignore[no-untyped-def]
     return made
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("backbone", ["tiny_slimmable", "tiny_exits", "stc", "fitnet"])
 def test_two_processes_give_the_gradients_of_the_combined_batch(two_processes, backbone: str) -> None:  # type: ignore[no-untyped-def]
     """Each process takes half of the global batch; after the step's all-reduce every gradient
@@ -146,6 +147,7 @@ def test_two_processes_give_the_gradients_of_the_combined_batch(two_processes, b
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
 
 
+@pytest.mark.processes
 def test_crds_memory_banks_take_every_process_batch(two_processes) -> None:  # type: ignore[no-untyped-def]
     """Under torchrun each process's CRD memory banks are updated with the whole global batch:
     the same in both processes, and the same rows as one process stepping on that batch."""
@@ -162,6 +164,7 @@ def test_crds_memory_banks_take_every_process_batch(two_processes) -> None:  # t
         torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("backbone", ["tiny_slimmable", "stc"])
 def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
         two_processes, backbone: str) -> None:  # type: ignore[no-untyped-def]
@@ -201,6 +204,7 @@ def test_two_processes_in_train_mode_give_the_mean_of_each_shards_gradients(
     assert two["reduced"] and set(two["reduced"].values()) == {1}, two["reduced"]
 
 
+@pytest.mark.processes
 def test_a_two_process_run_writes_one_set_of_files_and_evaluates_its_shards(
         smoke_recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     recipe = smoke_recipe(epochs=2)

@@ -88,6 +88,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert install in ci and test in ci
     # into a fresh virtual environment: the newest releases the ranges allow, as a new user gets them
     assert ci.index("python3 -m venv") < ci.index("activate") < ci.index(install)
+    # and the tests the README's command leaves out, as the README says to run them
+    processes = "python3 -m pytest -q -m processes"
+    assert f"\n{processes}\n" in readme and f"\n{processes}" in ci
+    assert ci.index(f"{test}\n") < ci.index(processes)
 
 
 def test_user_facing_files_point_nowhere_outside_the_repository() -> None:

@@ -171,6 +171,7 @@ def stopped_by(sig: signal.Signals, path: Path, cut: Path) -> None:
     assert not (cut / "metrics.jsonl").exists() and not (cut / "results.json").exists()
 
 
+@pytest.mark.processes
 def test_a_signal_mid_epoch_then_the_same_command_equals_an_uninterrupted_run(
         tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
     """Streamed (loader workers, mixup, dropout), stopped by SIGUSR1; the in-memory path stopped
@@ -182,6 +183,7 @@ def test_a_signal_mid_epoch_then_the_same_command_equals_an_uninterrupted_run(
     assert_same_run(uninterrupted(True), cut)
 
 
+@pytest.mark.processes
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_with_one_line(
         tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
     """In memory, stopped by SIGTERM; the same command on a full disk fails to save and loses
@@ -413,6 +415,7 @@ def workers_of(launcher: subprocess.Popen[str]) -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.processes
 def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_run(
         tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
     path = recipe(tmp_path, True)
@@ -429,6 +432,7 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_run(
     assert_same_run(full, cut)
 
 
+@pytest.mark.processes
 def test_a_killed_process_restarts_from_the_last_checkpoint_until_restarts_run_out(
         tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
     path = recipe(tmp_path, True)

@@ -176,6 +176,7 @@ def submit_local(recipe: Path, out: Path, signal_at: int, env: dict[str, str]) -
     return Job(done, log, attempts, stops)
 
 
+@pytest.mark.processes
 @needs_submitit
 def test_a_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """submitit's local executor signals the job before its time limit; the job checkpoints a

@@ -250,6 +250,7 @@ def test_a_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
     _same_runs(store_run, out)
 
 
+@pytest.mark.processes
 def test_two_processes_read_their_shards_of_the_store_and_give_the_combined_batchs_gradients(
         world: World, streamed: StreamWorld) -> None:
     """In memory (batch 16) and streamed (loader workers rebuilding the stored views, batch 8),

@@ -196,6 +196,7 @@ lam = 0.5
 
 
 # ----------------------------------------------------------------------------- shards
+@pytest.mark.processes
 def test_each_of_two_torchrun_processes_reads_only_its_shard(tmp_path: Path) -> None:
     root = photo_folder(tmp_path / "photos", train=10, test=4)
     stages = STUDENT.format(extra="").replace('{ name = "timm", model = "test_resnet" }', '"tiny_slimmable"')
@@ -419,6 +420,7 @@ def test_a_hugging_face_dataset_saved_on_disk_streams_through_timms_reader(tmp_p
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(splits.train.labels.tolist())
 
 
+@pytest.mark.processes
 def test_bad_input_under_torchrun_exits_2_with_its_line_and_no_traceback(tmp_path: Path) -> None:
     root = photo_folder(tmp_path / "photos", train=4, test=2)
     bad = root / "train" / "cat" / "002.jpg"
