@@ -17,6 +17,7 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableBackbone,
     SlimmableConv2d,
     SlimmableLinear,
+    chunk_corner,
     corner,
 )
 
@@ -98,6 +99,34 @@ def test_corner_is_the_weight_at_full_size_and_a_view_without_grad() -> None:
         view = corner(w, 4, 3)
     assert view.grad_fn is None and view.data_ptr() == w.data_ptr()
     torch.testing.assert_close(view, w[:4, :3])
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["first", "last"])
+@pytest.mark.parametrize("order", ["wide-first", "narrow-first"])
+def test_chunk_corner_is_each_chunks_rows_and_its_gradients_those_of_plain_indexing(tail: bool, order: str) -> None:
+    """A fused q, k, v weight (3 chunks of 6 rows, 5 columns) and bias at 2 and 4 rows per chunk:
+    the values of indexing a view of each chunk, and (the second width's gradient added into the
+    first's in place, or the first into a full zero tensor) the same accumulated gradients."""
+    torch.manual_seed(0)
+    w, b = torch.randn(18, 5, requires_grad=True), torch.randn(18, requires_grad=True)
+    w0, b0 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x = torch.randn(7, 5)
+    sizes = [(2, 3), (4, 5)] if order == "narrow-first" else [(4, 5), (2, 3)]
+    for rows, cols in sizes:
+        span = slice(6 - rows, None) if tail else slice(rows)
+        cspan = slice(5 - cols, None) if tail else slice(cols)
+        plain_w = w0.view(3, 6, 5)[:, span, cspan].reshape(3 * rows, cols)
+        plain_b = b0.view(3, 6)[:, span].reshape(3 * rows)
+        fast_w, fast_b = chunk_corner(w, 3, rows, cols, tail=tail), chunk_corner(b, 3, rows, tail=tail)
+        assert torch.equal(fast_w, plain_w) and torch.equal(fast_b, plain_b) and fast_w.is_contiguous()
+        g = torch.randn(7, 3 * rows)
+        (F.linear(x[:, cspan], fast_w, fast_b) * g).sum().backward()
+        (F.linear(x[:, cspan], plain_w, plain_b) * g).sum().backward()
+    torch.testing.assert_close(w.grad, w0.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.grad, b0.grad, rtol=0, atol=1e-6)
+    assert chunk_corner(w, 3, 6, 5) is w and chunk_corner(b, 3, 6) is b
+    with torch.no_grad():
+        assert chunk_corner(w, 3, 2, 3).grad_fn is None
 
 
 def test_mobilenet_channels_last_forward_matches_nchw() -> None:

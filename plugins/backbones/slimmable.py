@@ -323,8 +323,9 @@ def _corner_index(rows: int, cols: int | None, shape: Sequence[int] = (),
 
 
 class _Corner(torch.autograd.Function):
-    """``weight[:rows, :cols]`` as a dense tensor in the weight's memory format (channels-last
-    stays channels-last).
+    """``weight[index]`` (with ``view``: ``weight.view(view)[index]``, its first two dimensions
+    then merged) as a dense tensor in the weight's memory format (channels-last stays
+    channels-last).
 
     Its backward adds the gradient into the corner of ``weight.grad`` in place when that exists
     already (the wider widths of the step ran their backward first) and nothing else observes the
@@ -333,21 +334,29 @@ class _Corner(torch.autograd.Function):
     dimensions would allocate two, one per dimension)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, rows: int, cols: int | None, tail: bool) -> Tensor:
-        ctx.shape, ctx.index = weight.shape, _corner_index(rows, cols, weight.shape, tail)
+    def forward(ctx: Any, weight: Tensor, index: tuple[slice, ...],
+                view: tuple[int, ...] | None = None) -> Tensor:
+        ctx.shape, ctx.index, ctx.view = weight.shape, index, view
         ctx.weight = weight if _may_add_in_place(weight) else None
         ctx.format = _memory_format(weight)
-        return weight[ctx.index].clone(memory_format=torch.preserve_format)
+        if view is None:
+            return weight[index].clone(memory_format=torch.preserve_format)
+        part = weight.view(view)[index]
+        ctx.part = part.shape
+        return part.reshape(part.shape[0] * part.shape[1], *part.shape[2:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        weight = ctx.weight
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        weight, view = ctx.weight, ctx.view
+        if view is not None:
+            grad = grad.view(ctx.part)
         if weight is not None and weight.grad is not None and weight.grad.dtype == grad.dtype:
-            weight.grad[ctx.index].add_(grad)
-            return None, None, None, None
+            into = weight.grad if view is None else weight.grad.view(view)
+            into[ctx.index].add_(grad)
+            return None, None, None
         full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format).zero_()
-        full[ctx.index] = grad
-        return full, None, None, None
+        (full if view is None else full.view(view))[ctx.index] = grad
+        return full, None, None
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -382,8 +391,25 @@ def corner(weight: Tensor, rows: int, cols: int | None = None, *, tail: bool = F
     if rows == weight.shape[0] and (cols is None or cols == weight.shape[1]):
         return weight
     if cols is not None and torch.is_grad_enabled() and weight.requires_grad:
-        return _Corner.apply(weight, rows, cols, tail)
+        return _Corner.apply(weight, _corner_index(rows, cols, weight.shape, tail))
     return weight[_corner_index(rows, cols, weight.shape, tail)]
+
+
+def chunk_corner(weight: Tensor, chunks: int, rows: int, cols: int | None = None, *,
+                 tail: bool = False) -> Tensor:
+    """The first ``rows`` rows (``tail``: the last) of each of ``chunks`` equal blocks of
+    ``weight``'s rows (a fused q, k and v projection's three), stacked, and their first ``cols``
+    columns: ``weight`` itself when that is all of it; when training, a dense copy whose
+    gradient goes into ``weight``'s as :func:`corner`'s does (indexing a view would allocate a
+    zero gradient of the full shape per slice)."""
+    full = weight.shape[0] // chunks
+    if rows == full and (cols is None or cols == weight.shape[1]):
+        return weight
+    view = (chunks, full, *weight.shape[1:])
+    index = (slice(None), *_corner_index(rows, cols, view[1:], tail))
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _Corner.apply(weight, index, view)
+    return weight.view(view)[index].reshape(chunks * rows, *([] if cols is None else [cols]))
 
 
 class SlimmableConv2d(nn.Conv2d, SlimmableMixin):

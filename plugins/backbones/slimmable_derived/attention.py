@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdreg_plugins.backbones.slimmable import SlimmableMixin, corner
+from kdreg_plugins.backbones.slimmable import SlimmableMixin, chunk_corner, corner
 
 
 def attention_types() -> tuple[type, ...]:
@@ -153,12 +153,10 @@ class SlicedAttention(nn.Module, SlimmableMixin):
         full = w.shape[0] // 3
         if dim == full and cin == w.shape[1]:
             return w, b
-        rows, cols = _span(full, dim, tail), _span(w.shape[1], cin, tail)
         if self.kept_heads:
-            w = self._per_head(w[:, cols], 3, dim, tail)
+            w = self._per_head(w[:, _span(w.shape[1], cin, tail)], 3, dim, tail)
             return w, None if b is None else self._per_head(b, 3, dim, tail)
-        w = w.view(3, full, w.shape[1])[:, rows, cols].reshape(3 * dim, cin)
-        return w, None if b is None else b.view(3, full)[:, rows].reshape(3 * dim)
+        return chunk_corner(w, 3, dim, cin, tail=tail), None if b is None else chunk_corner(b, 3, dim, tail=tail)
 
     def _heads(self, x: Tensor, cin: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
         """q, k and v of the active heads, each ``(batch, heads, tokens, head_dim)``."""

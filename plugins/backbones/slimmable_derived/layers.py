@@ -22,6 +22,7 @@ from kdreg_plugins.backbones.slimmable import (
     SlimmableMixin,
     SwitchableBatchNorm2d,
     check_in_features,
+    chunk_corner,
     corner,
     narrowed_batch_norm,
 )
@@ -134,14 +135,8 @@ class DerivedLinear(SlimmableLinear):
         """The first ``cout`` rows of each chunk of the weight and bias, their first ``cin``
         columns (``tail``: the last ones)."""
         n, w, b = self.chunks, self.weight, self.bias
-        full = w.shape[0] // n
-        if n == 1 or (cout == full and cin == w.shape[1]):
-            return (corner(w, n * cout, cin, tail=tail),
-                    None if b is None else corner(b, n * cout, tail=tail))
-        rows = slice(full - cout, None) if tail else slice(cout)
-        cols = slice(w.shape[1] - cin, None) if tail else slice(cin)
-        w = w.view(n, full, w.shape[1])[:, rows, cols].reshape(n * cout, cin)
-        return w, None if b is None else b.view(n, full)[:, rows].reshape(n * cout)
+        return (chunk_corner(w, n, cout, cin, tail=tail),
+                None if b is None else chunk_corner(b, n, cout, tail=tail))
 
     def forward(self, x: Tensor) -> Tensor:
         i = self.width_index
