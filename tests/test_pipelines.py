@@ -30,7 +30,7 @@ name = "pipe"
 dataset = "cifar10-sample"
 batch_size = 64
 val_split = 100
-train_limit = 256
+train_limit = {limit}
 test_limit = 100
 [train]
 epochs = {epochs}
@@ -40,9 +40,10 @@ log_interval = 4
 """
 
 
-def write(tmp_path: Path, stages: str, epochs: int = 1, name: str = "r.toml") -> Path:
+def write(tmp_path: Path, stages: str, epochs: int = 1, name: str = "r.toml", limit: int = 256) -> Path:
+    """The recipe of ``stages`` on ``limit`` training images of the CIFAR-10 sample (batch 64)."""
     path = tmp_path / name
-    path.write_text(HEAD.format(epochs=epochs) + stages)
+    path.write_text(HEAD.format(epochs=epochs, limit=limit) + stages)
     return path
 
 
@@ -440,7 +441,7 @@ def test_validate_rejects_an_unknown_stc_target(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize("kd", [False, True], ids=["stc", "stc+kd"])
 def test_stc_end_to_end_leaves_the_teacher_bit_identical(tmp_path: Path, kd: bool) -> None:
     graph = 'graph = { name = "kd", teacher = "teacher" }\nlam = 0.9\ntau = 4.0\n' if kd else ""
-    path = write(tmp_path, STC.format(student=graph + 'bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 0.3 }'))
+    path = write(tmp_path, STC.format(student=graph + 'bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 0.3 }'), limit=128)
     r, results = run(path, tmp_path / "run")
     teacher, student = results["stages"]
     assert student["bridge"] == "stc" and student["teachers"] == ["teacher"]
@@ -472,9 +473,9 @@ def test_no_teacher_parameter_is_in_the_optimizer(tmp_path: Path) -> None:
 
 def test_stc_with_alpha_zero_is_exactly_plain_training(tmp_path: Path) -> None:
     stages = STC.replace('backbone = "wrn16_2"\n', 'backbone = "wrn16_2"\nepochs = 1\n', 1)   # the student: 2
-    plain = write(tmp_path, stages.format(student=""), epochs=2, name="plain.toml")
+    plain = write(tmp_path, stages.format(student=""), epochs=2, name="plain.toml", limit=128)
     stc = write(tmp_path, stages.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer3", alpha = 0.0 }'),
-                epochs=2, name="stc.toml")
+                epochs=2, name="stc.toml", limit=128)
     _, a = run(plain, tmp_path / "plain")
     _, b = run(stc, tmp_path / "stc")
     assert_bit_identical(best(tmp_path / "plain", "student"), best(tmp_path / "stc", "student"))
@@ -506,7 +507,7 @@ tau = 4.0
 
 
 def test_a_run_killed_in_its_second_stage_resumes_there(tmp_path: Path) -> None:
-    path = write(tmp_path, KD, epochs=2)
+    path = write(tmp_path, KD, epochs=2, limit=128)
     _, full = run(path, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "cut", extra=[InterruptStudent()])
@@ -528,7 +529,7 @@ def test_an_stc_stage_killed_and_resumed_restores_its_adapter(tmp_path: Path) ->
     included)."""
     stc = STC.replace('backbone = "wrn16_2"\n', 'backbone = "wrn16_2"\nepochs = 1\n', 1)
     path = write(tmp_path, stc.format(student='bridge = { name = "stc", teacher = "teacher", student_split = "layer2", teacher_split = "layer2", alpha = 0.5 }'),
-                 epochs=2)
+                 epochs=2, limit=128)
     _, full = run(path, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "cut", extra=[InterruptStudent()])
@@ -549,11 +550,11 @@ def test_an_stc_stage_killed_and_resumed_restores_its_adapter(tmp_path: Path) ->
 
 
 def test_a_loaded_teacher_with_zero_epochs_is_evaluated_not_trained(tmp_path: Path) -> None:
-    path = write(tmp_path, KD)
+    path = write(tmp_path, KD, limit=128)
     _, first = run(path, tmp_path / "first")
     ckpt = tmp_path / "first" / "checkpoints" / "teacher" / "best.pt"
     loaded = KD.replace('backbone = "resnet14"\n', f'backbone = "resnet14"\ninit = "{ckpt}"\nepochs = 0\n', 1)
-    r, second = run(write(tmp_path, loaded, epochs=3, name="loaded.toml"), tmp_path / "second")
+    r, second = run(write(tmp_path, loaded, epochs=3, name="loaded.toml", limit=128), tmp_path / "second")
     teacher = second["stages"][0]
     assert (teacher["epochs"], teacher["best_epoch"]) == (0, 0)
     assert teacher["test_accuracy"] == first["stages"][0]["test_accuracy"]
