@@ -596,7 +596,7 @@ class OddClasses:
 def test_validate_reports_pipeline_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
                                              stages: str, expected: list[str]) -> None:
     student = "tiny_slimmable" if case == "bridge on several sub-models" else "resnet8"
-    text = HEAD.format(epochs=1) + f"""
+    text = HEAD.format(epochs=1, limit=256) + f"""
 [[stages]]
 name = "teacher"
 backbone = "resnet14"
