@@ -227,25 +227,32 @@ def test_a_kd_run_from_a_float32_store_is_the_live_teacher_run_on_the_same_views
         _same_runs(store_run, plain)
 
 
-def test_a_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
-        world: World, store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def stopped_at_read(reads: int, recipe: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run ``recipe`` into ``out`` with a SIGUSR1 sent during its ``reads``-th read of stored
+    outputs (it checkpoints after that step and stops): the saved state (epoch, step)."""
     steps = []
     read = StoredOutputs.outputs
 
     def signalling(self: StoredOutputs, x: torch.Tensor, dtype: torch.dtype | None) -> Any:
         steps.append(1)
-        if len(steps) == 6:     # epoch 2, step 2: a checkpoint after it, then the stop
+        if len(steps) == reads:
             os.kill(os.getpid(), signal.SIGUSR1)
         return read(self, x, dtype)
 
-    monkeypatch.setattr(StoredOutputs, "outputs", signalling)
+    with monkeypatch.context() as patch:
+        patch.setattr(StoredOutputs, "outputs", signalling)
+        run = Run.start(recipe, out, progress=False)
+        with preempt.handling([signal.SIGUSR1]), pytest.raises(Checkpointed):
+            run.execute()
+    state: dict[str, Any] = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=False)["state"]
+    return state
+
+
+def test_a_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
+        world: World, store_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = world.root / "cut"
-    run = Run.start(world.recipe(world.store("f32"), "cut.toml"), out, progress=False)
-    with preempt.handling([signal.SIGUSR1]), pytest.raises(Checkpointed):
-        run.execute()
-    state = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=False)["state"]
-    assert (state["epoch"], state["step"]) == (1, 2)
-    monkeypatch.undo()
+    state = stopped_at_read(6, world.recipe(world.store("f32"), "cut.toml"), out, monkeypatch)
+    assert (state["epoch"], state["step"]) == (1, 2)    # epoch 2, step 2 (4 steps an epoch)
     Run.resume(out, progress=False).execute()
     _same_runs(store_run, out)
 
@@ -607,23 +614,9 @@ def test_a_streamed_run_from_a_store_stopped_mid_epoch_resumes_to_the_uninterrup
     """Stopped after the second epoch's first step (the loader's worker had read ahead); the
     resumed run's loader starts at the epoch's second batch, its rows and rebuilt views those of
     the uninterrupted run."""
-    steps = []
-    read = StoredOutputs.outputs
-
-    def signalling(self: StoredOutputs, x: torch.Tensor, dtype: torch.dtype | None) -> Any:
-        steps.append(1)
-        if len(steps) == 3:     # epoch 2, step 1: a checkpoint after it, then the stop
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return read(self, x, dtype)
-
-    monkeypatch.setattr(StoredOutputs, "outputs", signalling)
     out = streamed.root / "cut"
-    run = Run.start(streamed.recipe(streamed.store, "cut.toml"), out, progress=False)
-    with preempt.handling([signal.SIGUSR1]), pytest.raises(Checkpointed):
-        run.execute()
-    state = torch.load(out / "checkpoints" / "student" / "last.pt", weights_only=False)["state"]
-    assert (state["epoch"], state["step"]) == (1, 1)
-    monkeypatch.undo()
+    state = stopped_at_read(3, streamed.recipe(streamed.store, "cut.toml"), out, monkeypatch)
+    assert (state["epoch"], state["step"]) == (1, 1)    # epoch 2, step 1 (2 steps an epoch)
     Run.resume(out, progress=False).execute()
     _same_runs(streamed_store_run, out)
 
