@@ -207,7 +207,12 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     from kdreg.engine import preempt
     from kdreg.engine.assemble import static_problems
     from kdreg.engine.launch import launch
-    from kdreg.engine.run import RECIPE_FILE, default_directory, unfinished_run_of
+    from kdreg.engine.run import (
+        RECIPE_FILE,
+        batch_split_problem,
+        default_directory,
+        unfinished_run_of,
+    )
     from kdreg.errors import RecipeError
     from kdreg.recipe import load_recipe
 
@@ -219,10 +224,9 @@ def _run_under_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         recipe = load_recipe(args.recipe, overrides)
         problems = static_problems(recipe)
-        if args.nproc > 0 and recipe.data.batch_size % args.nproc:
-            problems.append(f"batch_size {recipe.data.batch_size} does not split over {args.nproc} processes "
-                            f"(it is the global batch; each process takes batch_size / {args.nproc}) "
-                            "@ recipe.data.batch_size")
+        split = batch_split_problem(recipe, args.nproc)
+        if split:
+            problems.append(split)
         if problems:
             raise RecipeError([f"{args.recipe}: {p}" for p in problems])
         out = Path(args.out) if args.out else default_directory(recipe)

@@ -96,13 +96,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def batch_split_problem(recipe: Recipe, world: int) -> str | None:
+    """Why the recipe's global batch does not split evenly over ``world`` processes, or None."""
+    if world < 1 or recipe.data.batch_size % world == 0:
+        return None
+    return (f"batch_size {recipe.data.batch_size} does not split over {world} processes "
+            f"(it is the global batch; each process takes batch_size / {world}) @ recipe.data.batch_size")
+
+
 def check_processes(recipe: Recipe) -> None:
     """The global batch must split evenly over torchrun's processes."""
-    world = distributed.world_size()
-    if recipe.data.batch_size % world:
-        raise UserError(f"batch_size {recipe.data.batch_size} does not split over {world} processes "
-                        f"(it is the global batch; each process takes batch_size / {world}) "
-                        "@ recipe.data.batch_size")
+    problem = batch_split_problem(recipe, distributed.world_size())
+    if problem:
+        raise UserError(problem)
 
 
 class Run:
